@@ -1,0 +1,31 @@
+# The two commands: `make demo` runs the pipeline on the built-in corpus,
+# `make test` runs the test suite. Both create or refresh .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.slkd-installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: venv demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch; GPU clusters bring their own torch instead.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[hf,mpi,plot,dev]'
+	touch $@
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/python examples/quickstart.py --workdir $(DEMO_DIR)
+
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,42 @@
+"""Typed errors raised by megatron-slkd.
+
+Every message names the file, the document or token range involved, what
+differs, and what to do about it. Callers may catch :class:`SlkdError` to
+handle all of them at once; the CLI turns them into one-line reports and a
+non-zero exit status instead of tracebacks.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SlkdError",
+    "CacheFormatError",
+    "CacheMismatchError",
+    "CacheCoverageError",
+    "CacheCapacityError",
+    "DataPreparationError",
+]
+
+
+class SlkdError(Exception):
+    """Base class of every error this package raises on bad input."""
+
+
+class CacheFormatError(SlkdError):
+    """A cache file is corrupt, truncated, missing, or of an unknown format or version."""
+
+
+class CacheMismatchError(SlkdError):
+    """A cache does not describe the dataset, tokenizer or parameters it is used with."""
+
+
+class CacheCoverageError(SlkdError):
+    """Cache shards leave documents uncovered or cover some twice."""
+
+
+class CacheCapacityError(SlkdError):
+    """A value does not fit the cache's bit packing (vocabulary or sample count too large)."""
+
+
+class DataPreparationError(SlkdError):
+    """Input text, tokenizer or output prefix given to ``prepare-data`` is unusable."""

@@ -1,0 +1,103 @@
+"""Helpers for distributed tests on CPU: spawn gloo process groups.
+
+``run_distributed(fn, world_size, *args, tp=1, pp=1)`` starts ``world_size``
+processes, initializes a gloo process group on a free local port (retrying
+when another process grabs the port first), optionally initializes
+megatron-core ``parallel_state`` with the given tensor and pipeline sizes
+(data parallel takes the rest), calls ``fn(rank, world_size, *args)`` in each,
+and re-raises the first failure in the caller. ``fn`` must be importable by
+name (a module-level function), as ``torch.multiprocessing`` spawns fresh
+interpreters.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["run_distributed", "free_port"]
+
+_PORT_ERRORS = ("Address already in use", "EADDRINUSE", "address already in use")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, tp, pp, megatron, threads):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        if megatron:
+            from megatron.core import parallel_state
+
+            from megatron_slkd.compat import cpu
+
+            cpu.enable()
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            )
+        fn(rank, world_size, *args)
+    except BaseException as exc:
+        raise RuntimeError(f"rank {rank} failed:\n{traceback.format_exc()}") from exc
+    finally:
+        if megatron:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    tp: int = 1,
+    pp: int = 1,
+    megatron: bool = False,
+    retries: int = 3,
+) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes.
+
+    Args:
+        fn: module-level function; its assertions fail the run.
+        world_size: number of processes.
+        tp, pp: megatron-core tensor and pipeline parallel sizes (used when
+            ``megatron`` is true; data parallel is ``world_size / (tp * pp)``).
+        megatron: initialize megatron-core ``parallel_state`` (with the CPU
+            compat module enabled) before calling ``fn``.
+        retries: attempts when the chosen port is taken before gloo binds it.
+    """
+    if megatron and world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by tp*pp={tp * pp}")
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    for attempt in range(retries):
+        try:
+            mp.spawn(
+                _worker,
+                args=(world_size, free_port(), fn, args, tp, pp, megatron, threads),
+                nprocs=world_size,
+                join=True,
+            )
+            return
+        except mp.ProcessRaisedException as exc:
+            if attempt + 1 < retries and any(e in str(exc) for e in _PORT_ERRORS):
+                continue
+            raise
