@@ -131,7 +131,9 @@ def test_torch_path_agrees_with_cpu_kernels():
     cpu_blocks = S._block_masses(z, m)
     torch_blocks = S._torch_block_masses(z, m)
     assert torch.allclose(cpu_blocks.double(), torch_blocks.double(), rtol=1e-6)
-    targets = torch.floor(counter_uniform(0, torch.arange(64), 50) * cpu_blocks.sum(-1, keepdim=True)).long()
+    targets = torch.floor(
+        counter_uniform(0, torch.arange(64), 50) * cpu_blocks.sum(-1, keepdim=True)
+    ).long()
     a = S._resolve(z, m, cpu_blocks, targets)
     b = S._torch_resolve(z, m, cpu_blocks, targets)
     assert (a == b).double().mean() > 0.999

@@ -13,7 +13,9 @@ def _sharded_equals_unsharded(rank, world_size, vocab, method):
     rows = 37
     padded = -(-vocab // world_size) * world_size
     # Padding logits are large on purpose: they must never be drawn.
-    logits = torch.cat([torch.randn(rows, vocab, generator=g) * 3, torch.full((rows, padded - vocab), 9.0)], -1)
+    logits = torch.cat(
+        [torch.randn(rows, vocab, generator=g) * 3, torch.full((rows, padded - vocab), 9.0)], -1
+    )
     positions = torch.randint(0, 2**35, (rows,), generator=g)
     width = padded // world_size
     shard = logits[:, rank * width : (rank + 1) * width].clone()

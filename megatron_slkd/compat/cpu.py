@@ -47,9 +47,7 @@ class CpuDeviceMode(TorchFunctionMode):
         if "device" in kwargs:
             kwargs["device"] = _cpu_device(kwargs["device"])
         if func is torch.Tensor.to:
-            args = tuple(
-                _cpu_device(a) if isinstance(a, (str, torch.device)) else a for a in args
-            )
+            args = tuple(_cpu_device(a) if isinstance(a, (str, torch.device)) else a for a in args)
         return func(*args, **kwargs)
 
 
@@ -100,4 +98,3 @@ def enable() -> None:
 def is_enabled() -> bool:
     """Whether :func:`enable` ran in this process."""
     return _STATE["enabled"]
-

@@ -1,0 +1,246 @@
+"""Byte layout of a cache shard: header, index sections, entry packing.
+
+The layout is specified in ``megatron_slkd/cache/README.md``; this module is
+its single implementation. Everything is little-endian.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+import zlib
+from enum import IntEnum
+
+import numpy as np
+
+from megatron_slkd.errors import CacheCapacityError, CacheFormatError
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "HEADER_SIZE",
+    "ValueKind",
+    "Encoding",
+    "encoding_for",
+    "ShardHeader",
+    "section_offsets",
+    "pack_entries",
+    "crc32",
+    "token_crc32",
+]
+
+MAGIC = b"SLKDSHRD"
+VERSION = 1
+HEADER_SIZE = 128
+MAX_ENTRIES_PER_TOKEN = 255  # the per-token entry count is one byte
+MAX_ENTRY_BYTES = 4
+MAX_LOGPROB_BITS = 16
+LOGPROB_RANGE = 24.0  # nats covered by quantized log-probabilities
+
+# magic, version, header_size, value_kind, id_bits, value_bits, entry_bytes,
+# num_samples, reserved, vocab_size, chunk_tokens, doc_start, num_docs,
+# num_tokens, num_entries, num_chunks, token_crc, index_crc, value_scale
+_HEADER = struct.Struct("<8sIIBBBBHHIIQQQQQIId")
+_HEADER_CRC = struct.Struct("<I")
+
+
+class ValueKind(IntEnum):
+    """What the value bits of an entry hold."""
+
+    COUNT = 0  # RS draw count c in [1, N]; weight c / N
+    LOGPROB = 1  # code c; weight exp(-c * value_scale), value_scale = range / (2**bits - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+    """How one (id, value) entry is packed into ``entry_bytes`` bytes."""
+
+    value_kind: ValueKind
+    id_bits: int
+    value_bits: int
+    entry_bytes: int
+    num_samples: int  # N for COUNT, 0 for LOGPROB
+    value_scale: float  # LOGPROB step in nats, 0.0 for COUNT
+
+    def weight_table(self) -> np.ndarray:
+        """float32 weight of every value code (index = code)."""
+        if self.value_kind == ValueKind.COUNT:
+            return (np.arange(self.num_samples + 1, dtype=np.float64) / self.num_samples).astype(
+                np.float32
+            )
+        codes = np.arange(2**self.value_bits, dtype=np.float64)
+        return np.exp(-codes * self.value_scale).astype(np.float32)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["value_kind"] = self.value_kind.name.lower()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Encoding:
+        return cls(**{**d, "value_kind": ValueKind[str(d["value_kind"]).upper()]})
+
+
+def _bits(n: int) -> int:
+    return max(1, math.ceil(math.log2(n))) if n > 1 else 1
+
+
+def encoding_for(
+    method: str,
+    vocab_size: int,
+    *,
+    num_samples: int = 0,
+    temperature: float = 1.0,
+    value_bits: int | None = None,
+) -> Encoding:
+    """The packing for a sampling method: fewest whole bytes (decision D4).
+
+    RS at temperature 1 stores draw counts in ``ceil(log2(N + 1))`` bits
+    (3 bytes per entry for V <= 2**17 and N <= 127). Top-K and RS at other
+    temperatures store quantized log-weights in the bits left in the entry's
+    whole bytes (at least 8, unless ``value_bits`` says otherwise).
+
+    Raises:
+        CacheCapacityError: the vocabulary and value bits need more than
+            4 bytes per entry.
+    """
+    if vocab_size < 2:
+        raise CacheCapacityError(f"vocab_size must be >= 2, got {vocab_size}")
+    id_bits = _bits(vocab_size)
+    if method == "rs" and temperature == 1.0:
+        if not 1 <= num_samples <= 65535:
+            raise CacheCapacityError(f"num_samples must be in [1, 65535], got {num_samples}")
+        vbits = _bits(num_samples + 1)
+        kind, n, scale = ValueKind.COUNT, num_samples, 0.0
+    elif method in ("rs", "topk"):
+        if value_bits is None:
+            vbits = 8 * math.ceil((id_bits + 8) / 8) - id_bits
+        else:
+            vbits = value_bits
+        vbits = min(vbits, MAX_LOGPROB_BITS)
+        kind, n, scale = ValueKind.LOGPROB, 0, LOGPROB_RANGE / (2**vbits - 1)
+    else:
+        raise ValueError(f"unknown method {method!r}; expected 'rs' or 'topk'")
+    entry_bytes = math.ceil((id_bits + vbits) / 8)
+    if entry_bytes > MAX_ENTRY_BYTES:
+        raise CacheCapacityError(
+            f"a vocabulary of {vocab_size} ({id_bits} id bits) with {vbits} value bits needs "
+            f"{entry_bytes} bytes per entry; at most {MAX_ENTRY_BYTES} are supported. "
+            "Use fewer samples or value bits."
+        )
+    return Encoding(kind, id_bits, vbits, entry_bytes, n, scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardHeader:
+    """The fixed 128-byte header at the start of every shard file."""
+
+    encoding: Encoding
+    vocab_size: int
+    chunk_tokens: int
+    doc_start: int
+    num_docs: int
+    num_tokens: int
+    num_entries: int
+    num_chunks: int
+    token_crc: int
+    index_crc: int
+
+    def pack(self) -> bytes:
+        e = self.encoding
+        body = _HEADER.pack(
+            MAGIC, VERSION, HEADER_SIZE, int(e.value_kind), e.id_bits, e.value_bits,
+            e.entry_bytes, e.num_samples, 0, self.vocab_size, self.chunk_tokens,
+            self.doc_start, self.num_docs, self.num_tokens, self.num_entries,
+            self.num_chunks, self.token_crc, self.index_crc, e.value_scale,
+        )  # fmt: skip
+        body = body.ljust(HEADER_SIZE - _HEADER_CRC.size, b"\0")
+        return body + _HEADER_CRC.pack(zlib.crc32(body))
+
+    @classmethod
+    def unpack(cls, raw: bytes, path: str) -> ShardHeader:
+        """Parse and check a header; ``path`` names the file in errors."""
+        if len(raw) < HEADER_SIZE:
+            raise CacheFormatError(
+                f"{path}: truncated header ({len(raw)} of {HEADER_SIZE} bytes); "
+                "the shard is incomplete, rebuild it"
+            )
+        if raw[:8] != MAGIC:
+            raise CacheFormatError(
+                f"{path}: not a megatron-slkd shard (magic {raw[:8]!r}, expected {MAGIC!r})"
+            )
+        body = raw[: HEADER_SIZE - _HEADER_CRC.size]
+        (stored,) = _HEADER_CRC.unpack_from(raw, HEADER_SIZE - _HEADER_CRC.size)
+        f = _HEADER.unpack_from(raw)
+        if f[1] != VERSION:
+            raise CacheFormatError(
+                f"{path}: shard format version {f[1]}, this reader knows version {VERSION}; "
+                "use a megatron-slkd release that matches the cache"
+            )
+        if zlib.crc32(body) != stored:
+            raise CacheFormatError(f"{path}: header CRC mismatch; the shard header is corrupt")
+        (_, _, hsize, kind, id_bits, vbits, ebytes, nsamp, _, vocab, chunk,
+         doc_start, ndocs, ntok, nent, nchunk, tcrc, icrc, scale) = f  # fmt: skip
+        try:
+            enc = Encoding(ValueKind(kind), id_bits, vbits, ebytes, nsamp, scale)
+        except ValueError as exc:
+            raise CacheFormatError(f"{path}: unknown value kind {kind}") from exc
+        bad = (
+            hsize != HEADER_SIZE
+            or not 1 <= ebytes <= MAX_ENTRY_BYTES
+            or id_bits + vbits > 8 * ebytes
+            or vocab > 2**id_bits
+            or vocab < 2
+            or chunk < 1
+            or nchunk != -(-ntok // chunk)
+            or (enc.value_kind == ValueKind.COUNT and (nsamp < 1 or nsamp >= 2**vbits))
+            or (enc.value_kind == ValueKind.LOGPROB and (vbits > MAX_LOGPROB_BITS or scale <= 0))
+        )
+        if bad:
+            raise CacheFormatError(f"{path}: inconsistent header fields; the shard is corrupt")
+        return cls(enc, vocab, chunk, doc_start, ndocs, ntok, nent, nchunk, tcrc, icrc)
+
+
+def section_offsets(h: ShardHeader) -> dict[str, int]:
+    """Byte offsets of each section and the total file size."""
+    doc = HEADER_SIZE
+    chunk_off = doc + 8 * (h.num_docs + 1)
+    chunk_crc = chunk_off + 8 * (h.num_chunks + 1)
+    counts = chunk_crc + 4 * h.num_chunks
+    counts += -counts % 8
+    entries = counts + h.num_tokens
+    end = entries + h.num_entries * h.encoding.entry_bytes
+    return dict(doc_offsets=doc, chunk_offsets=chunk_off, chunk_crcs=chunk_crc,
+                counts=counts, entries=entries, end=end)  # fmt: skip
+
+
+def pack_entries(ids: np.ndarray, values: np.ndarray, enc: Encoding) -> bytes:
+    """Pack flat ``ids`` and integer ``values`` into ``entry_bytes`` each.
+
+    Raises:
+        CacheCapacityError: an id or value does not fit its bits.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    values = np.asarray(values, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= 2**enc.id_bits):
+        raise CacheCapacityError(
+            f"token id {int(ids.max() if ids.max() >= 0 else ids.min())} does not fit "
+            f"{enc.id_bits} id bits"
+        )
+    if values.size and (values.min() < 0 or values.max() >= 2**enc.value_bits):
+        raise CacheCapacityError(
+            f"value {int(values.max())} does not fit {enc.value_bits} value bits"
+        )
+    word = (ids | (values << enc.id_bits)).astype("<u4")
+    return word.view(np.uint8).reshape(-1, 4)[:, : enc.entry_bytes].tobytes()
+
+
+def crc32(data, value: int = 0) -> int:
+    """zlib CRC-32 of a bytes-like object (numpy arrays included)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B"), value)
+
+
+def token_crc32(tokens: np.ndarray, value: int = 0) -> int:
+    """CRC-32 of token ids as little-endian int32, whatever their stored dtype."""
+    return crc32(np.asarray(tokens).astype("<i4", copy=False), value)

@@ -1,0 +1,144 @@
+"""The cache manifest (``manifest.json``) and the per-shard records it lists.
+
+A shard that is finished but not yet merged has a sidecar ``<shard>.json``
+holding a manifest with that one shard; ``merge-cache`` combines sidecars (or
+manifests) into the ``manifest.json`` of a complete cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from megatron_slkd.cache.format import Encoding
+from megatron_slkd.errors import CacheFormatError
+
+__all__ = ["Manifest", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME"]
+
+FORMAT_NAME = "megatron-slkd-cache"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+_SHARD_KEYS = {
+    "file": str,
+    "doc_start": int,
+    "doc_end": int,
+    "num_tokens": int,
+    "num_entries": int,
+    "size_bytes": int,
+    "token_crc32": int,
+    "index_crc32": int,
+    "file_crc32": int,
+}
+
+
+@dataclasses.dataclass
+class Manifest:
+    """Everything a reader needs to trust a cache directory.
+
+    Attributes:
+        dataset: ``prefix``, ``num_documents`` and ``num_tokens`` of the
+            IndexedDataset the cache describes.
+        tokenizer: ``fingerprint`` and ``vocab_size`` (plus how to load it).
+        teacher: free-form description of the teacher (name, checkpoint hash).
+        sampling: ``method``, ``num_samples``, ``k``, ``temperature``, ``seed``.
+        encoding: entry packing (:class:`~megatron_slkd.cache.format.Encoding`).
+        shards: per-shard records, sorted by ``doc_start``: ``file``,
+            ``doc_start``, ``doc_end`` (exclusive), ``num_tokens``,
+            ``num_entries``, ``size_bytes``, ``token_crc32`` (of the dataset
+            tokens it covers), ``index_crc32``, ``file_crc32``.
+        extra: anything else (for example what a thinned cache derives from).
+    """
+
+    dataset: dict[str, Any]
+    tokenizer: dict[str, Any]
+    teacher: dict[str, Any]
+    sampling: dict[str, Any]
+    encoding: Encoding
+    shards: list[dict[str, Any]]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dataset": self.dataset,
+            "tokenizer": self.tokenizer,
+            "teacher": self.teacher,
+            "sampling": self.sampling,
+            "encoding": self.encoding.to_json(),
+            "shards": self.shards,
+            "extra": self.extra,
+        }
+        return json.dumps(d, indent=1, sort_keys=True) + "\n"
+
+    def compatibility_key(self) -> dict[str, Any]:
+        """What two shards must share to belong to one cache."""
+        return {
+            "dataset": self.dataset,
+            "tokenizer": self.tokenizer,
+            "teacher": self.teacher,
+            "sampling": self.sampling,
+            "encoding": self.encoding.to_json(),
+        }
+
+    @classmethod
+    def load(cls, path) -> Manifest:
+        """Read and validate a manifest or shard sidecar.
+
+        Raises:
+            CacheFormatError: missing, unparsable, wrong format or version, or a
+                field of the wrong type.
+        """
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise CacheFormatError(
+                f"{path}: no manifest; a cache directory needs {MANIFEST_NAME} "
+                "(run `slkd merge-cache` over the shard directories to write it)"
+            ) from exc
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CacheFormatError(f"{path}: unreadable manifest: {exc}") from exc
+        try:
+            if d.get("format") != FORMAT_NAME:
+                raise CacheFormatError(f"{path}: not a {FORMAT_NAME} manifest")
+            if d.get("format_version") != FORMAT_VERSION:
+                raise CacheFormatError(
+                    f"{path}: manifest version {d.get('format_version')}, this reader knows "
+                    f"{FORMAT_VERSION}"
+                )
+            m = cls(
+                dataset=dict(d["dataset"]),
+                tokenizer=dict(d["tokenizer"]),
+                teacher=dict(d["teacher"]),
+                sampling=dict(d["sampling"]),
+                encoding=Encoding.from_json(d["encoding"]),
+                shards=[dict(s) for s in d["shards"]],
+                extra=dict(d.get("extra", {})),
+            )
+            for key in ("num_documents", "num_tokens"):
+                if not isinstance(m.dataset.get(key), int) or m.dataset[key] < 0:
+                    raise CacheFormatError(f"{path}: dataset.{key} must be a non-negative integer")
+            if not isinstance(m.tokenizer.get("vocab_size"), int):
+                raise CacheFormatError(f"{path}: tokenizer.vocab_size must be an integer")
+            for i, s in enumerate(m.shards):
+                for key, typ in _SHARD_KEYS.items():
+                    if not isinstance(s.get(key), typ) or isinstance(s.get(key), bool):
+                        raise CacheFormatError(
+                            f"{path}: shards[{i}].{key} missing or not {typ.__name__}"
+                        )
+                if "/" in s["file"] or s["file"].startswith("."):
+                    raise CacheFormatError(f"{path}: shards[{i}].file must be a plain file name")
+                if not 0 <= s["doc_start"] <= s["doc_end"]:
+                    raise CacheFormatError(f"{path}: shards[{i}] has an empty or negative range")
+        except CacheFormatError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CacheFormatError(
+                f"{path}: malformed manifest ({type(exc).__name__}: {exc})"
+            ) from exc
+        m.shards.sort(key=lambda s: s["doc_start"])
+        return m

@@ -1,0 +1,297 @@
+"""Streaming, resumable, atomic writer of one cache shard.
+
+A shard covers the contiguous documents ``[doc_start, doc_end)`` of the
+dataset. While it is being written, its data lives in ``<shard>.partial/``:
+the per-token entry counts, the packed entries and the document lengths as
+append-only files, plus ``progress.json``. :meth:`ShardWriter.commit` fsyncs
+the three files and then atomically replaces ``progress.json``; a crash at any
+moment therefore leaves a state that :meth:`ShardWriter.open` resumes from the
+last committed document, truncating whatever was written after it.
+:meth:`ShardWriter.finalize` assembles the final file under a temporary name,
+fsyncs it and renames it into place, so a shard file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from megatron_slkd.cache.format import (
+    MAX_ENTRIES_PER_TOKEN,
+    Encoding,
+    ShardHeader,
+    ValueKind,
+    crc32,
+    pack_entries,
+    section_offsets,
+    token_crc32,
+)
+from megatron_slkd.errors import CacheCapacityError, CacheFormatError, CacheMismatchError
+
+__all__ = ["ShardWriter", "atomic_write_text", "fsync_dir"]
+
+DEFAULT_CHUNK_TOKENS = 4096
+_PARTS = ("counts.bin", "entries.bin", "lengths.bin")
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class ShardWriter:
+    """Writes the documents of one shard in order; see the module docstring.
+
+    Use :meth:`open`, which starts a new shard or resumes an unfinished one.
+    """
+
+    def __init__(self, path, state: dict, files):
+        self.path = Path(path)
+        self._state = state
+        self._files = files
+        self.encoding = Encoding.from_json(state["encoding"])
+
+    # -- construction -----------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path,
+        *,
+        encoding: Encoding,
+        vocab_size: int,
+        doc_start: int,
+        doc_end: int,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> ShardWriter:
+        """Start writing ``path`` or resume it from its last commit.
+
+        Raises:
+            CacheMismatchError: an unfinished shard at ``path`` was started
+                with other parameters.
+        """
+        path = Path(path)
+        if path.exists():
+            raise CacheMismatchError(f"{path}: shard already finished; remove it to rebuild")
+        partial = path.with_name(path.name + ".partial")
+        params = dict(
+            encoding=encoding.to_json(), vocab_size=vocab_size, doc_start=doc_start,
+            doc_end=doc_end, chunk_tokens=chunk_tokens,
+        )  # fmt: skip
+        progress = partial / "progress.json"
+        if progress.exists():
+            try:
+                state = json.loads(progress.read_text())
+            except (OSError, ValueError) as exc:
+                raise CacheFormatError(f"{progress}: unreadable progress record: {exc}") from exc
+            if state.get("params") != params:
+                raise CacheMismatchError(
+                    f"{partial}: an unfinished shard with other parameters is here "
+                    f"({state.get('params')} vs {params}); remove it or use another output"
+                )
+            files = {}
+            for name in _PARTS:
+                f = open(partial / name, "r+b")
+                f.truncate(state["sizes"][name])
+                f.seek(0, os.SEEK_END)
+                files[name] = f
+            return cls(path, state, files)
+        partial.mkdir(parents=True, exist_ok=True)
+        files = {name: open(partial / name, "w+b") for name in _PARTS}
+        state = dict(
+            params=params, encoding=params["encoding"], docs=0, tokens=0, entries=0,
+            token_crc=0, sizes={name: 0 for name in _PARTS},
+        )  # fmt: skip
+        writer = cls(path, state, files)
+        writer.commit()
+        return writer
+
+    # -- properties -------------------------------------------------------
+    @property
+    def next_document(self) -> int:
+        """Global index of the next document to add."""
+        return self._state["params"]["doc_start"] + self._state["docs"]
+
+    @property
+    def doc_end(self) -> int:
+        return self._state["params"]["doc_end"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self._state["tokens"]
+
+    @property
+    def num_entries(self) -> int:
+        return self._state["entries"]
+
+    # -- writing ----------------------------------------------------------
+    def add_document(
+        self,
+        tokens: np.ndarray,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        num_valid: np.ndarray,
+        counts: np.ndarray | None = None,
+    ) -> None:
+        """Append the next document.
+
+        Args:
+            tokens: ``[L]`` the document's token ids (checksummed for alignment).
+            ids: ``[R, K]`` sparse target ids; row p is the distribution of the
+                token at p + 1. R is L - 1, or L (the row after the last token
+                is then dropped: D1 stores nothing there).
+            weights: ``[R, K]`` weights (probabilities for LOGPROB encodings).
+            num_valid: ``[R]`` valid entries per row.
+            counts: ``[R, K]`` RS draw counts, required for COUNT encodings.
+        """
+        if self.next_document >= self.doc_end:
+            raise ValueError(f"{self.path}: all documents up to {self.doc_end} already written")
+        tokens = np.asarray(tokens)
+        length = tokens.shape[0]
+        rows = max(length - 1, 0)
+        ids, weights, num_valid = (np.asarray(a) for a in (ids, weights, num_valid))
+        if ids.shape[0] not in (rows, length) or ids.shape != weights.shape:
+            raise ValueError(
+                f"document {self.next_document}: {length} tokens need {rows} or {length} "
+                f"target rows, got ids {ids.shape} and weights {weights.shape}"
+            )
+        ids, weights, num_valid = ids[:rows], weights[:rows], num_valid[:rows]
+        kmax = ids.shape[1] if ids.ndim == 2 else 0
+        if rows and int(num_valid.max(initial=0)) > min(kmax, MAX_ENTRIES_PER_TOKEN):
+            raise CacheCapacityError(
+                f"document {self.next_document}: {int(num_valid.max())} entries at one position; "
+                f"a shard holds at most {MAX_ENTRIES_PER_TOKEN} (and no more than K={kmax})"
+            )
+        valid = np.arange(kmax)[None, :] < num_valid[:, None]
+        flat_ids = ids[valid]
+        if self.encoding.value_kind == ValueKind.COUNT:
+            if counts is None:
+                raise ValueError("a COUNT encoding needs the RS draw counts")
+            values = np.asarray(counts)[:rows][valid].astype(np.int64)
+            if values.size and (values.min() < 1 or values.max() > self.encoding.num_samples):
+                raise CacheCapacityError(
+                    f"document {self.next_document}: draw count outside [1, "
+                    f"{self.encoding.num_samples}]"
+                )
+        else:
+            w = np.clip(weights[valid].astype(np.float64), 1e-300, 1.0)
+            codes = np.rint(-np.log(w) / self.encoding.value_scale)
+            values = np.clip(codes, 0, 2**self.encoding.value_bits - 1).astype(np.int64)
+        vocab = self._state["params"]["vocab_size"]
+        if flat_ids.size and (flat_ids.min() < 0 or flat_ids.max() >= vocab):
+            raise CacheCapacityError(
+                f"document {self.next_document}: token id outside the vocabulary [0, {vocab})"
+            )
+        per_token = np.zeros(length, dtype=np.uint8)
+        per_token[:rows] = num_valid
+        self._append("counts.bin", per_token.tobytes())
+        self._append("entries.bin", pack_entries(flat_ids, values, self.encoding))
+        self._append("lengths.bin", np.array([length], dtype="<u8").tobytes())
+        st = self._state
+        st["docs"] += 1
+        st["tokens"] += length
+        st["entries"] += int(flat_ids.size)
+        st["token_crc"] = token_crc32(tokens, st["token_crc"])
+
+    def _append(self, name: str, data: bytes) -> None:
+        self._files[name].write(data)
+        self._state["sizes"][name] += len(data)
+
+    def commit(self) -> None:
+        """Make everything added so far durable; a resume starts after it."""
+        for f in self._files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        partial = self.path.with_name(self.path.name + ".partial")
+        atomic_write_text(partial / "progress.json", json.dumps(self._state))
+
+    def finalize(self) -> dict:
+        """Write the shard file atomically, remove the partial state, return its manifest record."""
+        if self.next_document != self.doc_end:
+            raise ValueError(
+                f"{self.path}: finalize after {self._state['docs']} documents; documents "
+                f"{self.next_document}..{self.doc_end - 1} are missing"
+            )
+        self.commit()
+        st, p = self._state, self._state["params"]
+        partial = self.path.with_name(self.path.name + ".partial")
+        counts = np.fromfile(partial / "counts.bin", dtype=np.uint8)
+        lengths = np.fromfile(partial / "lengths.bin", dtype="<u8")
+        entries = (
+            np.memmap(partial / "entries.bin", dtype=np.uint8, mode="r")
+            if st["entries"]
+            else np.zeros(0, np.uint8)
+        )
+        ebytes = self.encoding.entry_bytes
+        chunk = p["chunk_tokens"]
+        doc_offsets = np.zeros(len(lengths) + 1, dtype="<u8")
+        np.cumsum(lengths, out=doc_offsets[1:])
+        cum = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=cum[1:])
+        bounds = np.minimum(np.arange(0, len(counts) + chunk, chunk), len(counts))
+        bounds = np.unique(bounds) if len(counts) else np.zeros(1, np.int64)
+        chunk_offsets = cum[bounds].astype("<u8")
+        chunk_crcs = np.array(
+            [
+                crc32(entries[chunk_offsets[i] * ebytes : chunk_offsets[i + 1] * ebytes],
+                      crc32(counts[bounds[i] : bounds[i + 1]]))
+                for i in range(len(bounds) - 1)
+            ],
+            dtype="<u4",
+        )  # fmt: skip
+        index = doc_offsets.tobytes() + chunk_offsets.tobytes() + chunk_crcs.tobytes()
+        header = ShardHeader(
+            encoding=self.encoding, vocab_size=p["vocab_size"], chunk_tokens=chunk,
+            doc_start=p["doc_start"], num_docs=st["docs"], num_tokens=st["tokens"],
+            num_entries=st["entries"], num_chunks=len(chunk_crcs), token_crc=st["token_crc"],
+            index_crc=crc32(np.frombuffer(index, np.uint8)),
+        )  # fmt: skip
+        off = section_offsets(header)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        file_crc = 0
+        with open(tmp, "wb") as f:
+            head = header.pack() + index
+            head += b"\0" * (off["counts"] - len(head))
+            for part in (np.frombuffer(head, np.uint8), counts, entries):
+                f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+                file_crc = crc32(part, file_crc)
+            f.flush()
+            os.fsync(f.fileno())
+        size = tmp.stat().st_size
+        if size != off["end"]:
+            raise CacheFormatError(f"{tmp}: wrote {size} bytes, expected {off['end']}")
+        for fh in self._files.values():
+            fh.close()
+        del entries
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+        shutil.rmtree(partial)
+        return dict(
+            file=self.path.name, doc_start=p["doc_start"], doc_end=p["doc_end"],
+            num_tokens=st["tokens"], num_entries=st["entries"], size_bytes=size,
+            token_crc32=st["token_crc"], index_crc32=header.index_crc, file_crc32=file_crc,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Close the partial files without finishing (the shard stays resumable)."""
+        for f in self._files.values():
+            f.close()

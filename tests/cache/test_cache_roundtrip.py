@@ -1,0 +1,139 @@
+"""Tier 1: format round trips, packing limits and reads."""
+
+import numpy as np
+import pytest
+from conftest import write_synthetic_cache
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_slkd.cache import ShardWriter, encoding_for, open_cache
+from megatron_slkd.cache.format import ShardHeader, ValueKind, pack_entries
+from megatron_slkd.errors import CacheCapacityError
+
+
+def _check_doc(cache, reader, d):
+    ids, w, n = cache.expected_rows(d)
+    r = reader.read(d, 0, len(cache.docs[d]))
+    assert np.array_equal(r.num_entries, n)
+    k = r.ids.shape[1]
+    assert k == (int(n.max()) if n.size else 0)
+    valid = np.arange(k)[None, :] < n[:, None]
+    assert np.array_equal(np.where(valid, r.ids, 0), np.where(valid, ids[:, :k], 0))
+    assert np.all(r.ids[~valid] == 0) and np.all(r.weights[~valid] == 0)
+    return r, w[:, :k], valid
+
+
+def test_rs_round_trip_is_exact(synthetic_cache):
+    reader = open_cache(synthetic_cache.path)
+    assert reader.num_documents == 8
+    assert reader.num_tokens == sum(len(d) for d in synthetic_cache.docs)
+    assert np.array_equal(reader.document_lengths(), [len(d) for d in synthetic_cache.docs])
+    for d in range(8):
+        r, w, valid = _check_doc(synthetic_cache, reader, d)
+        assert np.array_equal(r.weights[valid], w[valid])  # count / N is exact
+
+
+def test_topk_round_trip_within_quantization(tmp_path):
+    cache = write_synthetic_cache(tmp_path / "c", [30, 7, 64], method="topk", k=8)
+    assert cache.manifest.encoding.value_kind == ValueKind.LOGPROB
+    reader = open_cache(cache.path)
+    step = cache.manifest.encoding.value_scale
+    for d in range(3):
+        r, w, valid = _check_doc(cache, reader, d)
+        rel = np.abs(np.log(r.weights[valid]) - np.log(w[valid]))
+        assert rel.max() <= step / 2 + 1e-5
+
+
+def test_spans_and_token_ranges(synthetic_cache):
+    reader = open_cache(synthetic_cache.path)
+    lengths = [len(d) for d in synthetic_cache.docs]
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    full = reader.read_tokens(0, reader.num_tokens)
+    # A span read equals the same rows of the full read, padding aside.
+    r = reader.read_spans([5, 2, 5], [10, 3, 0], [20, 30, 4])
+    rows = np.r_[
+        starts[5] + 10 : starts[5] + 30, starts[2] + 3 : starts[2] + 33, starts[5] : starts[5] + 4
+    ]
+    k = r.ids.shape[1]
+    assert np.array_equal(r.num_entries, full.num_entries[rows])
+    assert np.array_equal(r.ids, full.ids[rows, :k]) and np.all(full.ids[rows, k:] == 0)
+    assert np.array_equal(r.weights, full.weights[rows, :k])
+    # Token ranges that cross shard and document boundaries.
+    for a, n in [(0, 1), (starts[3] - 2, 50), (starts[-1] - 7, 7), (3, 0)]:
+        t = reader.read_tokens(int(a), n)
+        assert np.array_equal(t.num_entries, full.num_entries[a : a + n])
+
+
+def test_out_of_range_reads(synthetic_cache):
+    reader = open_cache(synthetic_cache.path)
+    with pytest.raises(IndexError, match="document 8"):
+        reader.read(8, 0, 1)
+    with pytest.raises(IndexError, match="outside document 1"):
+        reader.read(1, 0, 2)
+    with pytest.raises(IndexError, match="tokens"):
+        reader.read_tokens(reader.num_tokens - 1, 2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    vocab=st.sampled_from([2, 3, 255, 256, 257, 49152, 65536, 131072]),
+    num_samples=st.sampled_from([1, 2, 50, 127]),
+    data=st.data(),
+)
+def test_packing_round_trip(vocab, num_samples, data):
+    enc = encoding_for("rs", vocab, num_samples=num_samples)
+    assert enc.id_bits + enc.value_bits <= 8 * enc.entry_bytes
+    n = data.draw(st.integers(0, 50))
+    ids = np.array(data.draw(st.lists(st.integers(0, vocab - 1), min_size=n, max_size=n)), np.int64)
+    vals = np.array(
+        data.draw(st.lists(st.integers(1, num_samples), min_size=n, max_size=n)), np.int64
+    )
+    raw = np.frombuffer(pack_entries(ids, vals, enc), np.uint8).reshape(n, enc.entry_bytes)
+    word = np.zeros(n, np.int64)
+    for j in range(enc.entry_bytes):
+        word |= raw[:, j].astype(np.int64) << (8 * j)
+    assert np.array_equal(word & ((1 << enc.id_bits) - 1), ids)
+    assert np.array_equal(word >> enc.id_bits, vals)
+
+
+def test_paper_packing_is_three_bytes():
+    assert encoding_for("rs", 131072, num_samples=127).entry_bytes == 3
+    assert encoding_for("rs", 49152, num_samples=50).entry_bytes == 3
+    assert encoding_for("topk", 49152).entry_bytes == 3
+
+
+def test_capacity_errors():
+    with pytest.raises(CacheCapacityError, match="bytes per entry"):
+        encoding_for("rs", 2**30, num_samples=50)
+    enc = encoding_for("rs", 1000, num_samples=50)
+    with pytest.raises(CacheCapacityError, match="id"):
+        pack_entries(np.array([1024]), np.array([1]), enc)
+    with pytest.raises(CacheCapacityError, match="value"):
+        pack_entries(np.array([1]), np.array([64]), enc)
+
+
+def test_writer_rejects_values_that_do_not_fit(tmp_path):
+    enc = encoding_for("rs", 100, num_samples=10)
+    w = ShardWriter.open(tmp_path / "s", encoding=enc, vocab_size=100, doc_start=0, doc_end=1)
+    tokens = np.arange(3)
+    ids = np.array([[5], [7], [0]])
+    with pytest.raises(CacheCapacityError, match="vocabulary"):
+        w.add_document(tokens, ids + 100, np.ones((3, 1)), np.array([1, 1, 0]), np.ones((3, 1)))
+    with pytest.raises(CacheCapacityError, match="draw count"):
+        w.add_document(tokens, ids, np.ones((3, 1)), np.array([1, 1, 0]), np.full((3, 1), 11))
+    with pytest.raises(ValueError, match="target rows"):
+        w.add_document(tokens, ids[:1], np.ones((1, 1)), np.array([1]), np.ones((1, 1)))
+
+
+def test_header_round_trip():
+    enc = encoding_for("topk", 49152)
+    h = ShardHeader(enc, 49152, 4096, 10, 20, 3000, 36000, 1, 7, 9)
+    assert ShardHeader.unpack(h.pack(), "x") == h
+
+
+def test_empty_and_single_token_documents(tmp_path):
+    cache = write_synthetic_cache(tmp_path / "c", [1, 1, 2, 1], num_shards=1)
+    reader = open_cache(cache.path)
+    r = reader.read_tokens(0, 5)
+    assert r.num_entries.tolist()[:2] == [0, 0] and r.num_entries[3] == 0
+    assert r.num_entries[2] > 0
