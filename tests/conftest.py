@@ -11,6 +11,7 @@ import torch
 
 from megatron_slkd.cache import Manifest, ShardWriter, encoding_for
 from megatron_slkd.cache.manifest import MANIFEST_NAME
+from megatron_slkd.cache.writer import write_sidecar
 from megatron_slkd.sampling import sample_sparse_targets
 
 
@@ -41,6 +42,7 @@ def write_synthetic_cache(
     chunk_tokens: int = 64,
     seed: int = 5,
     write_manifest: bool = True,
+    sidecars: bool = False,
 ) -> SyntheticCache:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,9 @@ def write_synthetic_cache(
     )  # fmt: skip
     if write_manifest:
         (path / MANIFEST_NAME).write_text(manifest.to_json())
+    if sidecars:
+        for rec in records:
+            write_sidecar(path / rec["file"], manifest, rec)
     return SyntheticCache(path, docs, targets, manifest)
 
 
@@ -84,3 +89,16 @@ def write_synthetic_cache(
 def synthetic_cache(tmp_path):
     lengths = [5, 1, 40, 17, 3, 90, 2, 33]
     return write_synthetic_cache(tmp_path / "cache", lengths)
+
+
+def write_dataset(prefix: Path, docs) -> str:
+    """A megatron-core IndexedDataset holding ``docs`` (one sequence each)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(prefix)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for d in docs:
+        builder.add_item(torch.as_tensor(np.asarray(d, dtype=np.int64)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix

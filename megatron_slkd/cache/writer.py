@@ -13,6 +13,7 @@ fsyncs it and renames it into place, so a shard file that exists is complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,12 +31,20 @@ from megatron_slkd.cache.format import (
     section_offsets,
     token_crc32,
 )
+from megatron_slkd.cache.manifest import Manifest
 from megatron_slkd.errors import CacheCapacityError, CacheFormatError, CacheMismatchError
 
-__all__ = ["ShardWriter", "atomic_write_text", "fsync_dir"]
+__all__ = ["ShardWriter", "write_sidecar", "atomic_write_text", "fsync_dir"]
 
 DEFAULT_CHUNK_TOKENS = 4096
 _PARTS = ("counts.bin", "entries.bin", "lengths.bin")
+
+
+def write_sidecar(shard_path, base: Manifest, record: dict) -> Path:
+    """Write ``<shard>.json``: a one-shard manifest that ``merge-cache`` collects."""
+    sidecar = Path(str(shard_path) + ".json")
+    atomic_write_text(sidecar, dataclasses.replace(base, shards=[record]).to_json())
+    return sidecar
 
 
 def fsync_dir(path: Path) -> None:
@@ -146,7 +155,7 @@ class ShardWriter:
     # -- writing ----------------------------------------------------------
     def add_document(
         self,
-        tokens: np.ndarray,
+        tokens: np.ndarray | int,
         ids: np.ndarray,
         weights: np.ndarray,
         num_valid: np.ndarray,
@@ -155,7 +164,9 @@ class ShardWriter:
         """Append the next document.
 
         Args:
-            tokens: ``[L]`` the document's token ids (checksummed for alignment).
+            tokens: ``[L]`` the document's token ids (checksummed for alignment),
+                or just L when the caller supplies the shard's token checksum to
+                :meth:`finalize` (as ``thin-cache`` does from the source shard).
             ids: ``[R, K]`` sparse target ids; row p is the distribution of the
                 token at p + 1. R is L - 1, or L (the row after the last token
                 is then dropped: D1 stores nothing there).
@@ -165,8 +176,11 @@ class ShardWriter:
         """
         if self.next_document >= self.doc_end:
             raise ValueError(f"{self.path}: all documents up to {self.doc_end} already written")
-        tokens = np.asarray(tokens)
-        length = tokens.shape[0]
+        if isinstance(tokens, (int, np.integer)):
+            length, tokens = int(tokens), None
+        else:
+            tokens = np.asarray(tokens)
+            length = tokens.shape[0]
         rows = max(length - 1, 0)
         ids, weights, num_valid = (np.asarray(a) for a in (ids, weights, num_valid))
         if ids.shape[0] not in (rows, length) or ids.shape != weights.shape:
@@ -210,7 +224,10 @@ class ShardWriter:
         st["docs"] += 1
         st["tokens"] += length
         st["entries"] += int(flat_ids.size)
-        st["token_crc"] = token_crc32(tokens, st["token_crc"])
+        if tokens is None:
+            st["token_crc"] = None
+        elif st["token_crc"] is not None:
+            st["token_crc"] = token_crc32(tokens, st["token_crc"])
 
     def _append(self, name: str, data: bytes) -> None:
         self._files[name].write(data)
@@ -224,8 +241,17 @@ class ShardWriter:
         partial = self.path.with_name(self.path.name + ".partial")
         atomic_write_text(partial / "progress.json", json.dumps(self._state))
 
-    def finalize(self) -> dict:
-        """Write the shard file atomically, remove the partial state, return its manifest record."""
+    def finalize(self, token_crc32: int | None = None) -> dict:
+        """Write the shard file atomically, remove the partial state, return its manifest record.
+
+        Args:
+            token_crc32: the shard's token checksum, required when documents were
+                added by length only.
+        """
+        if token_crc32 is not None:
+            self._state["token_crc"] = token_crc32
+        if self._state["token_crc"] is None:
+            raise ValueError(f"{self.path}: documents were added by length; pass token_crc32")
         if self.next_document != self.doc_end:
             raise ValueError(
                 f"{self.path}: finalize after {self._state['docs']} documents; documents "

@@ -1,0 +1,88 @@
+"""The ``slkd`` command: one subcommand per pipeline step.
+
+    slkd prepare-data  --input DOCS... --output-prefix PREFIX --train-sentencepiece 8000
+    slkd merge-cache   SHARD_DIR... --output CACHE
+    slkd verify-cache  CACHE --data-prefix PREFIX        (also under mpirun -n K)
+    slkd inspect-cache CACHE [--doc D --offset O] [--plot hist.png]
+    slkd thin-cache    CACHE --num-samples 12 --output CACHE12
+
+Errors in the inputs end the command with a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from megatron_slkd.errors import SlkdError
+
+__all__ = ["main", "build_parser"]
+
+_COMMANDS = {
+    "prepare-data": "prepare_data",
+    "merge-cache": "merge_cache",
+    "verify-cache": "verify_cache",
+    "inspect-cache": "inspect_cache",
+    "thin-cache": "thin_cache",
+}
+
+
+def _module(name: str):
+    import importlib
+
+    return importlib.import_module(f"megatron_slkd.cli.{_COMMANDS[name]}")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``slkd`` parser (or, with ``only``, the parser of that one subcommand)."""
+    if only is not None:
+        mod = _module(only)
+        p = argparse.ArgumentParser(
+            prog=f"slkd {only}",
+            description=mod.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        return p
+    parser = argparse.ArgumentParser(
+        prog="slkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMANDS:
+        mod = _module(name)
+        p = sub.add_parser(
+            name,
+            help=mod.__doc__.splitlines()[0],
+            description=mod.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+    return parser
+
+
+def emit(result: dict, as_json: bool, human) -> None:
+    """Print ``result`` as one JSON object, or through the ``human`` formatter."""
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        human(result)
+
+
+def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
+    """Entry point of ``slkd`` (and, with ``command``, of one ``tools/*.py`` script)."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*Apex.*")
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    name = command or args.command
+    try:
+        return int(_module(name).run(args) or 0)
+    except SlkdError as exc:
+        print(f"slkd {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

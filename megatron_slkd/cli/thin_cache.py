@@ -1,0 +1,36 @@
+"""Derive an RS cache with fewer draws (N2 < N) without rerunning the teacher.
+
+Keeps N2 of each position's N draws, uniformly without replacement
+(multivariate hypergeometric thinning): exactly the law of an N2-draw cache.
+
+    slkd thin-cache cache/ --num-samples 12 --output cache-n12/
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_slkd.cache.thin import thin_cache
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cache", help="the source RS cache directory")
+    p.add_argument("--num-samples", type=int, required=True, help="draws to keep per position")
+    p.add_argument("--output", required=True, help="the new cache directory")
+    p.add_argument("--seed", type=int, default=0, help="thinning seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_slkd.cli import emit
+
+    report = thin_cache(args.cache, args.output, args.num_samples, seed=args.seed)
+    emit(
+        report,
+        args.json,
+        lambda r: print(
+            f"thinned {r['shards']} shards from N={r['from']} to N={r['num_samples']} "
+            f"draws into {r['output']}"
+        ),
+    )
+    return 0

@@ -1,0 +1,236 @@
+"""Text -> tokenizer -> Megatron IndexedDataset (``PREFIX.bin`` / ``PREFIX.idx``).
+
+One document per text file or per JSON line, the end-of-document token
+appended, written with megatron-core's own ``IndexedDatasetBuilder``. A
+sidecar ``PREFIX.meta.json`` records the tokenizer (fingerprint, vocabulary
+size, how to load it) and the document and token counts; caches built on the
+dataset copy the fingerprint and are checked against it.
+
+The outputs appear atomically: they are written under temporary names and
+renamed once complete, so a crash never leaves a dataset that looks finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from megatron_slkd.data.corpus import BUILTIN_CORPORA
+from megatron_slkd.data.tokenizers import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
+from megatron_slkd.errors import DataPreparationError
+
+__all__ = ["PrepareConfig", "prepare_data", "iter_documents", "read_meta", "META_SUFFIX"]
+
+META_SUFFIX = ".meta.json"
+_JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    """Inputs and tokenizer of ``slkd prepare-data``."""
+
+    output_prefix: str
+    """Where to write PREFIX.bin, PREFIX.idx and PREFIX.meta.json."""
+    inputs: list[str] = dataclasses.field(default_factory=list)
+    """Text files, JSONL files, or directories of them (read recursively, sorted)."""
+    builtin_corpus: str | None = None
+    """Name of a built-in corpus (``stdlib-docstrings``) used instead of or besides inputs."""
+    max_documents: int | None = None
+    """Stop after this many documents (all when None)."""
+    json_key: str = "text"
+    """Field of each JSON line that holds the document text."""
+    tokenizer_model: str | None = None
+    """A SentencePiece ``.model`` file."""
+    train_sentencepiece: int | None = None
+    """Train a SentencePiece BPE model of this vocabulary size on the inputs."""
+    hf_tokenizer: str | None = None
+    """A Hugging Face tokenizer: local directory, cached hub name, or ``.gguf`` file."""
+    workers: int = 1
+    """Tokenizer processes."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
+
+def _iter_files(inputs: list[str]) -> Iterator[Path]:
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            yield from (
+                f for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")
+            )
+        elif p.is_file():
+            yield p
+        else:
+            raise DataPreparationError(f"{p}: input not found")
+
+
+def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
+    """Documents in input order: built-in corpus first, then each file or JSON line."""
+    count = 0
+
+    def done() -> bool:
+        return cfg.max_documents is not None and count >= cfg.max_documents
+
+    if cfg.builtin_corpus:
+        if cfg.builtin_corpus not in BUILTIN_CORPORA:
+            raise DataPreparationError(
+                f"unknown built-in corpus {cfg.builtin_corpus!r}; "
+                f"choose from {sorted(BUILTIN_CORPORA)}"
+            )
+        for text in BUILTIN_CORPORA[cfg.builtin_corpus]():
+            if done():
+                return
+            count += 1
+            yield text
+    for path in _iter_files(cfg.inputs):
+        if path.suffix in _JSON_SUFFIXES:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if done():
+                        return
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)[cfg.json_key]
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise DataPreparationError(
+                            f"{path}:{lineno}: expected a JSON object with a string "
+                            f"{cfg.json_key!r} field ({type(exc).__name__}: {exc})"
+                        ) from exc
+                    if not isinstance(text, str):
+                        raise DataPreparationError(
+                            f"{path}:{lineno}: field {cfg.json_key!r} is not a string"
+                        )
+                    count += 1
+                    yield text
+        else:
+            if done():
+                return
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataPreparationError(f"{path}: not UTF-8 text ({exc})") from exc
+            count += 1
+            yield text
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(spec: dict) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = load_tokenizer(spec)
+
+
+def _encode(text: str) -> np.ndarray:
+    assert _WORKER_TOKENIZER is not None
+    ids = _WORKER_TOKENIZER.encode(text)
+    ids.append(_WORKER_TOKENIZER.eod)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _make_tokenizer(cfg: PrepareConfig) -> Tokenizer:
+    chosen = [
+        x for x in (cfg.tokenizer_model, cfg.train_sentencepiece, cfg.hf_tokenizer) if x is not None
+    ]
+    if len(chosen) != 1:
+        raise DataPreparationError(
+            "give exactly one of --tokenizer-model, --train-sentencepiece, --hf-tokenizer"
+        )
+    if cfg.tokenizer_model:
+        return SentencePieceTokenizer(cfg.tokenizer_model)
+    if cfg.hf_tokenizer:
+        return HFTokenizer(cfg.hf_tokenizer)
+    model = train_sentencepiece(iter_documents(cfg), cfg.output_prefix, cfg.train_sentencepiece)
+    return SentencePieceTokenizer(model)
+
+
+def read_meta(prefix: str) -> dict:
+    """The ``PREFIX.meta.json`` sidecar of a prepared dataset."""
+    path = Path(prefix + META_SUFFIX)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise DataPreparationError(
+            f"{path}: no tokenizer record next to the dataset; prepare it with "
+            "`slkd prepare-data`, or pass the tokenizer explicitly"
+        ) from exc
+    except ValueError as exc:
+        raise DataPreparationError(f"{path}: unreadable ({exc})") from exc
+
+
+def prepare_data(cfg: PrepareConfig) -> dict:
+    """Build the dataset; returns the sidecar record (also written to disk)."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    if not cfg.inputs and not cfg.builtin_corpus:
+        raise DataPreparationError("no input: give --input paths or --builtin-corpus")
+    prefix = cfg.output_prefix
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    tokenizer = _make_tokenizer(cfg)
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    tmp = f"{prefix}.partial-{os.getpid()}"
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    num_docs = num_tokens = 0
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not cfg.progress)
+    pool = None
+    try:
+        if cfg.workers > 1:
+            ctx = mp.get_context("spawn")
+            pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(tokenizer.spec,))
+            encoded = pool.imap(_encode, iter_documents(cfg), chunksize=8)
+        else:
+            global _WORKER_TOKENIZER
+            _WORKER_TOKENIZER = tokenizer
+            encoded = map(_encode, iter_documents(cfg))
+        import torch
+
+        for ids in encoded:
+            builder.add_item(torch.from_numpy(ids))
+            builder.end_document()
+            num_docs += 1
+            num_tokens += len(ids)
+            bar.update(1)
+            bar.set_postfix(tokens=num_tokens, refresh=False)
+        builder.finalize(tmp + ".idx")
+    except BaseException:
+        for suffix in (".bin", ".idx"):
+            Path(tmp + suffix).unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    if num_docs == 0:
+        raise DataPreparationError("the inputs hold no documents")
+    meta = {
+        "tokenizer": {
+            "fingerprint": tokenizer.fingerprint(),
+            "vocab_size": tokenizer.vocab_size,
+            "eod": tokenizer.eod,
+            **tokenizer.spec,
+        },
+        "num_documents": num_docs,
+        "num_tokens": num_tokens,
+        "dtype": np.dtype(dtype).name,
+    }
+    os.replace(tmp + ".bin", prefix + ".bin")
+    os.replace(tmp + ".idx", prefix + ".idx")
+    Path(prefix + META_SUFFIX).write_text(json.dumps(meta, indent=1) + "\n")
+    meta["seconds"] = round(time.time() - start, 2)
+    return meta
