@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,8 @@ def _worker(rank, world_size, port, fn, args, tp, pp, megatron, threads):
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         if megatron:

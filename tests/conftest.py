@@ -48,7 +48,7 @@ def write_synthetic_cache(
     path.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     docs = [torch.randint(0, vocab, (int(n),), generator=g).numpy() for n in lengths]
-    enc = encoding_for(method, vocab, num_samples=num_samples)
+    enc = encoding_for(method, vocab, num_samples=num_samples, k=k)
     bounds = np.linspace(0, len(docs), num_shards + 1).astype(int)
     targets, records, pos = [], [], 0
     for i in range(num_shards):

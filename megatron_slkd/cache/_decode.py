@@ -19,8 +19,17 @@ STATUS = {1: "an entry run goes past the end of the entry section",
           4: "a per-token entry count disagrees with the chunk table"}  # fmt: skip
 
 
+@numba.njit(inline="always")
+def _count(packed, t, bits):
+    """Entry count of token ``t`` from the little-endian bit-packed count section."""
+    pos = t * bits
+    b = pos >> 3
+    word = np.int64(packed[b]) | (np.int64(packed[b + 1]) << 8)
+    return (word >> (pos & 7)) & ((1 << bits) - 1)
+
+
 @numba.njit(cache=True, nogil=True)
-def span_entry_starts(counts, chunk_offsets, chunk_tokens, starts, lengths, out):
+def span_entry_starts(counts, bits, chunk_offsets, chunk_tokens, starts, lengths, out):
     """First entry index of each span, written to ``out``; returns max entries per token.
 
     Returns -4 when a chunk's recorded entry offset cannot hold its counts.
@@ -31,19 +40,18 @@ def span_entry_starts(counts, chunk_offsets, chunk_tokens, starts, lengths, out)
         c = t // chunk_tokens
         e = np.int64(chunk_offsets[c])
         for i in range(c * chunk_tokens, t):
-            e += counts[i]
+            e += _count(counts, i, bits)
         if e > np.int64(chunk_offsets[c + 1]):
             return -4
         out[s] = e
         for i in range(t, t + lengths[s]):
-            if counts[i] > kmax:
-                kmax = counts[i]
+            kmax = max(kmax, _count(counts, i, bits))
     return kmax
 
 
 @numba.njit(cache=True, nogil=True)
 def decode_spans(
-    counts, entries, entry_bytes, id_bits, table, min_value, vocab_size,
+    counts, bits, entries, entry_bytes, id_bits, table, min_value, vocab_size,
     starts, lengths, entry_starts, row_starts, ids_out, w_out, n_out,
 ):  # fmt: skip
     """Decode each span into rows ``row_starts[s] ...`` of the outputs.
@@ -56,7 +64,7 @@ def decode_spans(
         e = entry_starts[s]
         row = row_starts[s]
         for t in range(starts[s], starts[s] + lengths[s]):
-            n = np.int64(counts[t])
+            n = _count(counts, t, bits)
             if e + n > total:
                 return 1
             n_out[row] = n

@@ -26,6 +26,9 @@ __all__ = [
     "ShardHeader",
     "section_offsets",
     "pack_entries",
+    "pack_counts",
+    "unpack_counts",
+    "counts_nbytes",
     "crc32",
     "token_crc32",
 ]
@@ -33,13 +36,13 @@ __all__ = [
 MAGIC = b"SLKDSHRD"
 VERSION = 1
 HEADER_SIZE = 128
-MAX_ENTRIES_PER_TOKEN = 255  # the per-token entry count is one byte
+MAX_COUNT_BITS = 8  # the per-token entry count takes at most one byte
 MAX_ENTRY_BYTES = 4
 MAX_LOGPROB_BITS = 16
 LOGPROB_RANGE = 24.0  # nats covered by quantized log-probabilities
 
 # magic, version, header_size, value_kind, id_bits, value_bits, entry_bytes,
-# num_samples, reserved, vocab_size, chunk_tokens, doc_start, num_docs,
+# num_samples, count_bits, vocab_size, chunk_tokens, doc_start, num_docs,
 # num_tokens, num_entries, num_chunks, token_crc, index_crc, value_scale
 _HEADER = struct.Struct("<8sIIBBBBHHIIQQQQQIId")
 _HEADER_CRC = struct.Struct("<I")
@@ -62,6 +65,12 @@ class Encoding:
     entry_bytes: int
     num_samples: int  # N for COUNT, 0 for LOGPROB
     value_scale: float  # LOGPROB step in nats, 0.0 for COUNT
+    count_bits: int  # bits of the per-token entry count
+
+    @property
+    def max_entries(self) -> int:
+        """Most entries one token position can hold."""
+        return 2**self.count_bits - 1
 
     def weight_table(self) -> np.ndarray:
         """float32 weight of every value code (index = code)."""
@@ -91,6 +100,7 @@ def encoding_for(
     vocab_size: int,
     *,
     num_samples: int = 0,
+    k: int | None = None,
     temperature: float = 1.0,
     value_bits: int | None = None,
 ) -> Encoding:
@@ -99,7 +109,9 @@ def encoding_for(
     RS at temperature 1 stores draw counts in ``ceil(log2(N + 1))`` bits
     (3 bytes per entry for V <= 2**17 and N <= 127). Top-K and RS at other
     temperatures store quantized log-weights in the bits left in the entry's
-    whole bytes (at least 8, unless ``value_bits`` says otherwise).
+    whole bytes (at least 8, unless ``value_bits`` says otherwise). The
+    per-token entry count takes just the bits its bound needs: N unique ids at
+    most for RS (6 bits for N=50), k for Top-K.
 
     Raises:
         CacheCapacityError: the vocabulary and value bits need more than
@@ -113,7 +125,11 @@ def encoding_for(
             raise CacheCapacityError(f"num_samples must be in [1, 65535], got {num_samples}")
         vbits = _bits(num_samples + 1)
         kind, n, scale = ValueKind.COUNT, num_samples, 0.0
+        max_entries = num_samples
     elif method in ("rs", "topk"):
+        max_entries = num_samples if method == "rs" else (k or 0)
+        if max_entries < 1:
+            raise CacheCapacityError(f"method {method!r} needs num_samples or k >= 1")
         if value_bits is None:
             vbits = 8 * math.ceil((id_bits + 8) / 8) - id_bits
         else:
@@ -122,6 +138,12 @@ def encoding_for(
         kind, n, scale = ValueKind.LOGPROB, 0, LOGPROB_RANGE / (2**vbits - 1)
     else:
         raise ValueError(f"unknown method {method!r}; expected 'rs' or 'topk'")
+    count_bits = _bits(max_entries + 1)
+    if count_bits > MAX_COUNT_BITS:
+        raise CacheCapacityError(
+            f"up to {max_entries} entries per position need {count_bits} count bits; at most "
+            f"{2**MAX_COUNT_BITS - 1} entries per position are supported"
+        )
     entry_bytes = math.ceil((id_bits + vbits) / 8)
     if entry_bytes > MAX_ENTRY_BYTES:
         raise CacheCapacityError(
@@ -129,7 +151,7 @@ def encoding_for(
             f"{entry_bytes} bytes per entry; at most {MAX_ENTRY_BYTES} are supported. "
             "Use fewer samples or value bits."
         )
-    return Encoding(kind, id_bits, vbits, entry_bytes, n, scale)
+    return Encoding(kind, id_bits, vbits, entry_bytes, n, scale, count_bits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +173,7 @@ class ShardHeader:
         e = self.encoding
         body = _HEADER.pack(
             MAGIC, VERSION, HEADER_SIZE, int(e.value_kind), e.id_bits, e.value_bits,
-            e.entry_bytes, e.num_samples, 0, self.vocab_size, self.chunk_tokens,
+            e.entry_bytes, e.num_samples, e.count_bits, self.vocab_size, self.chunk_tokens,
             self.doc_start, self.num_docs, self.num_tokens, self.num_entries,
             self.num_chunks, self.token_crc, self.index_crc, e.value_scale,
         )  # fmt: skip
@@ -180,10 +202,10 @@ class ShardHeader:
             )
         if zlib.crc32(body) != stored:
             raise CacheFormatError(f"{path}: header CRC mismatch; the shard header is corrupt")
-        (_, _, hsize, kind, id_bits, vbits, ebytes, nsamp, _, vocab, chunk,
+        (_, _, hsize, kind, id_bits, vbits, ebytes, nsamp, cbits, vocab, chunk,
          doc_start, ndocs, ntok, nent, nchunk, tcrc, icrc, scale) = f  # fmt: skip
         try:
-            enc = Encoding(ValueKind(kind), id_bits, vbits, ebytes, nsamp, scale)
+            enc = Encoding(ValueKind(kind), id_bits, vbits, ebytes, nsamp, scale, cbits)
         except ValueError as exc:
             raise CacheFormatError(f"{path}: unknown value kind {kind}") from exc
         bad = (
@@ -192,7 +214,9 @@ class ShardHeader:
             or id_bits + vbits > 8 * ebytes
             or vocab > 2**id_bits
             or vocab < 2
-            or chunk < 1
+            or chunk < 8
+            or chunk % 8
+            or not 1 <= cbits <= MAX_COUNT_BITS
             or nchunk != -(-ntok // chunk)
             or (enc.value_kind == ValueKind.COUNT and (nsamp < 1 or nsamp >= 2**vbits))
             or (enc.value_kind == ValueKind.LOGPROB and (vbits > MAX_LOGPROB_BITS or scale <= 0))
@@ -208,11 +232,31 @@ def section_offsets(h: ShardHeader) -> dict[str, int]:
     chunk_off = doc + 8 * (h.num_docs + 1)
     chunk_crc = chunk_off + 8 * (h.num_chunks + 1)
     counts = chunk_crc + 4 * h.num_chunks
-    counts += -counts % 8
-    entries = counts + h.num_tokens
+    entries = counts + counts_nbytes(h.num_tokens, h.encoding.count_bits)
     end = entries + h.num_entries * h.encoding.entry_bytes
     return dict(doc_offsets=doc, chunk_offsets=chunk_off, chunk_crcs=chunk_crc,
                 counts=counts, entries=entries, end=end)  # fmt: skip
+
+
+def counts_nbytes(num_tokens: int, count_bits: int) -> int:
+    """Bytes of the packed count section: the bits, rounded up, plus one zero byte
+    so that a two-byte read at any count stays inside the section."""
+    return (num_tokens * count_bits + 7) // 8 + 1
+
+
+def pack_counts(counts: np.ndarray, count_bits: int) -> np.ndarray:
+    """Pack per-token entry counts into ``count_bits`` each, little-endian bit order."""
+    counts = np.asarray(counts, dtype=np.uint8)
+    bits = (counts[:, None] >> np.arange(count_bits, dtype=np.uint8)) & 1
+    packed = np.packbits(bits.ravel(), bitorder="little")
+    return np.concatenate([packed, np.zeros(1, np.uint8)])
+
+
+def unpack_counts(packed: np.ndarray, num_tokens: int, count_bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_counts`: ``[num_tokens]`` uint8."""
+    bits = np.unpackbits(np.asarray(packed, np.uint8), bitorder="little")
+    bits = bits[: num_tokens * count_bits].reshape(num_tokens, count_bits)
+    return (bits << np.arange(count_bits, dtype=np.uint8)).sum(-1, dtype=np.uint8)
 
 
 def pack_entries(ids: np.ndarray, values: np.ndarray, enc: Encoding) -> bytes:

@@ -101,7 +101,10 @@ class ShardFile:
             if self._verified[i]:
                 continue
             e0, e1 = int(self.chunk_offsets[i]) * eb, int(self.chunk_offsets[i + 1]) * eb
-            got = crc32(self.entries[e0:e1], crc32(self.counts[i * c : (i + 1) * c]))
+            bits = h.encoding.count_bits
+            c0 = i * c * bits // 8
+            c1 = (i + 1) * c * bits // 8 if i + 1 < h.num_chunks else len(self.counts)
+            got = crc32(self.entries[e0:e1], crc32(self.counts[c0:c1]))
             if got != int(self.chunk_crcs[i]):
                 raise CacheFormatError(
                     f"{self.path}: CRC mismatch in chunk {i} (shard tokens {i * c}.."
@@ -240,7 +243,9 @@ class SparseKDCache:
                 for t, n in zip(starts.tolist(), lens.tolist(), strict=True):
                     sh.verify_chunks(t // c, (t + n - 1) // c)
             estarts = np.empty_like(starts)
-            k = _decode.span_entry_starts(sh.counts, sh.chunk_offsets, c, starts, lens, estarts)
+            k = _decode.span_entry_starts(
+                sh.counts, sh.header.encoding.count_bits, sh.chunk_offsets, c, starts, lens, estarts
+            )
             if k < 0:
                 raise CacheFormatError(f"{sh.path}: {_decode.STATUS[-k]}; the shard is corrupt")
             kmax = max(kmax, int(k))
@@ -251,7 +256,7 @@ class SparseKDCache:
         enc = self.manifest.encoding
         for sh, starts, lens, estarts, rows in plans:
             status = _decode.decode_spans(
-                sh.counts, sh.entries, enc.entry_bytes, enc.id_bits, self._table,
+                sh.counts, enc.count_bits, sh.entries, enc.entry_bytes, enc.id_bits, self._table,
                 self._min_value, self.vocab_size, starts, lens, estarts, rows, ids, weights, nent,
             )  # fmt: skip
             if status:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from megatron_slkd.cache.format import unpack_counts
 from megatron_slkd.cache.reader import SparseKDCache
 
 __all__ = ["cache_stats", "position_view", "plot_histogram"]
@@ -19,7 +20,8 @@ def cache_stats(cache: SparseKDCache) -> dict:
     """Storage and entries-per-position statistics of the whole cache."""
     hist = np.zeros(256, dtype=np.int64)
     for sh in cache.shards:
-        hist += np.bincount(sh.counts, minlength=256)[:256]
+        n, bits = sh.header.num_tokens, sh.header.encoding.count_bits
+        hist += np.bincount(unpack_counts(sh.counts, n, bits), minlength=256)[:256]
     total_bytes = sum(s["size_bytes"] for s in cache.manifest.shards)
     entries = sum(s["num_entries"] for s in cache.manifest.shards)
     tokens = cache.num_tokens

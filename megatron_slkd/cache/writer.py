@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from megatron_slkd.cache.format import (
-    MAX_ENTRIES_PER_TOKEN,
     Encoding,
     ShardHeader,
     ValueKind,
     crc32,
+    pack_counts,
     pack_entries,
     section_offsets,
     token_crc32,
@@ -101,6 +101,8 @@ class ShardWriter:
         path = Path(path)
         if path.exists():
             raise CacheMismatchError(f"{path}: shard already finished; remove it to rebuild")
+        if chunk_tokens < 8 or chunk_tokens % 8:
+            raise ValueError(f"chunk_tokens must be a positive multiple of 8, got {chunk_tokens}")
         partial = path.with_name(path.name + ".partial")
         params = dict(
             encoding=encoding.to_json(), vocab_size=vocab_size, doc_start=doc_start,
@@ -190,10 +192,11 @@ class ShardWriter:
             )
         ids, weights, num_valid = ids[:rows], weights[:rows], num_valid[:rows]
         kmax = ids.shape[1] if ids.ndim == 2 else 0
-        if rows and int(num_valid.max(initial=0)) > min(kmax, MAX_ENTRIES_PER_TOKEN):
+        cap = min(kmax, self.encoding.max_entries)
+        if rows and int(num_valid.max(initial=0)) > cap:
             raise CacheCapacityError(
                 f"document {self.next_document}: {int(num_valid.max())} entries at one position; "
-                f"a shard holds at most {MAX_ENTRIES_PER_TOKEN} (and no more than K={kmax})"
+                f"the encoding holds at most {self.encoding.max_entries} (and K is {kmax})"
             )
         valid = np.arange(kmax)[None, :] < num_valid[:, None]
         flat_ids = ids[valid]
@@ -276,14 +279,21 @@ class ShardWriter:
         bounds = np.minimum(np.arange(0, len(counts) + chunk, chunk), len(counts))
         bounds = np.unique(bounds) if len(counts) else np.zeros(1, np.int64)
         chunk_offsets = cum[bounds].astype("<u8")
+        cbits = self.encoding.count_bits
+        packed = pack_counts(counts, cbits)
+        # Chunks hold a multiple of 8 tokens, so their counts start on a byte;
+        # the last chunk's count bytes run to the end of the section.
+        cb = [int(b) * cbits // 8 for b in bounds[:-1]] + [len(packed)]
         chunk_crcs = np.array(
             [
-                crc32(entries[chunk_offsets[i] * ebytes : chunk_offsets[i + 1] * ebytes],
-                      crc32(counts[bounds[i] : bounds[i + 1]]))
+                crc32(
+                    entries[chunk_offsets[i] * ebytes : chunk_offsets[i + 1] * ebytes],
+                    crc32(packed[cb[i] : cb[i + 1]]),
+                )
                 for i in range(len(bounds) - 1)
             ],
             dtype="<u4",
-        )  # fmt: skip
+        )
         index = doc_offsets.tobytes() + chunk_offsets.tobytes() + chunk_crcs.tobytes()
         header = ShardHeader(
             encoding=self.encoding, vocab_size=p["vocab_size"], chunk_tokens=chunk,
@@ -297,7 +307,7 @@ class ShardWriter:
         with open(tmp, "wb") as f:
             head = header.pack() + index
             head += b"\0" * (off["counts"] - len(head))
-            for part in (np.frombuffer(head, np.uint8), counts, entries):
+            for part in (np.frombuffer(head, np.uint8), packed, entries):
                 f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
                 file_crc = crc32(part, file_crc)
             f.flush()

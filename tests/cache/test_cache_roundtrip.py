@@ -7,7 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_slkd.cache import ShardWriter, encoding_for, open_cache
-from megatron_slkd.cache.format import ShardHeader, ValueKind, pack_entries
+from megatron_slkd.cache.format import (
+    ShardHeader,
+    ValueKind,
+    counts_nbytes,
+    pack_counts,
+    pack_entries,
+    unpack_counts,
+)
 from megatron_slkd.errors import CacheCapacityError
 
 
@@ -99,7 +106,7 @@ def test_packing_round_trip(vocab, num_samples, data):
 def test_paper_packing_is_three_bytes():
     assert encoding_for("rs", 131072, num_samples=127).entry_bytes == 3
     assert encoding_for("rs", 49152, num_samples=50).entry_bytes == 3
-    assert encoding_for("topk", 49152).entry_bytes == 3
+    assert encoding_for("topk", 49152, k=12).entry_bytes == 3
 
 
 def test_capacity_errors():
@@ -126,7 +133,7 @@ def test_writer_rejects_values_that_do_not_fit(tmp_path):
 
 
 def test_header_round_trip():
-    enc = encoding_for("topk", 49152)
+    enc = encoding_for("topk", 49152, k=12)
     h = ShardHeader(enc, 49152, 4096, 10, 20, 3000, 36000, 1, 7, 9)
     assert ShardHeader.unpack(h.pack(), "x") == h
 
@@ -137,3 +144,19 @@ def test_empty_and_single_token_documents(tmp_path):
     r = reader.read_tokens(0, 5)
     assert r.num_entries.tolist()[:2] == [0, 0] and r.num_entries[3] == 0
     assert r.num_entries[2] > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 8), data=st.data())
+def test_count_packing_round_trip(bits, data):
+    counts = np.array(data.draw(st.lists(st.integers(0, 2**bits - 1), max_size=300)), np.uint8)
+    packed = pack_counts(counts, bits)
+    assert len(packed) == counts_nbytes(len(counts), bits)
+    assert np.array_equal(unpack_counts(packed, len(counts), bits), counts)
+
+
+def test_rs_counts_take_only_the_bits_they_need():
+    assert encoding_for("rs", 49152, num_samples=50).count_bits == 6
+    assert encoding_for("topk", 49152, k=12).count_bits == 4
+    with pytest.raises(CacheCapacityError, match="entries per position"):
+        encoding_for("topk", 1000, k=300)
