@@ -53,18 +53,31 @@ def write_synthetic_cache(
     targets, records, pos = [], [], 0
     for i in range(num_shards):
         w = ShardWriter.open(
-            path / f"shard-{i:05d}.slkd", encoding=enc, vocab_size=vocab,
-            doc_start=int(bounds[i]), doc_end=int(bounds[i + 1]), chunk_tokens=chunk_tokens,
-        )  # fmt: skip
+            path / f"shard-{i:05d}.slkd",
+            encoding=enc,
+            vocab_size=vocab,
+            doc_start=int(bounds[i]),
+            doc_end=int(bounds[i + 1]),
+            chunk_tokens=chunk_tokens,
+        )
         for d in range(bounds[i], bounds[i + 1]):
             n = len(docs[d])
             logits = torch.randn(n, vocab, generator=g) * 3
             t = sample_sparse_targets(
-                logits, method=method, seed=seed, positions=torch.arange(pos, pos + n),
-                num_samples=num_samples, k=k,
-            )  # fmt: skip
-            w.add_document(docs[d], t.ids.numpy(), t.weights.numpy(), t.num_valid.numpy(),
-                           None if t.counts is None else t.counts.numpy())  # fmt: skip
+                logits,
+                method=method,
+                seed=seed,
+                positions=torch.arange(pos, pos + n),
+                num_samples=num_samples,
+                k=k,
+            )
+            w.add_document(
+                docs[d],
+                t.ids.numpy(),
+                t.weights.numpy(),
+                t.num_valid.numpy(),
+                None if t.counts is None else t.counts.numpy(),
+            )
             targets.append(t)
             pos += n
         records.append(w.finalize())
@@ -72,11 +85,16 @@ def write_synthetic_cache(
         dataset=dict(prefix="synthetic", num_documents=len(docs), num_tokens=int(sum(lengths))),
         tokenizer=dict(fingerprint="synthetic", vocab_size=vocab),
         teacher=dict(name="random logits"),
-        sampling=dict(method=method, num_samples=num_samples if method == "rs" else None,
-                      k=k if method == "topk" else None, temperature=1.0, seed=seed),
+        sampling=dict(
+            method=method,
+            num_samples=num_samples if method == "rs" else None,
+            k=k if method == "topk" else None,
+            temperature=1.0,
+            seed=seed,
+        ),
         encoding=enc,
         shards=records,
-    )  # fmt: skip
+    )
     if write_manifest:
         (path / MANIFEST_NAME).write_text(manifest.to_json())
     if sidecars:

@@ -55,8 +55,13 @@ def _gpt_forward_backward(rank, world_size):
     from megatron.core.transformer import TransformerConfig
 
     model_parallel_cuda_manual_seed(123)
-    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
-                            tensor_model_parallel_size=2, use_cpu_initialization=True)  # fmt: skip
+    cfg = TransformerConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        tensor_model_parallel_size=2,
+        use_cpu_initialization=True,
+    )
     model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=128, max_sequence_length=16)
     tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(16).unsqueeze(0).expand(2, -1)

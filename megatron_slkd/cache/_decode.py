@@ -13,10 +13,12 @@ import numpy as np
 
 __all__ = ["span_entry_starts", "decode_spans", "STATUS"]
 
-STATUS = {1: "an entry run goes past the end of the entry section",
-          2: "an entry holds an id outside the vocabulary",
-          3: "an entry holds a value outside the encoding's range",
-          4: "a per-token entry count disagrees with the chunk table"}  # fmt: skip
+STATUS = {
+    1: "an entry run goes past the end of the entry section",
+    2: "an entry holds an id outside the vocabulary",
+    3: "an entry holds a value outside the encoding's range",
+    4: "a per-token entry count disagrees with the chunk table",
+}
 
 
 @numba.njit(inline="always")
@@ -51,9 +53,22 @@ def span_entry_starts(counts, bits, chunk_offsets, chunk_tokens, starts, lengths
 
 @numba.njit(cache=True, nogil=True)
 def decode_spans(
-    counts, bits, entries, entry_bytes, id_bits, table, min_value, vocab_size,
-    starts, lengths, entry_starts, row_starts, ids_out, w_out, n_out,
-):  # fmt: skip
+    counts,
+    bits,
+    entries,
+    entry_bytes,
+    id_bits,
+    table,
+    min_value,
+    vocab_size,
+    starts,
+    lengths,
+    entry_starts,
+    row_starts,
+    ids_out,
+    w_out,
+    n_out,
+):
     """Decode each span into rows ``row_starts[s] ...`` of the outputs.
 
     ``ids_out`` and ``w_out`` must be zero-filled: padding stays 0.

@@ -172,11 +172,26 @@ class ShardHeader:
     def pack(self) -> bytes:
         e = self.encoding
         body = _HEADER.pack(
-            MAGIC, VERSION, HEADER_SIZE, int(e.value_kind), e.id_bits, e.value_bits,
-            e.entry_bytes, e.num_samples, e.count_bits, self.vocab_size, self.chunk_tokens,
-            self.doc_start, self.num_docs, self.num_tokens, self.num_entries,
-            self.num_chunks, self.token_crc, self.index_crc, e.value_scale,
-        )  # fmt: skip
+            MAGIC,
+            VERSION,
+            HEADER_SIZE,
+            int(e.value_kind),
+            e.id_bits,
+            e.value_bits,
+            e.entry_bytes,
+            e.num_samples,
+            e.count_bits,
+            self.vocab_size,
+            self.chunk_tokens,
+            self.doc_start,
+            self.num_docs,
+            self.num_tokens,
+            self.num_entries,
+            self.num_chunks,
+            self.token_crc,
+            self.index_crc,
+            e.value_scale,
+        )
         body = body.ljust(HEADER_SIZE - _HEADER_CRC.size, b"\0")
         return body + _HEADER_CRC.pack(zlib.crc32(body))
 
@@ -202,8 +217,27 @@ class ShardHeader:
             )
         if zlib.crc32(body) != stored:
             raise CacheFormatError(f"{path}: header CRC mismatch; the shard header is corrupt")
-        (_, _, hsize, kind, id_bits, vbits, ebytes, nsamp, cbits, vocab, chunk,
-         doc_start, ndocs, ntok, nent, nchunk, tcrc, icrc, scale) = f  # fmt: skip
+        (
+            _,
+            _,
+            hsize,
+            kind,
+            id_bits,
+            vbits,
+            ebytes,
+            nsamp,
+            cbits,
+            vocab,
+            chunk,
+            doc_start,
+            ndocs,
+            ntok,
+            nent,
+            nchunk,
+            tcrc,
+            icrc,
+            scale,
+        ) = f
         try:
             enc = Encoding(ValueKind(kind), id_bits, vbits, ebytes, nsamp, scale, cbits)
         except ValueError as exc:
@@ -234,8 +268,14 @@ def section_offsets(h: ShardHeader) -> dict[str, int]:
     counts = chunk_crc + 4 * h.num_chunks
     entries = counts + counts_nbytes(h.num_tokens, h.encoding.count_bits)
     end = entries + h.num_entries * h.encoding.entry_bytes
-    return dict(doc_offsets=doc, chunk_offsets=chunk_off, chunk_crcs=chunk_crc,
-                counts=counts, entries=entries, end=end)  # fmt: skip
+    return dict(
+        doc_offsets=doc,
+        chunk_offsets=chunk_off,
+        chunk_crcs=chunk_crc,
+        counts=counts,
+        entries=entries,
+        end=end,
+    )
 
 
 def counts_nbytes(num_tokens: int, count_bits: int) -> int:

@@ -59,11 +59,14 @@ class ShardFile:
                 f"manifest {record['size_bytes']}; the shard is truncated or was replaced"
             )
         expect = dict(
-            doc_start=record["doc_start"], num_docs=record["doc_end"] - record["doc_start"],
-            num_tokens=record["num_tokens"], num_entries=record["num_entries"],
-            index_crc=record["index_crc32"], encoding=manifest.encoding,
+            doc_start=record["doc_start"],
+            num_docs=record["doc_end"] - record["doc_start"],
+            num_tokens=record["num_tokens"],
+            num_entries=record["num_entries"],
+            index_crc=record["index_crc32"],
+            encoding=manifest.encoding,
             vocab_size=manifest.tokenizer["vocab_size"],
-        )  # fmt: skip
+        )
         for key, want in expect.items():
             if getattr(h, key) != want:
                 raise CacheFormatError(
@@ -256,9 +259,22 @@ class SparseKDCache:
         enc = self.manifest.encoding
         for sh, starts, lens, estarts, rows in plans:
             status = _decode.decode_spans(
-                sh.counts, enc.count_bits, sh.entries, enc.entry_bytes, enc.id_bits, self._table,
-                self._min_value, self.vocab_size, starts, lens, estarts, rows, ids, weights, nent,
-            )  # fmt: skip
+                sh.counts,
+                enc.count_bits,
+                sh.entries,
+                enc.entry_bytes,
+                enc.id_bits,
+                self._table,
+                self._min_value,
+                self.vocab_size,
+                starts,
+                lens,
+                estarts,
+                rows,
+                ids,
+                weights,
+                nent,
+            )
             if status:
                 raise CacheFormatError(f"{sh.path}: {_decode.STATUS[status]}; the shard is corrupt")
         return SparseRows(ids, weights, nent)

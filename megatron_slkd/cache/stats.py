@@ -48,8 +48,9 @@ def cache_stats(cache: SparseKDCache) -> dict:
     }
 
 
-def position_view(cache: SparseKDCache, doc: int, offset: int, *, tokenizer=None, ds=None,
-                  top: int = 10) -> dict:  # fmt: skip
+def position_view(
+    cache: SparseKDCache, doc: int, offset: int, *, tokenizer=None, ds=None, top: int = 10
+) -> dict:
     """The sparse target stored at (``doc``, ``offset``): the next token's distribution."""
     rows = cache.read(doc, offset, 1)
     n = int(rows.num_entries[0])
@@ -65,7 +66,7 @@ def position_view(cache: SparseKDCache, doc: int, offset: int, *, tokenizer=None
         "entries": n,
         "top": [
             {"id": int(ids[j]), "weight": float(weights[j]), "text": piece(ids[j])} for j in order
-        ],  # fmt: skip
+        ],
     }
     if ds is not None:
         tokens = ds.get(doc)

@@ -105,9 +105,12 @@ class ShardWriter:
             raise ValueError(f"chunk_tokens must be a positive multiple of 8, got {chunk_tokens}")
         partial = path.with_name(path.name + ".partial")
         params = dict(
-            encoding=encoding.to_json(), vocab_size=vocab_size, doc_start=doc_start,
-            doc_end=doc_end, chunk_tokens=chunk_tokens,
-        )  # fmt: skip
+            encoding=encoding.to_json(),
+            vocab_size=vocab_size,
+            doc_start=doc_start,
+            doc_end=doc_end,
+            chunk_tokens=chunk_tokens,
+        )
         progress = partial / "progress.json"
         if progress.exists():
             try:
@@ -129,9 +132,14 @@ class ShardWriter:
         partial.mkdir(parents=True, exist_ok=True)
         files = {name: open(partial / name, "w+b") for name in _PARTS}
         state = dict(
-            params=params, encoding=params["encoding"], docs=0, tokens=0, entries=0,
-            token_crc=0, sizes={name: 0 for name in _PARTS},
-        )  # fmt: skip
+            params=params,
+            encoding=params["encoding"],
+            docs=0,
+            tokens=0,
+            entries=0,
+            token_crc=0,
+            sizes={name: 0 for name in _PARTS},
+        )
         writer = cls(path, state, files)
         writer.commit()
         return writer
@@ -296,11 +304,17 @@ class ShardWriter:
         )
         index = doc_offsets.tobytes() + chunk_offsets.tobytes() + chunk_crcs.tobytes()
         header = ShardHeader(
-            encoding=self.encoding, vocab_size=p["vocab_size"], chunk_tokens=chunk,
-            doc_start=p["doc_start"], num_docs=st["docs"], num_tokens=st["tokens"],
-            num_entries=st["entries"], num_chunks=len(chunk_crcs), token_crc=st["token_crc"],
+            encoding=self.encoding,
+            vocab_size=p["vocab_size"],
+            chunk_tokens=chunk,
+            doc_start=p["doc_start"],
+            num_docs=st["docs"],
+            num_tokens=st["tokens"],
+            num_entries=st["entries"],
+            num_chunks=len(chunk_crcs),
+            token_crc=st["token_crc"],
             index_crc=crc32(np.frombuffer(index, np.uint8)),
-        )  # fmt: skip
+        )
         off = section_offsets(header)
         tmp = self.path.with_name(self.path.name + ".tmp")
         file_crc = 0
@@ -322,10 +336,16 @@ class ShardWriter:
         fsync_dir(self.path.parent)
         shutil.rmtree(partial)
         return dict(
-            file=self.path.name, doc_start=p["doc_start"], doc_end=p["doc_end"],
-            num_tokens=st["tokens"], num_entries=st["entries"], size_bytes=size,
-            token_crc32=st["token_crc"], index_crc32=header.index_crc, file_crc32=file_crc,
-        )  # fmt: skip
+            file=self.path.name,
+            doc_start=p["doc_start"],
+            doc_end=p["doc_end"],
+            num_tokens=st["tokens"],
+            num_entries=st["entries"],
+            size_bytes=size,
+            token_crc32=st["token_crc"],
+            index_crc32=header.index_crc,
+            file_crc32=file_crc,
+        )
 
     def close(self) -> None:
         """Close the partial files without finishing (the shard stays resumable)."""

@@ -1,6 +1,7 @@
 """The ``slkd`` command: one subcommand per pipeline step.
 
     slkd prepare-data  --input DOCS... --output-prefix PREFIX --train-sentencepiece 8000
+    slkd build-cache   --data-prefix PREFIX --teacher MODEL --output CACHE --num-samples 50
     slkd merge-cache   SHARD_DIR... --output CACHE
     slkd verify-cache  CACHE --data-prefix PREFIX        (also under mpirun -n K)
     slkd inspect-cache CACHE [--doc D --offset O] [--plot hist.png]
@@ -22,6 +23,7 @@ __all__ = ["main", "build_parser"]
 
 _COMMANDS = {
     "prepare-data": "prepare_data",
+    "build-cache": "build_cache",
     "merge-cache": "merge_cache",
     "verify-cache": "verify_cache",
     "inspect-cache": "inspect_cache",

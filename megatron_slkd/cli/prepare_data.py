@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME_OR_DIR",
         help="a Hugging Face tokenizer: local directory, cached name, or .gguf file",
     )
+    p.add_argument(
+        "--eod-token",
+        help="token appended to each document (default: the tokenizer's EOS; for example "
+        "'<|endoftext|>' for SmolLM2, whose GGUF names <|im_start|> as EOS)",
+    )
     p.add_argument("--max-documents", type=int, help="stop after this many documents")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer_model=args.tokenizer_model,
         train_sentencepiece=args.train_sentencepiece,
         hf_tokenizer=args.hf_tokenizer,
+        eod_token=args.eod_token,
         workers=args.workers,
         progress=not args.no_progress,
     )

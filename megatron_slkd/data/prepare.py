@@ -58,6 +58,8 @@ class PrepareConfig:
     """Train a SentencePiece BPE model of this vocabulary size on the inputs."""
     hf_tokenizer: str | None = None
     """A Hugging Face tokenizer: local directory, cached hub name, or ``.gguf`` file."""
+    eod_token: str | None = None
+    """Token that ends each document (default: the tokenizer's EOS)."""
     workers: int = 1
     """Tokenizer processes."""
     progress: bool = True
@@ -151,11 +153,15 @@ def _make_tokenizer(cfg: PrepareConfig) -> Tokenizer:
             "give exactly one of --tokenizer-model, --train-sentencepiece, --hf-tokenizer"
         )
     if cfg.tokenizer_model:
-        return SentencePieceTokenizer(cfg.tokenizer_model)
-    if cfg.hf_tokenizer:
-        return HFTokenizer(cfg.hf_tokenizer)
-    model = train_sentencepiece(iter_documents(cfg), cfg.output_prefix, cfg.train_sentencepiece)
-    return SentencePieceTokenizer(model)
+        tok: Tokenizer = SentencePieceTokenizer(cfg.tokenizer_model)
+    elif cfg.hf_tokenizer:
+        tok = HFTokenizer(cfg.hf_tokenizer)
+    else:
+        model = train_sentencepiece(iter_documents(cfg), cfg.output_prefix, cfg.train_sentencepiece)
+        tok = SentencePieceTokenizer(model)
+    if cfg.eod_token:
+        tok.set_eod(cfg.eod_token)
+    return tok
 
 
 def read_meta(prefix: str) -> dict:

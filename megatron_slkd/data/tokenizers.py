@@ -1,8 +1,9 @@
 """Tokenizers for ``prepare-data``: SentencePiece models and Hugging Face tokenizers.
 
-Every tokenizer has a *fingerprint*: the SHA-256 of its vocabulary in id order
-plus its end-of-document id. Two tokenizers with the same fingerprint map text
-to the same ids, so the fingerprint is what a cache and a dataset compare.
+Every tokenizer has a *fingerprint*: the SHA-256 of its vocabulary (the pieces
+in id order). Two tokenizers with the same fingerprint give ids the same
+meaning, so the fingerprint is what a teacher, a cache and a dataset compare.
+The end-of-document id is a choice of the dataset and is recorded beside it.
 A tokenizer is described by a JSON-ready *spec* (kind and path) from which
 :func:`load_tokenizer` rebuilds it, for example to decode ids in
 ``inspect-cache``.
@@ -46,8 +47,15 @@ class Tokenizer:
         h = hashlib.sha256()
         for piece in self.pieces():
             h.update(piece.encode("utf-8", "surrogatepass") + b"\0")
-        h.update(f"eod={self.eod}".encode())
         return "sha256:" + h.hexdigest()
+
+    def set_eod(self, token: str) -> None:
+        """Mark documents' ends with ``token`` instead of the tokenizer's EOS."""
+        pieces = self.pieces()
+        if token not in pieces:
+            raise DataPreparationError(f"end-of-document token {token!r} is not in the vocabulary")
+        self.eod = pieces.index(token)
+        self.spec = {**self.spec, "eod_token": token}
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -131,10 +139,14 @@ def load_tokenizer(spec: dict) -> Tokenizer:
     """Rebuild a tokenizer from its ``spec`` (as recorded next to a dataset)."""
     kind = spec.get("kind")
     if kind == "sentencepiece":
-        return SentencePieceTokenizer(spec["path"])
-    if kind == "huggingface":
-        return HFTokenizer(spec["path"])
-    raise DataPreparationError(f"unknown tokenizer kind {kind!r} in {spec}")
+        tok: Tokenizer = SentencePieceTokenizer(spec["path"])
+    elif kind == "huggingface":
+        tok = HFTokenizer(spec["path"])
+    else:
+        raise DataPreparationError(f"unknown tokenizer kind {kind!r} in {spec}")
+    if spec.get("eod_token"):
+        tok.set_eod(spec["eod_token"])
+    return tok
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix, vocab_size: int) -> Path:

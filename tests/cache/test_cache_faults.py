@@ -66,8 +66,13 @@ def test_resume_drops_uncommitted_documents(tmp_path):
     enc = encoding_for("rs", 100, num_samples=4)
     kw = dict(encoding=enc, vocab_size=100, doc_start=10, doc_end=13)
     w = ShardWriter.open(tmp_path / "s", **kw)
-    one = (np.arange(3), np.ones((3, 1), np.int64), np.ones((3, 1)), np.ones(3, np.int64),
-           np.full((3, 1), 4))  # fmt: skip
+    one = (
+        np.arange(3),
+        np.ones((3, 1), np.int64),
+        np.ones((3, 1)),
+        np.ones(3, np.int64),
+        np.full((3, 1), 4),
+    )
     w.add_document(*one)
     w.commit()
     w.add_document(*one)  # never committed: lost in the "crash" below

@@ -19,8 +19,17 @@ pytestmark = [
 
 
 def _mpirun(n, *args):
-    cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-n", str(n),
-           sys.executable, "-m", "megatron_slkd", *map(str, args)]  # fmt: skip
+    cmd = [
+        MPIRUN,
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-n",
+        str(n),
+        sys.executable,
+        "-m",
+        "megatron_slkd",
+        *map(str, args),
+    ]
     env = {**os.environ, "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 

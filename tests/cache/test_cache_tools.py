@@ -57,8 +57,9 @@ def test_merge_reports_gaps_and_overlaps(parts, tmp_path):
 
 
 def test_merge_reports_overlaps(tmp_path):
-    a = write_synthetic_cache(tmp_path / "a", LENGTHS, num_shards=2, write_manifest=False,
-                              sidecars=True)  # fmt: skip
+    a = write_synthetic_cache(
+        tmp_path / "a", LENGTHS, num_shards=2, write_manifest=False, sidecars=True
+    )
     side = json.loads((a.path / "shard-00001.slkd.json").read_text())
     side["shards"][0]["doc_start"] = 3
     (a.path / "shard-00001.slkd.json").write_text(json.dumps(side))
@@ -122,8 +123,10 @@ def test_thinning_preserves_the_multinomial_law():
     # Each id's thinned count must be Binomial(n2, p_i): chi-square per id.
     for i in range(5):
         observed = np.bincount(thinned[:, i], minlength=n2 + 1)
-        expected = np.array([math.comb(n2, c) * p[i] ** c * (1 - p[i]) ** (n2 - c)
-                             for c in range(n2 + 1)]) * rows  # fmt: skip
+        expected = (
+            np.array([math.comb(n2, c) * p[i] ** c * (1 - p[i]) ** (n2 - c) for c in range(n2 + 1)])
+            * rows
+        )
         keep = expected > 5
         chi = (((observed - expected) ** 2)[keep] / expected[keep]).sum()
         dof = keep.sum() - 1
@@ -184,8 +187,9 @@ def test_stats_figures(tmp_path):
 
 
 def _slkd(*args):
-    return subprocess.run([sys.executable, "-m", "megatron_slkd", *map(str, args)],
-                          capture_output=True, text=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_slkd", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_cli_round_trip(parts, tmp_path):

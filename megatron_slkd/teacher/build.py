@@ -1,0 +1,287 @@
+"""Build a sparse-logit cache from an IndexedDataset and a teacher.
+
+Shards are contiguous document ranges balanced by token count, so their
+concatenation follows the dataset's own document order. Each shard is written
+by a :class:`~megatron_slkd.cache.writer.ShardWriter` that commits every
+``commit_tokens`` tokens; re-running the same command skips finished shards
+and resumes an unfinished one from its last committed document, and because
+every draw is keyed by (seed, absolute position, draw index) the result is
+byte-identical to an uninterrupted run (decision D2). When this process wrote
+every shard, the cache manifest is written too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_slkd.cache.format import encoding_for
+from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
+from megatron_slkd.cache.merge import merge_cache
+from megatron_slkd.cache.writer import ShardWriter, write_sidecar
+from megatron_slkd.data.indexed import dataset_fingerprint, open_dataset
+from megatron_slkd.errors import CacheMismatchError
+from megatron_slkd.sampling import sample_sparse_targets
+from megatron_slkd.teacher.windows import document_windows
+
+__all__ = ["BuildConfig", "plan_shards", "build_cache", "shard_file_name"]
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """Parameters of ``slkd build-cache``."""
+
+    data_prefix: str
+    """IndexedDataset prefix (PREFIX.bin / PREFIX.idx)."""
+    output: str
+    """Cache directory (shards, sidecars and, once complete, manifest.json)."""
+    method: str = "rs"
+    """``rs`` (random sampling) or ``topk``."""
+    num_samples: int = 50
+    """RS draws per position (N)."""
+    k: int | None = None
+    """Top-K size."""
+    temperature: float = 1.0
+    """RS proposal temperature (weights are importance-corrected to temperature 1)."""
+    seed: int = 1234
+    """Sampling seed."""
+    num_shards: int = 1
+    """Shards the dataset is split into."""
+    shard_indices: list[int] | None = None
+    """Shards this process builds (None: all)."""
+    context_length: int = 2048
+    """Teacher window C."""
+    stride: int = 1024
+    """Window step S; every position sees at least C - S tokens of context."""
+    tokens_per_batch: int = 8192
+    """Teacher batch budget in tokens (padded windows)."""
+    commit_tokens: int = 65536
+    """Commit the shard (a resume point) after about this many tokens."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def shard_file_name(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}.slkd"
+
+
+def plan_shards(lengths: np.ndarray, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous document ranges with about equal token counts."""
+    n = len(lengths)
+    if not 1 <= num_shards <= max(n, 1):
+        raise ValueError(f"num_shards must be in [1, {n}] for {n} documents, got {num_shards}")
+    cum = np.cumsum(np.asarray(lengths, dtype=np.int64))
+    total = int(cum[-1]) if n else 0
+    cuts = [0]
+    for i in range(1, num_shards):
+        c = int(np.searchsorted(cum, total * i / num_shards, side="left")) + 1
+        cuts.append(min(max(c, cuts[-1] + 1), n - (num_shards - i)))
+    cuts.append(n)
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def _batches(windows, budget: int):
+    batch, longest = [], 0
+    for w in windows:
+        n = w[1].end - w[1].start
+        if batch and max(longest, n) * (len(batch) + 1) > budget:
+            yield batch
+            batch, longest = [], 0
+        batch.append(w)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
+class _DocumentRows:
+    """Sparse targets of one document, assembled from its windows in order."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.parts: list = []
+        self.rows = 0
+
+    def add(self, ids, weights, num_valid, counts):
+        self.parts.append((ids, weights, num_valid, counts))
+        self.rows += len(num_valid)
+
+    def arrays(self):
+        k = max((p[0].shape[1] for p in self.parts), default=0)
+
+        def cat(i, dtype):
+            if not self.parts or self.parts[0][i] is None:
+                return None
+            return np.concatenate(
+                [np.pad(p[i], ((0, 0), (0, k - p[i].shape[1]))).astype(dtype) for p in self.parts]
+            )
+
+        return (
+            cat(0, np.int64),
+            cat(1, np.float32),
+            np.concatenate([p[2] for p in self.parts]),
+            cat(3, np.int64),
+        )
+
+
+def _build_shard(cfg, teacher, ds, doc_tokens0, path, doc_range, enc, bar) -> dict:
+    writer = ShardWriter.open(
+        path,
+        encoding=enc,
+        vocab_size=teacher.vocab_size,
+        doc_start=doc_range[0],
+        doc_end=doc_range[1],
+    )
+    first = writer.next_document
+    bar.update(int(ds.sequence_lengths[doc_range[0] : first].sum()))
+    pending: dict[int, _DocumentRows] = {}
+    since_commit = 0
+
+    def windows():
+        for d in range(first, doc_range[1]):
+            tokens = torch.from_numpy(ds.get(d).astype(np.int64))
+            pending[d] = _DocumentRows(len(tokens))
+            for w in document_windows(len(tokens), cfg.context_length, cfg.stride):
+                yield d, w, tokens
+
+    next_doc = first
+    for batch in _batches(windows(), cfg.tokens_per_batch):
+        outs = teacher.logits([tok[w.start : w.end] for _, w, tok in batch])
+        rows = torch.cat(
+            [o[w.score_from - w.start :] for o, (_, w, _) in zip(outs, batch, strict=True)]
+        )
+        positions = torch.cat(
+            [torch.arange(w.score_from, w.end) + int(doc_tokens0[d]) for d, w, _ in batch]
+        )
+        t = sample_sparse_targets(
+            rows,
+            method=cfg.method,
+            seed=cfg.seed,
+            positions=positions,
+            num_samples=cfg.num_samples,
+            k=cfg.k,
+            temperature=cfg.temperature,
+            vocab_size=teacher.vocab_size,
+        )
+        i = 0
+        for d, w, _ in batch:
+            n = w.end - w.score_from
+            sl = slice(i, i + n)
+            pending[d].add(
+                t.ids[sl].numpy(),
+                t.weights[sl].numpy(),
+                t.num_valid[sl].numpy(),
+                None if t.counts is None else t.counts[sl].numpy(),
+            )
+            i += n
+        while next_doc in pending and pending[next_doc].rows == pending[next_doc].length:
+            doc = pending.pop(next_doc)
+            writer.add_document(ds.get(next_doc), *doc.arrays())
+            since_commit += doc.length
+            bar.update(doc.length)
+            next_doc += 1
+            if since_commit >= cfg.commit_tokens:
+                writer.commit()
+                since_commit = 0
+    return writer.finalize()
+
+
+def build_cache(cfg: BuildConfig, teacher) -> dict:
+    """Build the shards of ``cfg`` with ``teacher``; returns a summary."""
+    from tqdm import tqdm
+
+    ds = open_dataset(cfg.data_prefix)
+    lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+    doc_tokens0 = np.concatenate([[0], np.cumsum(lengths)])
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(lengths, cfg.num_shards)
+    enc = encoding_for(
+        cfg.method,
+        teacher.vocab_size,
+        num_samples=cfg.num_samples,
+        k=cfg.k,
+        temperature=cfg.temperature,
+    )
+    tokenizer = _tokenizer_record(cfg.data_prefix, teacher)
+    base = Manifest(
+        dataset=dataset_fingerprint(cfg.data_prefix, ds),
+        tokenizer=tokenizer,
+        teacher=teacher.describe(),
+        sampling=dict(
+            method=cfg.method,
+            num_samples=cfg.num_samples if cfg.method == "rs" else None,
+            k=cfg.k,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+            context_length=cfg.context_length,
+            stride=cfg.stride,
+        ),
+        encoding=enc,
+        shards=[],
+    )
+    mine = range(cfg.num_shards) if cfg.shard_indices is None else cfg.shard_indices
+    todo_tokens = sum(int(lengths[a:b].sum()) for a, b in (plan[i] for i in mine))
+    start = time.time()
+    bar = tqdm(
+        total=todo_tokens, unit="tok", unit_scale=True, desc="teacher", disable=not cfg.progress
+    )
+    built = 0
+    for i in mine:
+        path = out / shard_file_name(i, cfg.num_shards)
+        sidecar = Path(str(path) + ".json")
+        if path.exists() and sidecar.exists():
+            done = Manifest.load(sidecar)
+            if done.compatibility_key() != base.compatibility_key():
+                raise CacheMismatchError(
+                    f"{sidecar}: a finished shard built with other parameters is here; "
+                    "use another --output or remove it"
+                )
+            bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
+            continue
+        record = _build_shard(cfg, teacher, ds, doc_tokens0, path, plan[i], enc, bar)
+        write_sidecar(path, base, record)
+        built += 1
+    bar.close()
+    complete = all(
+        (out / (shard_file_name(i, cfg.num_shards) + ".json")).exists()
+        for i in range(cfg.num_shards)
+    )
+    if complete and not (out / MANIFEST_NAME).exists():
+        merge_cache([out], out)
+    return {
+        "output": str(out),
+        "shards_built": built,
+        "shards": cfg.num_shards,
+        "complete": complete,
+        "tokens": todo_tokens,
+        "seconds": round(time.time() - start, 2),
+    }
+
+
+def _tokenizer_record(prefix: str, teacher) -> dict:
+    """The dataset's tokenizer record, after checking that the teacher shares it."""
+    from megatron_slkd.data.prepare import read_meta
+
+    meta = read_meta(prefix)["tokenizer"]
+    if meta["vocab_size"] > teacher.vocab_size:
+        raise CacheMismatchError(
+            f"{prefix}: the dataset's tokenizer has {meta['vocab_size']} ids, the teacher "
+            f"{teacher.vocab_size}; the teacher cannot score ids it does not have"
+        )
+    theirs = teacher.tokenizer()
+    if theirs.fingerprint() != meta["fingerprint"]:
+        mine = theirs.pieces()
+        from megatron_slkd.data.tokenizers import load_tokenizer
+
+        data_pieces = load_tokenizer(meta).pieces()
+        diff = [i for i in range(min(len(mine), len(data_pieces))) if mine[i] != data_pieces[i]]
+        raise CacheMismatchError(
+            f"{prefix}: the dataset was tokenized with another vocabulary than the teacher's "
+            f"({len(diff)} ids differ, first {diff[:5]}; sizes {len(data_pieces)} vs {len(mine)}); "
+            "re-run prepare-data with the teacher's tokenizer"
+        )
+    return meta

