@@ -29,13 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import record  # noqa: E402
 
 from megatron_slkd.cache import Manifest, ShardWriter, encoding_for, open_cache  # noqa: E402
-from megatron_slkd.cache.format import (  # noqa: E402
-    ShardHeader,
-    crc32,
-    pack_counts,
-    pack_entries,
-    section_offsets,
-)
+from megatron_slkd.cache.format import crc32, pack_entries, shard_head  # noqa: E402
 from megatron_slkd.cache.manifest import MANIFEST_NAME  # noqa: E402
 from megatron_slkd.sampling import sample_sparse_targets  # noqa: E402
 
@@ -96,61 +90,35 @@ def storage(tmp: Path, tokens: int, save: bool) -> None:
 
 
 def _pack_shard(
-    path: Path,
-    doc_start: int,
-    lengths: np.ndarray,
-    counts: np.ndarray,
-    enc,
-    chunk: int = 4096,
-    rng=None,
+    path: Path, doc_start: int, lengths: np.ndarray, counts: np.ndarray, enc, rng
 ) -> dict:
-    """A shard straight from numpy arrays, through the format module's primitives."""
-    ntok, nent = int(lengths.sum()), int(counts.sum())
-    ids = rng.integers(0, VOCAB, nent)
-    vals = rng.integers(1, enc.num_samples + 1, nent)
-    entries = np.frombuffer(pack_entries(ids, vals, enc), np.uint8)
-    packed = pack_counts(counts, enc.count_bits)
-    doc_off = np.concatenate([[0], np.cumsum(lengths)]).astype("<u8")
-    cum = np.concatenate([[0], np.cumsum(counts)])
-    bounds = np.unique(np.minimum(np.arange(0, ntok + chunk, chunk), ntok))
-    chunk_off = cum[bounds].astype("<u8")
-    cb = [int(b) * enc.count_bits // 8 for b in bounds[:-1]] + [len(packed)]
-    eb = enc.entry_bytes
-    crcs = np.array(
-        [
-            crc32(
-                entries[chunk_off[i] * eb : chunk_off[i + 1] * eb], crc32(packed[cb[i] : cb[i + 1]])
-            )
-            for i in range(len(bounds) - 1)
-        ],
-        dtype="<u4",
+    """A shard straight from numpy arrays, through the format module (not the writer)."""
+    nent = int(counts.sum())
+    entries = np.frombuffer(
+        pack_entries(rng.integers(0, VOCAB, nent), rng.integers(1, enc.num_samples + 1, nent), enc),
+        np.uint8,
     )
-    index = doc_off.tobytes() + chunk_off.tobytes() + crcs.tobytes()
-    h = ShardHeader(
+    header, head, packed = shard_head(
         enc,
-        VOCAB,
-        chunk,
-        doc_start,
-        len(lengths),
-        ntok,
-        nent,
-        len(crcs),
-        0,
-        crc32(np.frombuffer(index, np.uint8)),
+        vocab_size=VOCAB,
+        chunk_tokens=4096,
+        doc_start=doc_start,
+        lengths=lengths,
+        counts=counts,
+        entries=entries,
+        token_crc=0,
     )
-    body = h.pack() + index
-    assert len(body) == section_offsets(h)["counts"]
-    data = body + packed.tobytes() + entries.tobytes()
+    data = head + packed.tobytes() + entries.tobytes()
     path.write_bytes(data)
     return dict(
         file=path.name,
         doc_start=doc_start,
         doc_end=doc_start + len(lengths),
-        num_tokens=ntok,
+        num_tokens=header.num_tokens,
         num_entries=nent,
         size_bytes=len(data),
         token_crc32=0,
-        index_crc32=h.index_crc,
+        index_crc32=header.index_crc,
         file_crc32=crc32(np.frombuffer(data, np.uint8)),
     )
 
@@ -178,8 +146,8 @@ def decode(tmp: Path, tokens: int, save: bool) -> None:
     half = len(lengths) // 2
     split = int(lengths[:half].sum())
     recs = [
-        _pack_shard(d / "a.slkd", 0, lengths[:half], counts[:split], enc, rng=rng),
-        _pack_shard(d / "b.slkd", half, lengths[half:], counts[split:], enc, rng=rng),
+        _pack_shard(d / "a.slkd", 0, lengths[:half], counts[:split], enc, rng),
+        _pack_shard(d / "b.slkd", half, lengths[half:], counts[split:], enc, rng),
     ]
     _manifest(d, enc, recs, len(lengths), int(lengths.sum()))
     cache = open_cache(d)
@@ -215,7 +183,7 @@ def open_time(tmp: Path, shards: int, docs: int, save: bool) -> None:
     lengths = np.full(per, 2, np.int64)
     counts = np.tile(np.array([1, 0], np.uint8), per)
     recs = [
-        _pack_shard(d / f"s{i:05d}.slkd", i * per, lengths, counts, enc, rng=rng)
+        _pack_shard(d / f"s{i:05d}.slkd", i * per, lengths, counts, enc, rng)
         for i in range(shards)
     ]
     _manifest(d, enc, recs, per * shards, 2 * per * shards)

@@ -29,6 +29,7 @@ __all__ = [
     "pack_counts",
     "unpack_counts",
     "counts_nbytes",
+    "shard_head",
     "crc32",
     "token_crc32",
 ]
@@ -318,6 +319,64 @@ def pack_entries(ids: np.ndarray, values: np.ndarray, enc: Encoding) -> bytes:
         )
     word = (ids | (values << enc.id_bits)).astype("<u4")
     return word.view(np.uint8).reshape(-1, 4)[:, : enc.entry_bytes].tobytes()
+
+
+def shard_head(
+    enc: Encoding,
+    *,
+    vocab_size: int,
+    chunk_tokens: int,
+    doc_start: int,
+    lengths: np.ndarray,
+    counts: np.ndarray,
+    entries: np.ndarray,
+    token_crc: int,
+) -> tuple[ShardHeader, bytes, np.ndarray]:
+    """Everything of a shard file but its entries: header, header + index bytes, packed counts.
+
+    Args:
+        lengths: ``[num_docs]`` document lengths in tokens.
+        counts: ``[num_tokens]`` uint8 entries per token.
+        entries: the packed entry bytes (for the chunk CRCs).
+        token_crc: CRC-32 of the shard's dataset tokens.
+    """
+    ntok, eb, cbits = len(counts), enc.entry_bytes, enc.count_bits
+    doc_offsets = np.zeros(len(lengths) + 1, dtype="<u8")
+    np.cumsum(lengths, out=doc_offsets[1:])
+    cum = np.zeros(ntok + 1, dtype=np.int64)
+    np.cumsum(counts, out=cum[1:])
+    bounds = np.unique(np.minimum(np.arange(0, ntok + chunk_tokens, chunk_tokens), ntok))
+    chunk_offsets = cum[bounds].astype("<u8")
+    packed = pack_counts(counts, cbits)
+    # Chunks hold a multiple of 8 tokens, so their counts start on a byte; the
+    # last chunk's count bytes run to the end of the section.
+    cb = [int(b) * cbits // 8 for b in bounds[:-1]] + [len(packed)]
+    chunk_crcs = np.array(
+        [
+            crc32(
+                entries[int(chunk_offsets[i]) * eb : int(chunk_offsets[i + 1]) * eb],
+                crc32(packed[cb[i] : cb[i + 1]]),
+            )
+            for i in range(len(bounds) - 1)
+        ],
+        dtype="<u4",
+    )
+    index = doc_offsets.tobytes() + chunk_offsets.tobytes() + chunk_crcs.tobytes()
+    header = ShardHeader(
+        encoding=enc,
+        vocab_size=vocab_size,
+        chunk_tokens=chunk_tokens,
+        doc_start=doc_start,
+        num_docs=len(lengths),
+        num_tokens=ntok,
+        num_entries=int(cum[-1]),
+        num_chunks=len(chunk_crcs),
+        token_crc=token_crc,
+        index_crc=crc32(np.frombuffer(index, np.uint8)),
+    )
+    head = header.pack() + index
+    assert len(head) == section_offsets(header)["counts"]
+    return header, head, packed
 
 
 def crc32(data, value: int = 0) -> int:

@@ -23,12 +23,11 @@ import numpy as np
 
 from megatron_slkd.cache.format import (
     Encoding,
-    ShardHeader,
     ValueKind,
     crc32,
-    pack_counts,
     pack_entries,
     section_offsets,
+    shard_head,
     token_crc32,
 )
 from megatron_slkd.cache.manifest import Manifest
@@ -278,49 +277,20 @@ class ShardWriter:
             if st["entries"]
             else np.zeros(0, np.uint8)
         )
-        ebytes = self.encoding.entry_bytes
-        chunk = p["chunk_tokens"]
-        doc_offsets = np.zeros(len(lengths) + 1, dtype="<u8")
-        np.cumsum(lengths, out=doc_offsets[1:])
-        cum = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=cum[1:])
-        bounds = np.minimum(np.arange(0, len(counts) + chunk, chunk), len(counts))
-        bounds = np.unique(bounds) if len(counts) else np.zeros(1, np.int64)
-        chunk_offsets = cum[bounds].astype("<u8")
-        cbits = self.encoding.count_bits
-        packed = pack_counts(counts, cbits)
-        # Chunks hold a multiple of 8 tokens, so their counts start on a byte;
-        # the last chunk's count bytes run to the end of the section.
-        cb = [int(b) * cbits // 8 for b in bounds[:-1]] + [len(packed)]
-        chunk_crcs = np.array(
-            [
-                crc32(
-                    entries[chunk_offsets[i] * ebytes : chunk_offsets[i + 1] * ebytes],
-                    crc32(packed[cb[i] : cb[i + 1]]),
-                )
-                for i in range(len(bounds) - 1)
-            ],
-            dtype="<u4",
-        )
-        index = doc_offsets.tobytes() + chunk_offsets.tobytes() + chunk_crcs.tobytes()
-        header = ShardHeader(
-            encoding=self.encoding,
+        header, head, packed = shard_head(
+            self.encoding,
             vocab_size=p["vocab_size"],
-            chunk_tokens=chunk,
+            chunk_tokens=p["chunk_tokens"],
             doc_start=p["doc_start"],
-            num_docs=st["docs"],
-            num_tokens=st["tokens"],
-            num_entries=st["entries"],
-            num_chunks=len(chunk_crcs),
+            lengths=lengths,
+            counts=counts,
+            entries=entries,
             token_crc=st["token_crc"],
-            index_crc=crc32(np.frombuffer(index, np.uint8)),
         )
         off = section_offsets(header)
         tmp = self.path.with_name(self.path.name + ".tmp")
         file_crc = 0
         with open(tmp, "wb") as f:
-            head = header.pack() + index
-            head += b"\0" * (off["counts"] - len(head))
             for part in (np.frombuffer(head, np.uint8), packed, entries):
                 f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
                 file_crc = crc32(part, file_crc)

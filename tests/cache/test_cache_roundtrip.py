@@ -160,3 +160,40 @@ def test_rs_counts_take_only_the_bits_they_need():
     assert encoding_for("topk", 49152, k=12).count_bits == 4
     with pytest.raises(CacheCapacityError, match="entries per position"):
         encoding_for("topk", 1000, k=300)
+
+
+def test_shard_bytes_follow_the_spec(synthetic_cache):
+    """Read a shard at the offsets the format README documents, without the library."""
+    import struct
+    import zlib
+
+    rec = synthetic_cache.manifest.shards[0]
+    raw = (synthetic_cache.path / rec["file"]).read_bytes()
+    assert raw[:8] == b"SLKDSHRD" and struct.unpack_from("<II", raw, 8) == (1, 128)
+    kind, id_bits, value_bits, entry_bytes = raw[16:20]
+    num_samples, count_bits, vocab, chunk = struct.unpack_from("<HHII", raw, 20)
+    doc_start, ndocs, ntok, nent, nchunks = struct.unpack_from("<5Q", raw, 32)
+    assert (kind, num_samples, vocab, doc_start) == (0, 50, 300, 0)
+    assert (ndocs, ntok, nent) == (rec["doc_end"], rec["num_tokens"], rec["num_entries"])
+    assert struct.unpack_from("<I", raw, 124)[0] == zlib.crc32(raw[:124])
+    off = 128
+    doc_off = np.frombuffer(raw, "<u8", ndocs + 1, off)
+    off += 8 * (ndocs + 1)
+    chunk_off = np.frombuffer(raw, "<u8", nchunks + 1, off)
+    off += 8 * (nchunks + 1) + 4 * nchunks
+    counts_len = (ntok * count_bits + 7) // 8 + 1
+    bits = np.unpackbits(np.frombuffer(raw, np.uint8, counts_len, off), bitorder="little")
+    counts = (bits[: ntok * count_bits].reshape(ntok, count_bits) << np.arange(count_bits)).sum(-1)
+    off += counts_len
+    assert len(raw) == off + nent * entry_bytes
+    assert chunk_off[-1] == counts.sum() == nent
+    # Document 2's row 5: its entries, decoded by hand, are the sampler's draws.
+    t = int(doc_off[2]) + 5
+    e = int(chunk_off[t // chunk]) + int(counts[(t // chunk) * chunk : t].sum())
+    ids, w, n = synthetic_cache.expected_rows(2)
+    for j in range(int(counts[t])):
+        b = raw[off + (e + j) * entry_bytes : off + (e + j + 1) * entry_bytes]
+        word = int.from_bytes(b, "little")
+        assert word & ((1 << id_bits) - 1) == ids[5, j]
+        assert (word >> id_bits) / 50 == w[5, j]
+    assert value_bits == 6 and int(counts[t]) == n[5]
