@@ -183,8 +183,7 @@ def open_time(tmp: Path, shards: int, docs: int, save: bool) -> None:
     lengths = np.full(per, 2, np.int64)
     counts = np.tile(np.array([1, 0], np.uint8), per)
     recs = [
-        _pack_shard(d / f"s{i:05d}.slkd", i * per, lengths, counts, enc, rng)
-        for i in range(shards)
+        _pack_shard(d / f"s{i:05d}.slkd", i * per, lengths, counts, enc, rng) for i in range(shards)
     ]
     _manifest(d, enc, recs, per * shards, 2 * per * shards)
     os.sync()

@@ -127,7 +127,42 @@ class _DocumentRows:
         )
 
 
-def _build_shard(cfg, teacher, ds, doc_tokens0, path, doc_range, enc, bar) -> dict:
+_NLL_EVERY = 8  # the teacher's NLL (a sanity figure) is taken at every 8th scored row
+
+
+class _Stats:
+    """Where the time goes, and what the cache holds, for the build summary."""
+
+    def __init__(self):
+        self.teacher_s = self.sample_s = self.write_s = 0.0
+        self.nll_sum, self.nll_count = 0.0, 0
+        self.tokens = self.entries = self.documents = 0
+
+    def report(self) -> dict:
+        overhead = self.sample_s + self.write_s
+        return {
+            "teacher_seconds": round(self.teacher_s, 3),
+            "sample_seconds": round(self.sample_s, 3),
+            "write_seconds": round(self.write_s, 3),
+            "overhead_vs_teacher": round(overhead / self.teacher_s, 4) if self.teacher_s else None,
+            "teacher_nll": round(self.nll_sum / self.nll_count, 4) if self.nll_count else None,
+            "unique_ids_per_position": round(
+                self.entries / max(self.tokens - self.documents, 1), 3
+            ),
+        }
+
+
+def _teacher_nll(rows: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """Sum and count of -log p(target) over every ``_NLL_EVERY``-th row with a target."""
+    keep = torch.nonzero(targets >= 0).squeeze(-1)[::_NLL_EVERY]
+    if keep.numel() == 0:
+        return 0.0, 0
+    sel = rows[keep]
+    nll = torch.logsumexp(sel, -1) - sel.gather(1, targets[keep].unsqueeze(-1)).squeeze(-1)
+    return float(nll.sum()), int(keep.numel())
+
+
+def _build_shard(cfg, teacher, ds, doc_tokens0, path, doc_range, enc, bar, stats) -> dict:
     writer = ShardWriter.open(
         path,
         encoding=enc,
@@ -149,7 +184,10 @@ def _build_shard(cfg, teacher, ds, doc_tokens0, path, doc_range, enc, bar) -> di
 
     next_doc = first
     for batch in _batches(windows(), cfg.tokens_per_batch):
+        t0 = time.perf_counter()
         outs = teacher.logits([tok[w.start : w.end] for _, w, tok in batch])
+        t1 = time.perf_counter()
+        stats.teacher_s += t1 - t0
         rows = torch.cat(
             [o[w.score_from - w.start :] for o, (_, w, _) in zip(outs, batch, strict=True)]
         )
@@ -166,6 +204,20 @@ def _build_shard(cfg, teacher, ds, doc_tokens0, path, doc_range, enc, bar) -> di
             temperature=cfg.temperature,
             vocab_size=teacher.vocab_size,
         )
+        # The next token of each scored row (-1 after a document's last token).
+        targets = torch.cat(
+            [
+                torch.cat(
+                    [tok[w.score_from + 1 : w.end + 1], torch.full((int(w.end == len(tok)),), -1)]
+                )
+                for _, w, tok in batch
+            ]
+        )
+        nll, count = _teacher_nll(rows, targets)
+        stats.nll_sum += nll
+        stats.nll_count += count
+        t2 = time.perf_counter()
+        stats.sample_s += t2 - t1
         i = 0
         for d, w, _ in batch:
             n = w.end - w.score_from
@@ -186,7 +238,14 @@ def _build_shard(cfg, teacher, ds, doc_tokens0, path, doc_range, enc, bar) -> di
             if since_commit >= cfg.commit_tokens:
                 writer.commit()
                 since_commit = 0
-    return writer.finalize()
+        stats.write_s += time.perf_counter() - t2
+    t3 = time.perf_counter()
+    record = writer.finalize()
+    stats.write_s += time.perf_counter() - t3
+    stats.tokens += record["num_tokens"]
+    stats.entries += record["num_entries"]
+    stats.documents += record["doc_end"] - record["doc_start"]
+    return record
 
 
 def build_cache(cfg: BuildConfig, teacher) -> dict:
@@ -229,7 +288,7 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
     bar = tqdm(
         total=todo_tokens, unit="tok", unit_scale=True, desc="teacher", disable=not cfg.progress
     )
-    built = 0
+    built, stats = 0, _Stats()
     for i in mine:
         path = out / shard_file_name(i, cfg.num_shards)
         sidecar = Path(str(path) + ".json")
@@ -242,7 +301,7 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
                 )
             bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
             continue
-        record = _build_shard(cfg, teacher, ds, doc_tokens0, path, plan[i], enc, bar)
+        record = _build_shard(cfg, teacher, ds, doc_tokens0, path, plan[i], enc, bar, stats)
         write_sidecar(path, base, record)
         built += 1
     bar.close()
@@ -252,13 +311,29 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
     )
     if complete and not (out / MANIFEST_NAME).exists():
         merge_cache([out], out)
-    return {
+    report = {
         "output": str(out),
         "shards_built": built,
         "shards": cfg.num_shards,
+        "shard_indices": list(mine),
         "complete": complete,
         "tokens": todo_tokens,
         "seconds": round(time.time() - start, 2),
+        **stats.report(),
+    }
+    if complete:
+        report.update(_cache_summary(out))
+    return report
+
+
+def _cache_summary(out: Path) -> dict:
+    from megatron_slkd.cache.reader import open_cache
+    from megatron_slkd.cache.stats import cache_stats
+
+    s = cache_stats(open_cache(out))
+    return {
+        "cache_bytes_per_token": round(s["bytes_per_token"], 3),
+        "cache_unique_ids_per_position": round(s["unique_ids_per_position_mean"], 3),
     }
 
 
