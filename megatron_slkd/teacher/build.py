@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_slkd.cache.format import encoding_for
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
@@ -152,25 +153,69 @@ class _Stats:
         }
 
 
-def _teacher_nll(rows: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-    """Sum and count of -log p(target) over every ``_NLL_EVERY``-th row with a target."""
+def _teacher_nll(rows: torch.Tensor, targets: torch.Tensor, tp) -> tuple[float, int]:
+    """Sum and count of -log p(target) over every ``_NLL_EVERY``-th row with a target.
+
+    With tensor parallelism ``rows`` are vocabulary shards: one MAX and one SUM
+    all-reduce over the TP group give the log-normalizer and the target logit.
+    """
     keep = torch.nonzero(targets >= 0).squeeze(-1)[::_NLL_EVERY]
     if keep.numel() == 0:
         return 0.0, 0
-    sel = rows[keep]
-    nll = torch.logsumexp(sel, -1) - sel.gather(1, targets[keep].unsqueeze(-1)).squeeze(-1)
+    sel, tgt = rows[keep], targets[keep] - tp.vocab_start(rows.shape[-1])
+    mine = (tgt >= 0) & (tgt < sel.shape[-1])
+    m = sel.max(-1).values
+    tp.all_reduce(m, dist.ReduceOp.MAX)
+    parts = torch.stack(
+        [
+            (sel - m.unsqueeze(-1)).exp().sum(-1),
+            torch.where(
+                mine, sel.gather(1, tgt.clamp(0, sel.shape[-1] - 1).unsqueeze(-1))[:, 0], 0.0
+            ),
+        ]
+    )
+    tp.all_reduce(parts, dist.ReduceOp.SUM)
+    nll = parts[0].log() + m - parts[1]
     return float(nll.sum()), int(keep.numel())
 
 
-def _build_shard(cfg, teacher, ds, doc_tokens0, path, doc_range, enc, bar, stats) -> dict:
-    writer = ShardWriter.open(
-        path,
-        encoding=enc,
-        vocab_size=teacher.vocab_size,
-        doc_start=doc_range[0],
-        doc_end=doc_range[1],
-    )
-    first = writer.next_document
+class _TP:
+    """The teacher's tensor-parallel group as the builder sees it (a no-op when alone)."""
+
+    def __init__(self, teacher):
+        group = getattr(teacher, "tp_group", None)
+        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
+        self.rank = dist.get_rank(group) if self.group is not None else 0
+        self.writes = self.rank == 0
+
+    def vocab_start(self, width: int) -> int:
+        return self.rank * width
+
+    def all_reduce(self, t: torch.Tensor, op) -> None:
+        if self.group is not None:
+            dist.all_reduce(t, op=op, group=self.group)
+
+    def agree(self, value):
+        """``value`` as TP rank 0 has it, on every rank of the group."""
+        if self.group is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
+
+
+def _build_shard(cfg, teacher, tp, ds, doc_tokens0, path, doc_range, enc, bar, stats):
+    """Build one shard: every TP rank runs the teacher, TP rank 0 writes and returns the record."""
+    writer = None
+    if tp.writes:
+        writer = ShardWriter.open(
+            path,
+            encoding=enc,
+            vocab_size=teacher.vocab_size,
+            doc_start=doc_range[0],
+            doc_end=doc_range[1],
+        )
+    first = tp.agree(writer.next_document if writer else None)
     bar.update(int(ds.sequence_lengths[doc_range[0] : first].sum()))
     pending: dict[int, _DocumentRows] = {}
     since_commit = 0
@@ -202,6 +247,7 @@ def _build_shard(cfg, teacher, ds, doc_tokens0, path, doc_range, enc, bar, stats
             num_samples=cfg.num_samples,
             k=cfg.k,
             temperature=cfg.temperature,
+            tp_group=tp.group,
             vocab_size=teacher.vocab_size,
         )
         # The next token of each scored row (-1 after a document's last token).
@@ -213,7 +259,7 @@ def _build_shard(cfg, teacher, ds, doc_tokens0, path, doc_range, enc, bar, stats
                 for _, w, tok in batch
             ]
         )
-        nll, count = _teacher_nll(rows, targets)
+        nll, count = _teacher_nll(rows, targets, tp)
         stats.nll_sum += nll
         stats.nll_count += count
         t2 = time.perf_counter()
@@ -231,14 +277,18 @@ def _build_shard(cfg, teacher, ds, doc_tokens0, path, doc_range, enc, bar, stats
             i += n
         while next_doc in pending and pending[next_doc].rows == pending[next_doc].length:
             doc = pending.pop(next_doc)
-            writer.add_document(ds.get(next_doc), *doc.arrays())
+            if writer is not None:
+                writer.add_document(ds.get(next_doc), *doc.arrays())
             since_commit += doc.length
             bar.update(doc.length)
             next_doc += 1
             if since_commit >= cfg.commit_tokens:
-                writer.commit()
+                if writer is not None:
+                    writer.commit()
                 since_commit = 0
         stats.write_s += time.perf_counter() - t2
+    if writer is None:
+        return None
     t3 = time.perf_counter()
     record = writer.finalize()
     stats.write_s += time.perf_counter() - t3
@@ -285,14 +335,19 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
     mine = range(cfg.num_shards) if cfg.shard_indices is None else cfg.shard_indices
     todo_tokens = sum(int(lengths[a:b].sum()) for a, b in (plan[i] for i in mine))
     start = time.time()
+    tp = _TP(teacher)
     bar = tqdm(
-        total=todo_tokens, unit="tok", unit_scale=True, desc="teacher", disable=not cfg.progress
+        total=todo_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="teacher",
+        disable=not (cfg.progress and tp.writes),
     )
     built, stats = 0, _Stats()
     for i in mine:
         path = out / shard_file_name(i, cfg.num_shards)
         sidecar = Path(str(path) + ".json")
-        if path.exists() and sidecar.exists():
+        if tp.agree(path.exists() and sidecar.exists()):
             done = Manifest.load(sidecar)
             if done.compatibility_key() != base.compatibility_key():
                 raise CacheMismatchError(
@@ -301,15 +356,18 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
                 )
             bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
             continue
-        record = _build_shard(cfg, teacher, ds, doc_tokens0, path, plan[i], enc, bar, stats)
-        write_sidecar(path, base, record)
+        record = _build_shard(cfg, teacher, tp, ds, doc_tokens0, path, plan[i], enc, bar, stats)
+        if tp.writes:
+            write_sidecar(path, base, record)
         built += 1
     bar.close()
-    complete = all(
-        (out / (shard_file_name(i, cfg.num_shards) + ".json")).exists()
-        for i in range(cfg.num_shards)
+    complete = tp.agree(
+        all(
+            (out / (shard_file_name(i, cfg.num_shards) + ".json")).exists()
+            for i in range(cfg.num_shards)
+        )
     )
-    if complete and not (out / MANIFEST_NAME).exists():
+    if complete and tp.writes and not (out / MANIFEST_NAME).exists():
         merge_cache([out], out)
     report = {
         "output": str(out),
@@ -321,7 +379,7 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
         "seconds": round(time.time() - start, 2),
         **stats.report(),
     }
-    if complete:
+    if complete and tp.writes:
         report.update(_cache_summary(out))
     return report
 

@@ -1,0 +1,285 @@
+"""megatron-core GPTModel teachers: conversion from Hugging Face Llama weights, and loading.
+
+``convert_teacher(hf_path, out_dir)`` turns a Llama-family checkpoint (a
+directory or a GGUF file) into a megatron-core distributed checkpoint plus a
+``slkd_teacher.json`` that records the architecture, the vocabulary and the
+source's hash:
+
+- q, k, v (with grouped-query attention) are fused into ``linear_qkv`` in
+  megatron-core's layout: per query group, its query heads, then its key,
+  then its value;
+- gate and up projections are fused into ``linear_fc1`` as ``[gate; up]``
+  (megatron-core's sharded state dict splits them per tensor-parallel rank);
+- RMSNorm with its epsilon, RoPE with its base, tied embeddings, no biases;
+- the vocabulary is padded to a multiple of 128 so the checkpoint loads at
+  any tensor-parallel size that divides the padded vocabulary and the heads.
+
+The checkpoint is saved once from an unsharded model; megatron-core's
+``dist_checkpointing`` reshards it on load to the tensor and pipeline sizes
+of the run. A :class:`MegatronTeacher` returns this rank's vocabulary shard of
+the logits, which the sampler consumes through its ``tp_group`` path, so no
+rank ever holds full-vocabulary logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megatron_slkd.teacher.hf import TeacherError
+
+__all__ = ["convert_teacher", "MegatronTeacher", "is_megatron_teacher", "SPEC_NAME"]
+
+SPEC_NAME = "slkd_teacher.json"
+_PAD_MULTIPLE = 128
+
+
+def is_megatron_teacher(path) -> bool:
+    """Whether ``path`` is a directory written by :func:`convert_teacher`."""
+    return (Path(path) / SPEC_NAME).is_file()
+
+
+def _spec_from_hf(cfg) -> dict:
+    if getattr(cfg, "model_type", "llama") not in ("llama", "mistral", "qwen2"):
+        raise TeacherError(f"only Llama-family models convert; got model_type={cfg.model_type!r}")
+    heads = cfg.num_attention_heads
+    vocab = cfg.vocab_size
+    return {
+        "architecture": "llama",
+        "num_layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "ffn_hidden_size": cfg.intermediate_size,
+        "num_attention_heads": heads,
+        "num_query_groups": getattr(cfg, "num_key_value_heads", None) or heads,
+        "kv_channels": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        "layernorm_epsilon": cfg.rms_norm_eps,
+        "rotary_base": float(getattr(cfg, "rope_theta", 10000.0)),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        "vocab_size": vocab,
+        "padded_vocab_size": -(-vocab // _PAD_MULTIPLE) * _PAD_MULTIPLE,
+        "add_qkv_bias": bool(getattr(cfg, "attention_bias", False)),
+    }
+
+
+def _transformer_config(spec: dict, tp: int, pp: int, dtype: torch.dtype):
+    from megatron.core.transformer import TransformerConfig
+
+    for name in ("num_attention_heads", "num_query_groups", "padded_vocab_size"):
+        if spec[name] % tp:
+            raise TeacherError(
+                f"tensor parallel size {tp} does not divide the teacher's {name} "
+                f"({spec[name]}); choose a TP size that divides it"
+            )
+    if spec["num_layers"] % pp:
+        raise TeacherError(f"pipeline size {pp} does not divide {spec['num_layers']} layers")
+    return TransformerConfig(
+        num_layers=spec["num_layers"],
+        hidden_size=spec["hidden_size"],
+        ffn_hidden_size=spec["ffn_hidden_size"],
+        num_attention_heads=spec["num_attention_heads"],
+        num_query_groups=spec["num_query_groups"],
+        kv_channels=spec["kv_channels"],
+        normalization="RMSNorm",
+        layernorm_epsilon=spec["layernorm_epsilon"],
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec["add_qkv_bias"],
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+    )
+
+
+def _build_model(spec: dict, dtype: torch.dtype):
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel.random import (
+        get_cuda_rng_tracker,
+        model_parallel_cuda_manual_seed,
+    )
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    config = _transformer_config(spec, tp, pp, dtype)
+    if not get_cuda_rng_tracker().is_initialized():
+        # Attention forks the model-parallel RNG (for dropout, which is off here).
+        model_parallel_cuda_manual_seed(0)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=spec["padded_vocab_size"],
+        max_sequence_length=spec["max_position_embeddings"],
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=spec["tie_word_embeddings"],
+        position_embedding_type="rope",
+        rotary_base=spec["rotary_base"],
+    )
+
+
+def _fuse_qkv(q, k, v, spec):
+    groups, d = spec["num_query_groups"], spec["kv_channels"]
+    per = spec["num_attention_heads"] // groups
+    q = q.reshape(groups, per * d, -1)
+    k = k.reshape(groups, d, -1)
+    v = v.reshape(groups, d, -1)
+    return torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
+
+
+def _convert_state_dict(hf: dict, spec: dict) -> dict:
+    """Hugging Face Llama tensors -> megatron-core GPTModel (local spec) tensors."""
+    out = {}
+    emb = hf["model.embed_tokens.weight"]
+    pad = spec["padded_vocab_size"] - emb.shape[0]
+    out["embedding.word_embeddings.weight"] = F.pad(emb, (0, 0, 0, pad))
+    for i in range(spec["num_layers"]):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
+        out[dst + "self_attention.linear_qkv.weight"] = _fuse_qkv(
+            hf[src + "self_attn.q_proj.weight"],
+            hf[src + "self_attn.k_proj.weight"],
+            hf[src + "self_attn.v_proj.weight"],
+            spec,
+        )
+        if spec["add_qkv_bias"]:
+            out[dst + "self_attention.linear_qkv.bias"] = _fuse_qkv(
+                *(hf[src + f"self_attn.{n}_proj.bias"].unsqueeze(-1) for n in "qkv"), spec
+            ).squeeze(-1)
+        out[dst + "self_attention.linear_proj.weight"] = hf[src + "self_attn.o_proj.weight"]
+        out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"]
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]]
+        )
+        out[dst + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"]
+    out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+    if not spec["tie_word_embeddings"]:
+        out["output_layer.weight"] = F.pad(hf["lm_head.weight"], (0, 0, 0, pad))
+    return out
+
+
+def _file_hash(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def convert_teacher(hf_path: str, out_dir) -> dict:
+    """Convert a Hugging Face Llama-family model to a megatron-core teacher checkpoint.
+
+    Must run in a process where ``torch.distributed`` and megatron-core's
+    ``parallel_state`` are initialized with TP = PP = 1 (the CLI does this).
+
+    Returns:
+        The teacher spec written to ``out_dir/slkd_teacher.json``.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_slkd.teacher.hf import HFTeacher
+
+    hf = HFTeacher(hf_path)
+    spec = _spec_from_hf(hf.model.config)
+    spec["source"] = {
+        "path": str(Path(hf_path).resolve()) if Path(hf_path).exists() else hf_path,
+        "checkpoint_hash": hf.checkpoint_hash or _file_hash(Path(hf_path)),
+    }
+    spec["tokenizer"] = {"kind": "huggingface", "path": spec["source"]["path"]}
+    model = _build_model(spec, torch.float32)
+    converted = _convert_state_dict(hf.model.state_dict(), spec)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise TeacherError(f"conversion left missing={missing[:5]} unexpected={unexpected[:5]}")
+    out = Path(out_dir)
+    (out / "model").mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(out / "model"))
+    (out / SPEC_NAME).write_text(json.dumps(spec, indent=1) + "\n")
+    return spec
+
+
+class MegatronTeacher:
+    """A converted teacher on megatron-core, at the run's tensor-parallel size.
+
+    ``logits`` returns, per window, this rank's vocabulary shard
+    ``[len, padded_V / tp]``; ``tp_group`` is the group the sampler reduces
+    over. Pipeline parallelism is not supported by this teacher yet: with PP > 1
+    construction fails with a clear error.
+    """
+
+    def __init__(self, path, *, dtype: str = "float32"):
+        from megatron.core import dist_checkpointing
+        from megatron.core import parallel_state as ps
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        self.path = Path(path)
+        try:
+            self.spec = json.loads((self.path / SPEC_NAME).read_text())
+        except (OSError, ValueError) as exc:
+            raise TeacherError(f"{self.path / SPEC_NAME}: unreadable teacher spec ({exc})") from exc
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            raise TeacherError("the megatron teacher runs with tensor parallelism only (PP=1)")
+        self.model = _build_model(self.spec, getattr(torch, dtype))
+        try:
+            state = dist_checkpointing.load(
+                self.model.sharded_state_dict(), str(self.path / "model")
+            )
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - any failure: unreadable
+            raise TeacherError(
+                f"{self.path / 'model'}: cannot load the checkpoint ({type(exc).__name__}: "
+                f"{(str(exc).splitlines() or [''])[0]}); convert the teacher again"
+            ) from exc
+        self.model.load_state_dict(state, strict=False)
+        self.model.eval()
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.vocab_size = int(self.spec["vocab_size"])
+        self.max_context = int(self.spec["max_position_embeddings"])
+        self.checkpoint_hash = self.spec.get("source", {}).get("checkpoint_hash")
+
+    def describe(self) -> dict:
+        return {
+            "kind": "megatron-core",
+            "path": str(self.path.resolve()),
+            "architecture": self.spec["architecture"],
+            "num_layers": self.spec["num_layers"],
+            "hidden_size": self.spec["hidden_size"],
+            "vocab_size": self.vocab_size,
+            "checkpoint_hash": self.checkpoint_hash,
+            "source": self.spec.get("source"),
+        }
+
+    def tokenizer(self):
+        from megatron_slkd.data.tokenizers import load_tokenizer
+
+        return load_tokenizer(self.spec["tokenizer"])
+
+    @torch.no_grad()
+    def logits(self, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """float32 vocabulary-shard logits ``[len(w), padded_V / tp]`` per window."""
+        longest = max(len(w) for w in windows)
+        batch = torch.zeros(len(windows), longest, dtype=torch.int64)
+        for i, w in enumerate(windows):
+            batch[i, : len(w)] = w
+        position_ids = torch.arange(longest).unsqueeze(0).expand_as(batch)
+        causal = torch.ones(1, 1, longest, longest, dtype=torch.bool).triu(1)
+        out = self.model(batch, position_ids, causal)  # [b, s, V/tp]
+        return [out[i, : len(w)].float() for i, w in enumerate(windows)]
