@@ -115,18 +115,22 @@ def _tp_info(tp_group) -> tuple[int, int]:
 def _masked_logits(
     logits: torch.Tensor, temperature: float, vocab_start: int, vocab_size: int | None
 ) -> torch.Tensor:
-    """float32 logits / temperature with ids >= vocab_size (TP padding) at -inf."""
-    z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
-    if vocab_size is not None and vocab_start + z.shape[-1] > vocab_size:
-        z = z.clone() if z is logits else z
-        z[:, max(vocab_size - vocab_start, 0) :] = float("-inf")
-    return z
+    """float32 logits / temperature without the ids >= vocab_size (TP padding).
+
+    The padding columns are cut off by a view, so float32 logits at temperature
+    1 are never copied: the sampler's extra memory stays O(T * (V/tp/128 + N)).
+    """
+    if vocab_size is not None:
+        logits = logits[:, : min(max(vocab_size - vocab_start, 0), logits.shape[-1])]
+    z = logits.detach().float()
+    return z / temperature if temperature != 1.0 else z
 
 
 def _global_max(z: torch.Tensor, tp_group) -> torch.Tensor:
-    m = z.max(dim=-1).values
+    if z.shape[-1] == 0:  # a rank that holds only vocabulary padding
+        m = torch.full(z.shape[:1], float("-inf"), dtype=z.dtype, device=z.device)
+    else:
+        m = z.max(dim=-1).values
     if tp_group is not None:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
     return m
@@ -205,7 +209,6 @@ def _unique_counts(draws: torch.Tensor):
 
 def _sample_rs(z, positions, seed, num_samples, tp_group, vocab_start):
     rank, tp = _tp_info(tp_group)
-    z = z.contiguous()
     m = _global_max(z, tp_group)
     blocks = _block_masses(z, m)
     local_total = blocks.sum(-1)
@@ -231,9 +234,11 @@ def _sample_rs(z, positions, seed, num_samples, tp_group, vocab_start):
 def _sample_topk(z, k, tp_group, vocab_start):
     m = _global_max(z, tp_group)
     sum_exp = torch.exp(z - m.unsqueeze(-1)).sum(-1, dtype=torch.float64)
-    kk = min(k, z.shape[-1])
-    vals, idx = z.topk(kk, dim=-1)
-    idx = idx + vocab_start
+    vals, idx = z.topk(min(k, z.shape[-1]), dim=-1)
+    # Pad to k so every rank contributes the same shape (a shard may be short).
+    short = k - vals.shape[-1]
+    vals = torch.nn.functional.pad(vals, (0, short), value=float("-inf"))
+    idx = torch.nn.functional.pad(idx + vocab_start, (0, short))
     if tp_group is not None:
         dist.all_reduce(sum_exp, group=tp_group)
         _, tp = _tp_info(tp_group)

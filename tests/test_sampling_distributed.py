@@ -37,3 +37,20 @@ def _sharded_equals_unsharded(rank, world_size, vocab, method):
 @pytest.mark.parametrize("method", ["rs", "topk"])
 def test_vocab_parallel_sampler_equals_unsharded(tp, method):
     run_distributed(_sharded_equals_unsharded, tp, 1001, method)
+
+
+def _rank_of_padding_only(rank, world_size):
+    # Vocabulary 5 padded to 8 over TP 4: rank 3 holds only padding ids.
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 8, generator=g)
+    shard = logits[:, rank * 2 : rank * 2 + 2].clone()
+    for method in ("rs", "topk"):
+        kw = dict(method=method, seed=3, positions=torch.arange(9), k=4, vocab_size=5)
+        ref = sample_sparse_targets(logits, **kw)
+        got = sample_sparse_targets(shard, tp_group=dist.group.WORLD, **kw)
+        assert torch.equal(got.ids, ref.ids) and torch.equal(got.num_valid, ref.num_valid)
+        assert int(got.ids[got.weights > 0].max()) < 5
+
+
+def test_a_rank_holding_only_padding():
+    run_distributed(_rank_of_padding_only, 4)
