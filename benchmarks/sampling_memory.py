@@ -4,8 +4,9 @@
 
 Each rank holds its float32 logit shard [T, V/tp], made in place; the rise of
 the peak resident memory (ru_maxrss) during one sampling call, after the
-kernels are compiled and warmed, is what the sampler adds. Target (issue "Teacher cache builder"): it scales with V/tp, not
-V; no rank ever materializes [T, V].
+kernels are compiled and warmed, is what the sampler adds. Target (issue
+"Teacher cache builder"): it scales with V/tp, not V; no rank ever
+materializes [T, V].
 """
 
 import argparse

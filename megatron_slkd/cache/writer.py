@@ -294,12 +294,18 @@ class ShardWriter:
         off = section_offsets(header)
         tmp = self.path.with_name(self.path.name + ".tmp")
         file_crc = 0
-        with open(tmp, "wb") as f:
-            for part in (np.frombuffer(head, np.uint8), packed, entries):
-                f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
-                file_crc = crc32(part, file_crc)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                for part in (np.frombuffer(head, np.uint8), packed, entries):
+                    f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+                    file_crc = crc32(part, file_crc)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            # Out of space or interrupted: drop the half-written file; the
+            # committed partial state stays, and finalize can be retried.
+            tmp.unlink(missing_ok=True)
+            raise
         size = tmp.stat().st_size
         if size != off["end"]:
             raise CacheFormatError(f"{tmp}: wrote {size} bytes, expected {off['end']}")

@@ -52,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=1024, help="window step S (<= C)")
     p.add_argument("--tokens-per-batch", type=int, default=8192, help="teacher batch, in tokens")
     p.add_argument(
+        "--commit-tokens",
+        type=int,
+        default=65536,
+        help="make progress durable (a resume point) every this many tokens",
+    )
+    p.add_argument(
         "--tensor-parallel-size",
         type=int,
         default=1,
@@ -109,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         context_length=args.context_length,
         stride=args.stride,
         tokens_per_batch=args.tokens_per_batch,
+        commit_tokens=args.commit_tokens,
         progress=not args.no_progress,
     )
     if args.dry_run:

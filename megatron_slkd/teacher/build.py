@@ -85,46 +85,68 @@ def plan_shards(lengths: np.ndarray, num_shards: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
+_LOOKAHEAD = 8  # batch budgets of windows gathered before sorting them by length
+
+
 def _batches(windows, budget: int):
-    batch, longest = [], 0
-    for w in windows:
-        n = w[1].end - w[1].start
-        if batch and max(longest, n) * (len(batch) + 1) > budget:
+    """Padded batches of at most ``budget`` tokens, grouping windows of similar length.
+
+    Windows are taken ``_LOOKAHEAD`` budgets at a time and sorted by length, so
+    short documents share a batch with short ones; the draws do not depend on
+    the batch a window lands in (decision D2), only the padding does.
+    """
+    buffer, held = [], 0
+
+    def flush():
+        batch, longest = [], 0
+        for w in sorted(buffer, key=lambda w: w[1].start - w[1].end):  # longest first, stable
+            n = w[1].end - w[1].start
+            if batch and max(longest, n) * (len(batch) + 1) > budget:
+                yield batch
+                batch, longest = [], 0
+            batch.append(w)
+            longest = max(longest, n)
+        if batch:
             yield batch
-            batch, longest = [], 0
-        batch.append(w)
-        longest = max(longest, n)
-    if batch:
-        yield batch
+
+    for w in windows:
+        buffer.append(w)
+        held += w[1].end - w[1].start
+        if held >= _LOOKAHEAD * budget:
+            yield from flush()
+            buffer, held = [], 0
+    yield from flush()
 
 
 class _DocumentRows:
-    """Sparse targets of one document, assembled from its windows in order."""
+    """Sparse targets of one document, gathered from its windows in any order."""
 
     def __init__(self, length: int):
         self.length = length
-        self.parts: list = []
+        self.parts: list = []  # (score_from, ids, weights, num_valid, counts)
         self.rows = 0
 
-    def add(self, ids, weights, num_valid, counts):
-        self.parts.append((ids, weights, num_valid, counts))
+    def add(self, score_from, ids, weights, num_valid, counts):
+        self.parts.append((score_from, ids, weights, num_valid, counts))
         self.rows += len(num_valid)
 
     def arrays(self):
-        k = max((p[0].shape[1] for p in self.parts), default=0)
+        """ids, weights, num_valid, counts for rows 0..length-1, padded to one K."""
+        parts = sorted(self.parts, key=lambda p: p[0])
+        k = max(p[1].shape[1] for p in parts)
 
         def cat(i, dtype):
-            if not self.parts or self.parts[0][i] is None:
+            if parts[0][i] is None:
                 return None
             return np.concatenate(
-                [np.pad(p[i], ((0, 0), (0, k - p[i].shape[1]))).astype(dtype) for p in self.parts]
+                [np.pad(p[i], ((0, 0), (0, k - p[i].shape[1]))).astype(dtype) for p in parts]
             )
 
         return (
-            cat(0, np.int64),
-            cat(1, np.float32),
-            np.concatenate([p[2] for p in self.parts]),
-            cat(3, np.int64),
+            cat(1, np.int64),
+            cat(2, np.float32),
+            np.concatenate([p[3] for p in parts]),
+            cat(4, np.int64),
         )
 
 
@@ -269,6 +291,7 @@ def _build_shard(cfg, teacher, tp, ds, doc_tokens0, path, doc_range, enc, bar, s
             n = w.end - w.score_from
             sl = slice(i, i + n)
             pending[d].add(
+                w.score_from,
                 t.ids[sl].numpy(),
                 t.weights[sl].numpy(),
                 t.num_valid[sl].numpy(),

