@@ -50,7 +50,7 @@ def launch_rank(env=None) -> tuple[int, int]:
     return share(*process_rank(env), env)
 
 
-def init_distributed(tensor_parallel: int = 1, device: str = "cpu") -> None:
+def init_distributed(tensor_parallel: int = 1, device: str = "cpu", pipeline_parallel: int = 1):
     """torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's parallel state.
 
     Reads the launcher's environment; alone, it makes a one-process group. On
@@ -77,11 +77,14 @@ def init_distributed(tensor_parallel: int = 1, device: str = "cpu") -> None:
 
         cpu.enable()
     if not parallel_state.model_parallel_is_initialized():
-        if world % tensor_parallel:
+        if world % (tensor_parallel * pipeline_parallel):
             from megatron_slkd.errors import SlkdError
 
             raise SlkdError(
-                f"tensor parallel size {tensor_parallel} does not divide the {world} processes "
-                "of the launch; launch a multiple of it"
+                f"tensor x pipeline parallel size {tensor_parallel} x {pipeline_parallel} does "
+                f"not divide the {world} processes of the launch; launch a multiple of it"
             )
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+        )

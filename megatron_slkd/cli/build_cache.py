@@ -64,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="TP size of a megatron-core teacher (a directory from convert-teacher); the "
         "processes of the launch form TP groups, and each data-parallel rank takes its shards",
     )
+    p.add_argument(
+        "--pipeline-parallel-size",
+        type=int,
+        default=1,
+        help="PP size of a megatron-core teacher; the last stage samples and writes",
+    )
     p.add_argument("--dtype", default="float32", help="teacher dtype (float32, bfloat16)")
     p.add_argument("--device", default="cpu", help="teacher device (cpu, cuda)")
     p.add_argument("--dry-run", action="store_true", help="print the shard plan and exit")
@@ -89,13 +95,13 @@ def run(args: argparse.Namespace) -> int:
 
         from megatron_slkd.launch import init_distributed
 
-        init_distributed(args.tensor_parallel_size, args.device)
+        init_distributed(args.tensor_parallel_size, args.device, args.pipeline_parallel_size)
         # The TP ranks of a group build the same shards; data-parallel ranks split them.
         rank, world = share(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    elif args.tensor_parallel_size > 1 and not args.dry_run:
+    elif args.tensor_parallel_size * args.pipeline_parallel_size > 1 and not args.dry_run:
         raise TeacherError(
-            f"{path}: --tensor-parallel-size needs a megatron-core teacher; convert it with "
-            "`slkd convert-teacher`"
+            f"{path}: tensor or pipeline parallelism needs a megatron-core teacher; convert it "
+            "with `slkd convert-teacher`"
         )
     else:
         rank, world = launch_rank()
@@ -145,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
     report = build_cache(cfg, teacher)
-    if megatron and ps.get_tensor_model_parallel_rank() != 0:
-        return 0  # TP rank 0 of each group reports
+    if megatron and not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
+        return 0  # the writing rank of each model-parallel group reports
 
     def human(r):
         print(

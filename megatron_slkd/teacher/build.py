@@ -175,7 +175,7 @@ class _Stats:
         }
 
 
-def _teacher_nll(rows: torch.Tensor, targets: torch.Tensor, tp) -> tuple[float, int]:
+def _teacher_nll(rows: torch.Tensor, targets: torch.Tensor, par) -> tuple[float, int]:
     """Sum and count of -log p(target) over every ``_NLL_EVERY``-th row with a target.
 
     With tensor parallelism ``rows`` are vocabulary shards: one MAX and one SUM
@@ -184,10 +184,10 @@ def _teacher_nll(rows: torch.Tensor, targets: torch.Tensor, tp) -> tuple[float, 
     keep = torch.nonzero(targets >= 0).squeeze(-1)[::_NLL_EVERY]
     if keep.numel() == 0:
         return 0.0, 0
-    sel, tgt = rows[keep], targets[keep] - tp.vocab_start(rows.shape[-1])
+    sel, tgt = rows[keep], targets[keep] - par.vocab_start(rows.shape[-1])
     mine = (tgt >= 0) & (tgt < sel.shape[-1])
     m = sel.max(-1).values
-    tp.all_reduce(m, dist.ReduceOp.MAX)
+    par.all_reduce(m, dist.ReduceOp.MAX)
     parts = torch.stack(
         [
             (sel - m.unsqueeze(-1)).exp().sum(-1),
@@ -196,40 +196,51 @@ def _teacher_nll(rows: torch.Tensor, targets: torch.Tensor, tp) -> tuple[float, 
             ),
         ]
     )
-    tp.all_reduce(parts, dist.ReduceOp.SUM)
+    par.all_reduce(parts, dist.ReduceOp.SUM)
     nll = parts[0].log() + m - parts[1]
     return float(nll.sum()), int(keep.numel())
 
 
-class _TP:
-    """The teacher's tensor-parallel group as the builder sees it (a no-op when alone)."""
+class _Parallel:
+    """The teacher's model-parallel layout as the builder sees it (a no-op when alone).
+
+    Every rank of the model-parallel group (TP x PP) walks the same batches; the
+    last pipeline stage samples over its TP group, and its TP rank 0 writes.
+    """
 
     def __init__(self, teacher):
-        group = getattr(teacher, "tp_group", None)
-        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
-        self.rank = dist.get_rank(group) if self.group is not None else 0
-        self.writes = self.rank == 0
+        tp = getattr(teacher, "tp_group", None)
+        self.tp_group = tp if tp is not None and dist.get_world_size(tp) > 1 else None
+        self.tp_rank = dist.get_rank(tp) if self.tp_group is not None else 0
+        self.samples = getattr(teacher, "has_logits", True)
+        self.writes = self.samples and self.tp_rank == 0
+        mp = getattr(teacher, "model_parallel_group", None)
+        self.mp_group = mp if mp is not None and dist.get_world_size(mp) > 1 else None
+        if self.mp_group is not None:
+            flags = [None] * dist.get_world_size(self.mp_group)
+            dist.all_gather_object(flags, self.writes, group=self.mp_group)
+            self.src = dist.get_global_rank(self.mp_group, flags.index(True))
 
     def vocab_start(self, width: int) -> int:
-        return self.rank * width
+        return self.tp_rank * width
 
     def all_reduce(self, t: torch.Tensor, op) -> None:
-        if self.group is not None:
-            dist.all_reduce(t, op=op, group=self.group)
+        if self.tp_group is not None:
+            dist.all_reduce(t, op=op, group=self.tp_group)
 
     def agree(self, value):
-        """``value`` as TP rank 0 has it, on every rank of the group."""
-        if self.group is None:
+        """``value`` as the writing rank has it, on every rank of the model-parallel group."""
+        if self.mp_group is None:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        dist.broadcast_object_list(box, src=self.src, group=self.mp_group)
         return box[0]
 
 
-def _build_shard(cfg, teacher, tp, ds, doc_tokens0, path, doc_range, enc, bar, stats):
-    """Build one shard: every TP rank runs the teacher, TP rank 0 writes and returns the record."""
+def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, enc, bar, stats):
+    """Build one shard: all model-parallel ranks run the teacher; the writer returns its record."""
     writer = None
-    if tp.writes:
+    if par.writes:
         writer = ShardWriter.open(
             path,
             encoding=enc,
@@ -237,7 +248,7 @@ def _build_shard(cfg, teacher, tp, ds, doc_tokens0, path, doc_range, enc, bar, s
             doc_start=doc_range[0],
             doc_end=doc_range[1],
         )
-    first = tp.agree(writer.next_document if writer else None)
+    first = par.agree(writer.next_document if writer else None)
     bar.update(int(ds.sequence_lengths[doc_range[0] : first].sum()))
     pending: dict[int, _DocumentRows] = {}
     since_commit = 0
@@ -255,6 +266,8 @@ def _build_shard(cfg, teacher, tp, ds, doc_tokens0, path, doc_range, enc, bar, s
         outs = teacher.logits([tok[w.start : w.end] for _, w, tok in batch])
         t1 = time.perf_counter()
         stats.teacher_s += t1 - t0
+        if not par.samples:  # an earlier pipeline stage: its part is done
+            continue
         rows = torch.cat(
             [o[w.score_from - w.start :] for o, (_, w, _) in zip(outs, batch, strict=True)]
         )
@@ -269,7 +282,7 @@ def _build_shard(cfg, teacher, tp, ds, doc_tokens0, path, doc_range, enc, bar, s
             num_samples=cfg.num_samples,
             k=cfg.k,
             temperature=cfg.temperature,
-            tp_group=tp.group,
+            tp_group=par.tp_group,
             vocab_size=teacher.vocab_size,
         )
         # The next token of each scored row (-1 after a document's last token).
@@ -281,7 +294,7 @@ def _build_shard(cfg, teacher, tp, ds, doc_tokens0, path, doc_range, enc, bar, s
                 for _, w, tok in batch
             ]
         )
-        nll, count = _teacher_nll(rows, targets, tp)
+        nll, count = _teacher_nll(rows, targets, par)
         stats.nll_sum += nll
         stats.nll_count += count
         t2 = time.perf_counter()
@@ -358,19 +371,19 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
     mine = range(cfg.num_shards) if cfg.shard_indices is None else cfg.shard_indices
     todo_tokens = sum(int(lengths[a:b].sum()) for a, b in (plan[i] for i in mine))
     start = time.time()
-    tp = _TP(teacher)
+    par = _Parallel(teacher)
     bar = tqdm(
         total=todo_tokens,
         unit="tok",
         unit_scale=True,
         desc="teacher",
-        disable=not (cfg.progress and tp.writes),
+        disable=not (cfg.progress and par.writes),
     )
     built, stats = 0, _Stats()
     for i in mine:
         path = out / shard_file_name(i, cfg.num_shards)
         sidecar = Path(str(path) + ".json")
-        if tp.agree(path.exists() and sidecar.exists()):
+        if par.agree(path.exists() and sidecar.exists()):
             done = Manifest.load(sidecar)
             if done.compatibility_key() != base.compatibility_key():
                 raise CacheMismatchError(
@@ -379,18 +392,18 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
                 )
             bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
             continue
-        record = _build_shard(cfg, teacher, tp, ds, doc_tokens0, path, plan[i], enc, bar, stats)
-        if tp.writes:
+        record = _build_shard(cfg, teacher, par, ds, doc_tokens0, path, plan[i], enc, bar, stats)
+        if par.writes:
             write_sidecar(path, base, record)
         built += 1
     bar.close()
-    complete = tp.agree(
+    complete = par.agree(
         all(
             (out / (shard_file_name(i, cfg.num_shards) + ".json")).exists()
             for i in range(cfg.num_shards)
         )
     )
-    if complete and tp.writes and not (out / MANIFEST_NAME).exists():
+    if complete and par.writes and not (out / MANIFEST_NAME).exists():
         merge_cache([out], out)
     report = {
         "output": str(out),
@@ -402,7 +415,7 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
         "seconds": round(time.time() - start, 2),
         **stats.report(),
     }
-    if complete and tp.writes:
+    if complete and par.writes:
         report.update(_cache_summary(out))
     return report
 

@@ -217,12 +217,13 @@ def convert_teacher(hf_path: str, out_dir) -> dict:
 
 
 class MegatronTeacher:
-    """A converted teacher on megatron-core, at the run's tensor-parallel size.
+    """A converted teacher on megatron-core, at the run's tensor and pipeline sizes.
 
     ``logits`` returns, per window, this rank's vocabulary shard
-    ``[len, padded_V / tp]``; ``tp_group`` is the group the sampler reduces
-    over. Pipeline parallelism is not supported by this teacher yet: with PP > 1
-    construction fails with a clear error.
+    ``[len, padded_V / tp]`` on the last pipeline stage, and ``None`` on the
+    others (they run their layers and pass activations on, through
+    megatron-core's forward-only pipeline schedule). ``tp_group`` is the group
+    the sampler reduces over; ``model_parallel_group`` spans the stages.
     """
 
     def __init__(self, path, *, dtype: str = "float32"):
@@ -235,8 +236,6 @@ class MegatronTeacher:
             self.spec = json.loads((self.path / SPEC_NAME).read_text())
         except (OSError, ValueError) as exc:
             raise TeacherError(f"{self.path / SPEC_NAME}: unreadable teacher spec ({exc})") from exc
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            raise TeacherError("the megatron teacher runs with tensor parallelism only (PP=1)")
         self.model = _build_model(self.spec, getattr(torch, dtype))
         try:
             state = dist_checkpointing.load(
@@ -251,6 +250,9 @@ class MegatronTeacher:
         self.model.eval()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.model_parallel_group = ps.get_model_parallel_group()
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        self.has_logits = ps.is_pipeline_last_stage()
         self.vocab_size = int(self.spec["vocab_size"])
         self.max_context = int(self.spec["max_position_embeddings"])
         self.checkpoint_hash = self.spec.get("source", {}).get("checkpoint_hash")
@@ -273,13 +275,37 @@ class MegatronTeacher:
         return load_tokenizer(self.spec["tokenizer"])
 
     @torch.no_grad()
-    def logits(self, windows: list[torch.Tensor]) -> list[torch.Tensor]:
-        """float32 vocabulary-shard logits ``[len(w), padded_V / tp]`` per window."""
+    def logits(self, windows: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """float32 vocabulary-shard logits ``[len(w), padded_V / tp]`` per window
+        (last pipeline stage; ``None`` on the other stages)."""
         longest = max(len(w) for w in windows)
         batch = torch.zeros(len(windows), longest, dtype=torch.int64)
         for i, w in enumerate(windows):
             batch[i, : len(w)] = w
         position_ids = torch.arange(longest).unsqueeze(0).expand_as(batch)
         causal = torch.ones(1, 1, longest, longest, dtype=torch.bool).triu(1)
-        out = self.model(batch, position_ids, causal)  # [b, s, V/tp]
+        if self.pp_size == 1:
+            out = self.model(batch, position_ids, causal)  # [b, s, V/tp]
+        else:
+            out = self._pipeline_forward(batch, position_ids, causal)
+            if out is None:
+                return None
         return [out[i, : len(w)].float() for i, w in enumerate(windows)]
+
+    def _pipeline_forward(self, batch, position_ids, causal):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            tokens, pos, mask = next(data_iterator)
+            return model(tokens, pos, mask), None  # no loss: the schedule keeps the output
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([(batch, position_ids, causal)]),
+            model=[self.model],
+            num_microbatches=1,
+            seq_length=batch.shape[1],
+            micro_batch_size=batch.shape[0],
+            forward_only=True,
+        )
+        return outputs[0] if self.has_logits else None
