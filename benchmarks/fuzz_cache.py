@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from _common import record  # noqa: E402
-from conftest import write_synthetic_cache  # noqa: E402
+from helpers import write_synthetic_cache  # noqa: E402
 
 from megatron_slkd.cache import open_cache  # noqa: E402
 from megatron_slkd.errors import SlkdError  # noqa: E402

@@ -10,7 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import write_synthetic_cache
+from helpers import write_synthetic_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

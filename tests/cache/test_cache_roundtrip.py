@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import write_synthetic_cache
+from helpers import write_synthetic_cache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import write_dataset, write_synthetic_cache
+from helpers import write_dataset, write_synthetic_cache
 
 from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.merge import merge_cache

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_dataset
+from helpers import write_dataset
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -1,0 +1,115 @@
+"""Test helpers: small synthetic caches and datasets with known contents."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_slkd.cache import Manifest, ShardWriter, encoding_for
+from megatron_slkd.cache.manifest import MANIFEST_NAME
+from megatron_slkd.cache.writer import write_sidecar
+from megatron_slkd.sampling import sample_sparse_targets
+
+
+@dataclasses.dataclass
+class SyntheticCache:
+    path: Path
+    docs: list[np.ndarray]
+    targets: list  # SparseTargets per document (rows for every token)
+    manifest: Manifest
+
+    def expected_rows(self, doc: int):
+        """Ids, weights and entry counts the cache must return for ``doc``."""
+        t = self.targets[doc]
+        n = t.num_valid.numpy().copy()
+        n[-1] = 0
+        return t.ids.numpy(), t.weights.numpy(), n
+
+
+def write_synthetic_cache(
+    path: Path,
+    lengths,
+    *,
+    vocab: int = 300,
+    method: str = "rs",
+    num_samples: int = 50,
+    k: int = 8,
+    num_shards: int = 2,
+    chunk_tokens: int = 64,
+    seed: int = 5,
+    write_manifest: bool = True,
+    sidecars: bool = False,
+) -> SyntheticCache:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, vocab, (int(n),), generator=g).numpy() for n in lengths]
+    enc = encoding_for(method, vocab, num_samples=num_samples, k=k)
+    bounds = np.linspace(0, len(docs), num_shards + 1).astype(int)
+    targets, records, pos = [], [], 0
+    for i in range(num_shards):
+        w = ShardWriter.open(
+            path / f"shard-{i:05d}.slkd",
+            encoding=enc,
+            vocab_size=vocab,
+            doc_start=int(bounds[i]),
+            doc_end=int(bounds[i + 1]),
+            chunk_tokens=chunk_tokens,
+        )
+        for d in range(bounds[i], bounds[i + 1]):
+            n = len(docs[d])
+            logits = torch.randn(n, vocab, generator=g) * 3
+            t = sample_sparse_targets(
+                logits,
+                method=method,
+                seed=seed,
+                positions=torch.arange(pos, pos + n),
+                num_samples=num_samples,
+                k=k,
+            )
+            w.add_document(
+                docs[d],
+                t.ids.numpy(),
+                t.weights.numpy(),
+                t.num_valid.numpy(),
+                None if t.counts is None else t.counts.numpy(),
+            )
+            targets.append(t)
+            pos += n
+        records.append(w.finalize())
+    manifest = Manifest(
+        dataset=dict(prefix="synthetic", num_documents=len(docs), num_tokens=int(sum(lengths))),
+        tokenizer=dict(fingerprint="synthetic", vocab_size=vocab),
+        teacher=dict(name="random logits"),
+        sampling=dict(
+            method=method,
+            num_samples=num_samples if method == "rs" else None,
+            k=k if method == "topk" else None,
+            temperature=1.0,
+            seed=seed,
+        ),
+        encoding=enc,
+        shards=records,
+    )
+    if write_manifest:
+        (path / MANIFEST_NAME).write_text(manifest.to_json())
+    if sidecars:
+        for rec in records:
+            write_sidecar(path / rec["file"], manifest, rec)
+    return SyntheticCache(path, docs, targets, manifest)
+
+
+def write_dataset(prefix: Path, docs) -> str:
+    """A megatron-core IndexedDataset holding ``docs`` (one sequence each)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(prefix)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for d in docs:
+        builder.add_item(torch.as_tensor(np.asarray(d, dtype=np.int64)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix
