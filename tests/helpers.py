@@ -113,3 +113,32 @@ def write_dataset(prefix: Path, docs) -> str:
         builder.end_document()
     builder.finalize(prefix + ".idx")
     return prefix
+
+
+def write_positional_cache(path: Path, docs, vocab: int, num_samples: int = 10) -> Path:
+    """A one-shard RS cache whose row at absolute position p is a fixed function of p
+    (1 to 4 ids, counts summing to ``num_samples``), with its manifest."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    enc = encoding_for("rs", vocab, num_samples=num_samples)
+    w = ShardWriter.open(path / "shard-00000.slkd", encoding=enc, vocab_size=vocab, doc_start=0,
+                         doc_end=len(docs), chunk_tokens=64)  # fmt: skip
+    pos = 0
+    for doc in docs:
+        n = len(doc)
+        p = np.arange(pos, pos + n)
+        k = 1 + p % 4
+        ids = (p[:, None] * 31 + np.arange(4)[None, :] * 7) % vocab
+        counts = np.zeros((n, 4), np.int64)
+        for j in range(4):
+            counts[:, j] = np.where(j < k, num_samples // k + (j < num_samples % k), 0)
+        w.add_document(doc, ids, counts / num_samples, k, counts)
+        pos += n
+    rec = w.finalize()
+    manifest = Manifest(
+        dataset=dict(prefix="positional", num_documents=len(docs), num_tokens=pos),
+        tokenizer=dict(fingerprint="positional", vocab_size=vocab), teacher={},
+        sampling=dict(method="rs", num_samples=num_samples), encoding=enc, shards=[rec],
+    )  # fmt: skip
+    (path / MANIFEST_NAME).write_text(manifest.to_json())
+    return path

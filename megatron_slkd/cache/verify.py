@@ -20,7 +20,7 @@ from megatron_slkd.cache.format import crc32, token_crc32
 from megatron_slkd.cache.reader import SparseKDCache, open_cache
 from megatron_slkd.errors import SlkdError
 
-__all__ = ["verify_cache", "check_alignment", "assign_shards"]
+__all__ = ["verify_cache", "check_alignment", "tokenizer_problems", "assign_shards"]
 
 _READ_TOKENS = 1 << 18
 
@@ -102,7 +102,9 @@ def check_alignment(cache: SparseKDCache, ds, *, shards=None, tokens: bool = Tru
     return problems
 
 
-def _tokenizer_problems(cache: SparseKDCache, prefix: str) -> list[str]:
+def tokenizer_problems(cache: SparseKDCache, prefix: str) -> list[str]:
+    """Differences between the cache's tokenizer and the one ``prefix`` was prepared with
+    (empty when they agree, or when the dataset has no ``.meta.json`` record)."""
     from megatron_slkd.data.prepare import META_SUFFIX
 
     meta_path = Path(prefix + META_SUFFIX)
@@ -150,7 +152,7 @@ def verify_cache(path, data_prefix: str | None = None, *, comm=None, tokens: boo
         except SlkdError as exc:
             problems.append(str(exc))
         if rank == 0:
-            problems += _tokenizer_problems(cache, data_prefix)
+            problems += tokenizer_problems(cache, data_prefix)
     if comm is not None:
         gathered = comm.gather(problems, root=0)
         problems = sorted({p for ps in gathered for p in ps}) if rank == 0 else problems

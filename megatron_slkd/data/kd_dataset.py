@@ -1,0 +1,129 @@
+"""``SparseKDGPTDataset``: megatron-core's GPTDataset plus the teacher's sparse targets.
+
+Each sample is built by megatron-core's own document, sample and shuffle
+indices; this subclass derives the same (document, offset, length) spans and
+reads the matching cache rows, so ``kd_ids[i]`` / ``kd_weights[i]`` are the
+teacher's distribution of ``labels[i]`` (cache row p of a document is the
+distribution of its token p + 1, decision D1). Where a label is the first
+token of the next document, or padding, the row is empty and the loss falls
+back to cross-entropy. Alignment between each cache and its data prefix is
+checked when the dataset is built (decision D5).
+
+Build it with ``BlendedMegatronDatasetBuilder(SparseKDGPTDataset, sizes,
+is_built_on_rank, config)`` and a :class:`SparseKDGPTDatasetConfig` whose
+``kd_caches`` maps every data prefix of the blend to its cache directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from megatron_slkd.cache.reader import SparseKDCache, open_cache
+from megatron_slkd.errors import CacheMismatchError
+
+__all__ = ["SparseKDGPTDataset", "SparseKDGPTDatasetConfig", "sample_spans"]
+
+
+@dataclasses.dataclass
+class SparseKDGPTDatasetConfig(GPTDatasetConfig):
+    """GPTDatasetConfig with the sparse-logit caches of the blend."""
+
+    kd_caches: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Data prefix -> cache directory, for every prefix of the blend."""
+    kd_check_tokens: bool = False
+    """At build time, also compare each shard's token checksum with the data
+    (reads every token once); document count and lengths are always compared."""
+
+
+_CACHES: dict[tuple[str, str], SparseKDCache] = {}
+_LOCK = threading.Lock()
+
+
+def _open_checked(prefix: str, cache_dir: str, ds, check_tokens: bool) -> SparseKDCache:
+    """The cache of ``prefix``, opened and checked against ``ds`` once per process and pair
+    (the train, validation and test splits of one prefix share it)."""
+    from megatron_slkd.cache.verify import check_alignment, tokenizer_problems
+
+    key = (str(Path(prefix).resolve()), str(Path(cache_dir).resolve()))
+    with _LOCK:
+        if key not in _CACHES:
+            cache = open_cache(cache_dir)
+            problems = check_alignment(cache, ds, tokens=check_tokens)
+            problems += tokenizer_problems(cache, prefix)
+            if problems:
+                raise CacheMismatchError(
+                    f"cache {cache_dir} does not match data prefix {prefix}: " + "; ".join(problems)
+                )
+            _CACHES[key] = cache
+        return _CACHES[key]
+
+
+def sample_spans(dataset: GPTDataset, idx: int, rows: int):
+    """(documents, offsets, lengths) of the first ``rows`` text positions of sample ``idx``.
+
+    Mirrors ``GPTDataset._query_document_sample_shuffle_indices``: the same
+    shuffle, sample and document indices, the same offsets.
+    """
+    i = int(dataset.shuffle_index[idx])
+    beg, beg_off = (int(x) for x in dataset.sample_index[i])
+    end, end_off = (int(x) for x in dataset.sample_index[i + 1])
+    lengths = dataset.dataset.sequence_lengths
+    docs, offsets, counts, total = [], [], [], 0
+    for j in range(beg, end + 1):
+        doc = int(dataset.document_index[j])
+        off = beg_off if j == beg else 0
+        n = (end_off - off if j == end else int(lengths[doc]) - off) + (
+            dataset.config.add_extra_token_to_sequence if j == end else 0
+        )
+        n = min(n, rows - total)
+        if n <= 0:  # an empty part (a sample may start at a document's very end)
+            continue
+        docs.append(doc)
+        offsets.append(off)
+        counts.append(n)
+        total += n
+    return docs, offsets, counts
+
+
+class SparseKDGPTDataset(GPTDataset):
+    """A GPTDataset whose samples also carry ``kd_ids`` and ``kd_weights``.
+
+    Sample keys: those of GPTDataset, plus ``kd_ids`` ``[S, K]`` (int64) and
+    ``kd_weights`` ``[S, K]`` (float32, rows summing to 1, or all 0 where the
+    position has no teacher target), K the largest entry count in the sample.
+    """
+
+    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split,
+                 config: SparseKDGPTDatasetConfig) -> None:  # fmt: skip
+        caches = getattr(config, "kd_caches", None) or {}
+        if dataset_path not in caches:
+            raise CacheMismatchError(
+                f"data prefix {dataset_path} has no sparse-logit cache; add it to kd_caches "
+                f"(given: {sorted(caches)}) or build one with `slkd build-cache`"
+            )
+        self.kd_cache = _open_checked(dataset_path, caches[dataset_path], indexed_dataset,
+                                      getattr(config, "kd_check_tokens", False))  # fmt: skip
+        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples,
+                         index_split, config)  # fmt: skip
+
+    def __getitem__(self, idx: int | None) -> dict[str, torch.Tensor]:
+        sample = super().__getitem__(idx)  # also loads the lazy indices
+        rows = len(sample["labels"])
+        docs, offsets, lengths = sample_spans(self, 0 if idx is None else idx, rows)
+        got = self.kd_cache.read_spans(docs, offsets, lengths)
+        k = got.ids.shape[1]
+        ids = np.zeros((rows, k), dtype=np.int64)
+        weights = np.zeros((rows, k), dtype=np.float32)
+        n = got.ids.shape[0]  # fewer rows than labels only at padding
+        ids[:n], weights[:n] = got.ids, got.weights
+        if idx is None:
+            weights[:] = 0.0
+        sample["kd_ids"] = torch.from_numpy(ids)
+        sample["kd_weights"] = torch.from_numpy(weights)
+        return sample

@@ -1,0 +1,109 @@
+"""Tier 1: SparseKDGPTDataset rows equal the cache rows found from the raw tokens.
+
+The corpus encodes positions in its tokens: token = base + absolute position
+within its prefix. So for any sample megatron-core's builder makes, each label
+position's true source position is read straight off the token, and the
+expected teacher row is the cache row at that absolute position: an oracle
+that shares no index arithmetic with the dataset.
+"""
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+from helpers import write_dataset, write_positional_cache
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from megatron.core.datasets.blended_megatron_dataset_builder import (
+    BlendedMegatronDatasetBuilder,
+)
+
+from megatron_slkd.cache import open_cache
+from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
+from megatron_slkd.errors import CacheMismatchError
+from megatron_slkd.testing import free_port
+
+VOCAB = 65536
+BASES = {"a": 1, "b": 30001}  # 0 stays free: GPTDataset writes 0 over padding
+
+
+class _Tokenizer:
+    vocab_size = VOCAB
+    eod = VOCAB - 1
+    pad = VOCAB - 2
+    unique_identifiers = {"class": "positional"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    # megatron-core's BlendedDataset asks torch.distributed for the rank.
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        )
+    root = tmp_path_factory.mktemp("kd")
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, base in BASES.items():
+        lengths = rng.integers(1, 120, size=40)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        docs = [base + np.arange(starts[i], starts[i + 1]) for i in range(len(lengths))]
+        prefix = write_dataset(root / name, docs)
+        cache = write_positional_cache(root / f"{name}-cache", docs, VOCAB)
+        out[name] = (prefix, cache)
+    return root, out
+
+
+def _config(root, corpus, seq, seed, split, extra, caches=None):
+    return SparseKDGPTDatasetConfig(
+        random_seed=seed, sequence_length=seq, blend=([corpus["a"][0], corpus["b"][0]], [0.6, 0.4]),
+        split=split, path_to_cache=str(root / "index-cache"), tokenizer=_Tokenizer(),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        add_extra_token_to_sequence=extra, mid_level_dataset_surplus=0.005,
+        kd_caches=caches or {corpus[n][0]: str(corpus[n][1]) for n in BASES},
+    )  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seq=st.integers(4, 96),
+    seed=st.integers(0, 10_000),
+    extra=st.booleans(),
+    split=st.sampled_from(["90,5,5", "60,30,10", "100,0,0"]),
+    samples=st.integers(5, 150),
+)
+def test_every_row_equals_the_cache_row_at_its_token_position(corpus, seq, seed, extra, split,
+                                                               samples):  # fmt: skip
+    root, data = corpus
+    caches = {name: open_cache(data[name][1]) for name in BASES}
+    cfg = _config(root, data, seq, seed, split, extra)
+    sizes = [samples, samples // 4 if split != "100,0,0" else 0, 0]
+    datasets = BlendedMegatronDatasetBuilder(SparseKDGPTDataset, sizes, lambda: True, cfg).build()
+    checked = 0
+    for ds in (d for d in datasets if d is not None):
+        for i in range(len(ds)):
+            s = ds[i]
+            tokens, ids, w = s["tokens"].numpy(), s["kd_ids"].numpy(), s["kd_weights"].numpy()
+            assert ids.shape[0] == len(s["labels"]) == seq and ids.shape == w.shape
+            for t in range(seq):
+                tok = int(tokens[t])
+                name = "a" if tok < BASES["b"] else "b"
+                if tok == 0:  # padding at the end of the data: no teacher target
+                    assert not w[t].any()
+                    continue
+                row = caches[name].read_tokens(tok - BASES[name], 1)
+                n = int(row.num_entries[0])
+                assert np.array_equal(ids[t, :n], row.ids[0, :n]), (i, t)
+                assert np.array_equal(w[t, :n], row.weights[0, :n]) and not w[t, n:].any()
+                checked += 1
+    assert checked > 0
+
+
+def test_prefix_without_cache_and_misaligned_cache_are_refused(corpus):
+    root, data = corpus
+    cfg = _config(root, data, 16, 0, "100,0,0", True, caches={data["a"][0]: str(data["a"][1])})
+    with pytest.raises(CacheMismatchError, match=r"b has no sparse-logit cache"):
+        BlendedMegatronDatasetBuilder(SparseKDGPTDataset, [10, 0, 0], lambda: True, cfg).build()
+    swapped = {data["a"][0]: str(data["b"][1]), data["b"][0]: str(data["a"][1])}
+    cfg = _config(root, data, 16, 0, "100,0,0", True, caches=swapped)
+    with pytest.raises(CacheMismatchError, match=r"does not match data prefix .*tokens in the"):
+        BlendedMegatronDatasetBuilder(SparseKDGPTDataset, [10, 0, 0], lambda: True, cfg).build()
