@@ -35,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, tp, pp, megatron, threads):
+def _worker(rank, world_size, port, fn, args, tp, pp, megatron, threads, cp=1):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -55,7 +55,9 @@ def _worker(rank, world_size, port, fn, args, tp, pp, megatron, threads):
 
             cpu.enable()
             parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                context_parallel_size=cp,
             )
         fn(rank, world_size, *args)
     except BaseException as exc:
@@ -74,6 +76,7 @@ def run_distributed(
     *args: Any,
     tp: int = 1,
     pp: int = 1,
+    cp: int = 1,
     megatron: bool = False,
     retries: int = 3,
 ) -> None:
@@ -82,20 +85,20 @@ def run_distributed(
     Args:
         fn: module-level function; its assertions fail the run.
         world_size: number of processes.
-        tp, pp: megatron-core tensor and pipeline parallel sizes (used when
-            ``megatron`` is true; data parallel is ``world_size / (tp * pp)``).
+        tp, pp, cp: megatron-core tensor, pipeline and context parallel sizes (used
+            when ``megatron`` is true; data parallel is ``world_size / (tp * pp * cp)``).
         megatron: initialize megatron-core ``parallel_state`` (with the CPU
             compat module enabled) before calling ``fn``.
         retries: attempts when the chosen port is taken before gloo binds it.
     """
-    if megatron and world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by tp*pp={tp * pp}")
+    if megatron and world_size % (tp * pp * cp):
+        raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp={tp * pp * cp}")
     threads = max(1, (os.cpu_count() or 1) // world_size)
     for attempt in range(retries):
         try:
             mp.spawn(
                 _worker,
-                args=(world_size, free_port(), fn, args, tp, pp, megatron, threads),
+                args=(world_size, free_port(), fn, args, tp, pp, megatron, threads, cp),
                 nprocs=world_size,
                 join=True,
             )
