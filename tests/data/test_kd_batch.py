@@ -71,5 +71,50 @@ def test_tp_broadcast_and_pp_routing(tp, pp):
     run_distributed(_routing, 4, tp, pp, 1, tp=tp, pp=pp, megatron=True)
 
 
+def _dataset_samples(rank, world, path):
+    from megatron.core import parallel_state as ps
+
+    samples = torch.load(path)
+    expected = collate_kd(samples)
+    tp0 = ps.get_tensor_model_parallel_rank() == 0
+    got = get_kd_batch(iter([collate_kd(samples)]) if tp0 else None)
+    if ps.is_pipeline_last_stage():
+        assert torch.equal(got["kd_ids"], expected["kd_ids"])
+        assert torch.allclose(got["kd_weights"], expected["kd_weights"], atol=1e-3)
+        assert torch.equal(got["labels"], expected["labels"])
+
+
+def test_last_stage_receives_the_targets_the_dataset_produced(tmp_path):
+    """Samples of a real SparseKDGPTDataset through TP=2 x PP=2."""
+    import numpy as np
+    from helpers import write_dataset, write_positional_cache
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+
+    from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
+
+    class Tok:
+        vocab_size, eod, pad, unique_identifiers = 65536, 65535, 65534, {"class": "t"}
+
+    lengths = np.random.default_rng(1).integers(1, 50, size=30)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    docs = [1 + np.arange(starts[i], starts[i + 1]) for i in range(30)]
+    prefix = write_dataset(tmp_path / "d", docs)
+    cache = write_positional_cache(tmp_path / "c", docs, 65536)
+    cfg = SparseKDGPTDatasetConfig(
+        random_seed=3, sequence_length=S, blend=([prefix], None), split="100,0,0",
+        path_to_cache=str(tmp_path / "idx"), tokenizer=Tok(), reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, kd_caches={prefix: str(cache)},
+    )  # fmt: skip
+    train = BlendedMegatronDatasetBuilder(SparseKDGPTDataset, [6, 0, 0], lambda: True, cfg).build()[
+        0
+    ]
+    samples = [train[i] for i in range(B)]
+    assert any(s["kd_weights"].any() for s in samples)
+    torch.save(samples, tmp_path / "samples.pt")
+    run_distributed(_dataset_samples, 4, str(tmp_path / "samples.pt"), tp=2, pp=2, megatron=True)
+
+
 def test_context_parallel_split_matches_the_tokens():
     run_distributed(_routing, 2, 1, 1, 2, tp=1, pp=1, cp=2, megatron=True)
