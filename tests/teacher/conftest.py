@@ -1,14 +1,10 @@
 """Fixtures of the teacher tests: a tiny random Llama in SmolLM2's vocabulary."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from helpers import prepare_hf_dataset
 
 from megatron_slkd.teacher import smollm2_gguf
-
-SLKD = [sys.executable, "-m", "megatron_slkd"]
 
 
 @pytest.fixture(scope="session")
@@ -36,23 +32,5 @@ def tiny(tmp_path_factory):
         initializer_range=1.0,  # logits of a few units, so comparisons mean something
     )
     LlamaForCausalLM(config).save_pretrained(root / "model")
-    subprocess.run(
-        [
-            *SLKD,
-            "prepare-data",
-            "--builtin-corpus",
-            "stdlib-docstrings",
-            "--max-documents",
-            "10",
-            "--hf-tokenizer",
-            str(root / "model"),
-            "--eod-token",
-            "<|endoftext|>",
-            "--output-prefix",
-            str(root / "data"),
-            "--no-progress",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    prepare_hf_dataset(root / "data", root / "model", 10)
     return root

