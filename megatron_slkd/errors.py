@@ -15,6 +15,7 @@ __all__ = [
     "CacheCoverageError",
     "CacheCapacityError",
     "DataPreparationError",
+    "ConfigError",
 ]
 
 
@@ -40,3 +41,7 @@ class CacheCapacityError(SlkdError):
 
 class DataPreparationError(SlkdError):
     """Input text, tokenizer or output prefix given to ``prepare-data`` is unusable."""
+
+
+class ConfigError(SlkdError):
+    """An option value cannot work with the data or the launch (say which and why)."""

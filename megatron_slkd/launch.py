@@ -78,9 +78,9 @@ def init_distributed(tensor_parallel: int = 1, device: str = "cpu", pipeline_par
         cpu.enable()
     if not parallel_state.model_parallel_is_initialized():
         if world % (tensor_parallel * pipeline_parallel):
-            from megatron_slkd.errors import SlkdError
+            from megatron_slkd.errors import ConfigError
 
-            raise SlkdError(
+            raise ConfigError(
                 f"tensor x pipeline parallel size {tensor_parallel} x {pipeline_parallel} does "
                 f"not divide the {world} processes of the launch; launch a multiple of it"
             )

@@ -25,7 +25,7 @@ from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
 from megatron_slkd.cache.writer import ShardWriter, write_sidecar
 from megatron_slkd.data.indexed import dataset_fingerprint, open_dataset
-from megatron_slkd.errors import CacheMismatchError
+from megatron_slkd.errors import CacheMismatchError, ConfigError
 from megatron_slkd.sampling import sample_sparse_targets
 from megatron_slkd.teacher.windows import document_windows
 
@@ -74,7 +74,9 @@ def plan_shards(lengths: np.ndarray, num_shards: int) -> list[tuple[int, int]]:
     """Contiguous document ranges with about equal token counts."""
     n = len(lengths)
     if not 1 <= num_shards <= max(n, 1):
-        raise ValueError(f"num_shards must be in [1, {n}] for {n} documents, got {num_shards}")
+        raise ConfigError(
+            f"--num-shards {num_shards}: a dataset of {n} documents splits into 1 to {n} shards"
+        )
     cum = np.cumsum(np.asarray(lengths, dtype=np.int64))
     total = int(cum[-1]) if n else 0
     cuts = [0]
@@ -337,6 +339,18 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, enc, bar, 
 def build_cache(cfg: BuildConfig, teacher) -> dict:
     """Build the shards of ``cfg`` with ``teacher``; returns a summary."""
     from tqdm import tqdm
+
+    if not 0 < cfg.stride <= cfg.context_length:
+        raise ConfigError(
+            f"--stride {cfg.stride} must be in (0, --context-length {cfg.context_length}]"
+        )
+    if cfg.context_length > teacher.max_context:
+        raise ConfigError(
+            f"--context-length {cfg.context_length} exceeds the teacher's "
+            f"{teacher.max_context} positions"
+        )
+    if cfg.method == "topk" and not cfg.k:
+        raise ConfigError("--method topk needs --k")
 
     ds = open_dataset(cfg.data_prefix)
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)

@@ -1,5 +1,6 @@
 """Tier 1/3: document windows, shard plans, and cache building with resume."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
-from megatron_slkd.errors import CacheMismatchError
+from megatron_slkd.errors import CacheMismatchError, ConfigError
 from megatron_slkd.teacher import BuildConfig, build_cache, document_windows, plan_shards
 from megatron_slkd.teacher.build import shard_file_name
 
@@ -39,7 +40,7 @@ def test_plan_shards_is_contiguous_and_balanced():
     tokens = [lengths[a:b].sum() for a, b in plan]
     assert max(tokens) <= 2 * lengths.sum() / 4
     assert plan_shards(lengths, 10) == [(i, i + 1) for i in range(10)]
-    with pytest.raises(ValueError, match="num_shards"):
+    with pytest.raises(ConfigError, match="num-shards 11: a dataset of 10 documents"):
         plan_shards(lengths, 11)
 
 
@@ -48,6 +49,7 @@ class PrefixTeacher:
     running hash), so a wrong window or misaligned row changes the output."""
 
     vocab_size = VOCAB
+    max_context = 512
 
     def __init__(self, fail_after: int | None = None):
         self.calls, self.fail_after = 0, fail_after
@@ -159,3 +161,19 @@ def test_refuses_other_parameters_and_other_vocabulary(dataset, tmp_path):
     (tmp_path / "ds.meta.json").write_text(json.dumps(meta))
     with pytest.raises(CacheMismatchError, match="cannot score ids"):
         build_cache(_cfg(prefix, tmp_path / "d"), PrefixTeacher())
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(stride=0), "--stride 0 must be in"),
+        (dict(stride=17), "--stride 17 must be in"),
+        (dict(context_length=1024, stride=8), "exceeds the teacher's 512"),
+        (dict(method="topk"), "needs --k"),
+    ],
+)
+def test_bad_options_are_refused(dataset, tmp_path, kw, match):
+    prefix, _ = dataset
+    cfg = _cfg(prefix, tmp_path / "c")
+    with pytest.raises(ConfigError, match=match):
+        build_cache(dataclasses.replace(cfg, **kw), PrefixTeacher())
