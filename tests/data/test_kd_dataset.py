@@ -7,6 +7,8 @@ expected teacher row is the cache row at that absolute position: an oracle
 that shares no index arithmetic with the dataset.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch.distributed as dist
@@ -63,6 +65,25 @@ def _config(root, corpus, seq, seed, split, extra, caches=None):
     )  # fmt: skip
 
 
+def _check_sample(s, caches, seq) -> int:
+    """Assert every row of sample ``s`` against the oracle; returns rows with a target."""
+    tokens, ids, w = s["tokens"].numpy(), s["kd_ids"].numpy(), s["kd_weights"].numpy()
+    assert ids.shape[0] == len(s["labels"]) == seq and ids.shape == w.shape
+    checked = 0
+    for t in range(seq):
+        tok = int(tokens[t])
+        if tok == 0:  # padding at the end of the data: no teacher target
+            assert not w[t].any() and s["loss_mask"][t] == 0
+            continue
+        name = "a" if tok < BASES["b"] else "b"
+        row = caches[name].read_tokens(tok - BASES[name], 1)
+        n = int(row.num_entries[0])
+        assert np.array_equal(ids[t, :n], row.ids[0, :n]), t
+        assert np.array_equal(w[t, :n], row.weights[0, :n]) and not w[t, n:].any()
+        checked += n > 0
+    return checked
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seq=st.integers(4, 96),
@@ -81,21 +102,24 @@ def test_every_row_equals_the_cache_row_at_its_token_position(corpus, seq, seed,
     checked = 0
     for ds in (d for d in datasets if d is not None):
         for i in range(len(ds)):
-            s = ds[i]
-            tokens, ids, w = s["tokens"].numpy(), s["kd_ids"].numpy(), s["kd_weights"].numpy()
-            assert ids.shape[0] == len(s["labels"]) == seq and ids.shape == w.shape
-            for t in range(seq):
-                tok = int(tokens[t])
-                name = "a" if tok < BASES["b"] else "b"
-                if tok == 0:  # padding at the end of the data: no teacher target
-                    assert not w[t].any()
-                    continue
-                row = caches[name].read_tokens(tok - BASES[name], 1)
-                n = int(row.num_entries[0])
-                assert np.array_equal(ids[t, :n], row.ids[0, :n]), (i, t)
-                assert np.array_equal(w[t, :n], row.weights[0, :n]) and not w[t, n:].any()
-                checked += 1
+            checked += _check_sample(ds[i], caches, seq)
     assert checked > 0
+
+
+def test_padding_at_the_end_of_the_data(corpus):
+    root, data = corpus
+    caches = {name: open_cache(data[name][1]) for name in BASES}
+    cfg = dataclasses.replace(_config(root, data, 50, 0, "50,50,0", True),
+                              drop_last_partial_validation_sequence=False,
+                              blend=([data["a"][0]], None))  # fmt: skip
+    valid = BlendedMegatronDatasetBuilder(SparseKDGPTDataset, [10, None, 0], lambda: True,
+                                          cfg).build()[1]  # fmt: skip
+    padded = 0
+    for i in range(len(valid)):
+        sample = valid[i]
+        padded += int((sample["tokens"] == 0).any())
+        _check_sample(sample, caches, 50)
+    assert padded == 1  # the split's partial last sample, padded by megatron-core
 
 
 def test_prefix_without_cache_and_misaligned_cache_are_refused(corpus):
