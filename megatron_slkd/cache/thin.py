@@ -81,8 +81,13 @@ def thin_cache(source, output, num_samples: int, *, seed: int = 0) -> dict:
     pos = 0
     for sh, rec in zip(src.shards, m.shards, strict=True):
         path = out / rec["file"]
-        if path.exists():  # finished by an earlier, interrupted run
-            records.append(Manifest.load(str(path) + ".json").shards[0])
+        if path.exists():  # finished by an earlier, interrupted run of the same command
+            done = Manifest.load(str(path) + ".json")
+            if done.compatibility_key() != base.compatibility_key():
+                raise CacheMismatchError(
+                    f"{path}: a shard thinned with other parameters is here; use another --output"
+                )
+            records.append(done.shards[0])
             pos += rec["num_tokens"]
             continue
         w = ShardWriter.open(

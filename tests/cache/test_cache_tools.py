@@ -170,6 +170,8 @@ def test_thin_cache_resumes_after_a_finished_shard(tmp_path):
     assert (tmp_path / "out" / "manifest.json").read_text() == (
         tmp_path / "ref" / "manifest.json"
     ).read_text()
+    with pytest.raises(CacheMismatchError, match="thinned with other parameters"):
+        thin_cache(src.path, tmp_path / "out", 6)
 
 
 def test_stats_figures(tmp_path):
