@@ -11,13 +11,21 @@ run only re-checks):
    samples N=50 draws per token, as two shards built one after the other the
    way two tasks of a Slurm job array would;
 3. verify-cache against the dataset, inspect-cache (with a histogram PNG);
-4. thin-cache from N=50 to N=12 draws, verified again.
+4. thin-cache from N=50 to N=12 draws, verified again;
+5. the student's data path: megatron-core's dataset builder makes
+   SparseKDGPTDataset samples, get_kd_batch delivers them, and the
+   vocab-parallel sparse KD loss scores the teacher itself against its own
+   cache (what remains of the KL is the noise of N=50 draws plus the shorter
+   context a packed 256-token sample gives the teacher; a fresh student
+   starts far above it).
 """
 
 import argparse
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 from megatron_slkd.cli import main as slkd
 from megatron_slkd.teacher import smollm2_gguf
@@ -119,6 +127,7 @@ def main() -> None:
     step(
         "verify-cache: the thinned cache", ["verify-cache", str(thin), "--data-prefix", str(prefix)]
     )
+    student_data_path(prefix, cache, gguf, work)
     print("\n== summary")
     from megatron_slkd.cache import open_cache
     from megatron_slkd.cache.stats import cache_stats
@@ -137,6 +146,60 @@ def main() -> None:
     print(
         f"(paper: about 12 ids per position at 3 bytes each, 36 GB per 1B tokens)\n"
         f"details: {work / 'summary.json'}, histogram: {work / 'unique_ids_n50.png'}"
+    )
+
+
+def student_data_path(prefix: Path, cache: Path, gguf: Path, work: Path) -> None:
+    """Samples from megatron-core's builder, through the batch path, into the loss."""
+    print("\n== student data path: SparseKDGPTDataset -> get_kd_batch -> sparse KD loss")
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+
+    from megatron_slkd.data.batch import collate_kd, get_kd_batch
+    from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
+    from megatron_slkd.data.prepare import read_meta
+    from megatron_slkd.launch import init_distributed
+    from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
+    from megatron_slkd.teacher import HFTeacher
+
+    class Tokenizer:  # what GPTDataset asks of a tokenizer
+        meta = read_meta(str(prefix))["tokenizer"]
+        vocab_size, eod = meta["vocab_size"], meta["eod"]
+        unique_identifiers = {"fingerprint": meta["fingerprint"]}
+
+    init_distributed(tensor_parallel=1, device="cpu")
+    config = SparseKDGPTDatasetConfig(
+        random_seed=1234,
+        sequence_length=256,
+        blend=([str(prefix)], None),
+        split="100,0,0",
+        path_to_cache=str(work / "index-cache"),
+        tokenizer=Tokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        kd_caches={str(prefix): str(cache)},
+    )
+    train = BlendedMegatronDatasetBuilder(
+        SparseKDGPTDataset, [8, 0, 0], lambda: True, config
+    ).build()[0]
+    batch = get_kd_batch(iter([collate_kd([train[i] for i in range(4)])]))
+    logits = HFTeacher(str(gguf)).logits(list(batch["tokens"]))  # the teacher as the student
+    out = vocab_parallel_sparse_kd_loss(
+        torch.stack(logits).transpose(0, 1),
+        batch["kd_ids"].transpose(0, 1),
+        batch["kd_weights"].transpose(0, 1),
+        batch["labels"].t(),
+        alpha=0.0,
+    )
+    mask = batch["loss_mask"].t() * (batch["kd_weights"].sum(-1).t() > 0)
+    mean = lambda x: float((x * mask).sum() / mask.sum())  # noqa: E731
+    print(
+        f"batch of {tuple(batch['tokens'].shape)} tokens, up to {batch['kd_ids'].shape[-1]} "
+        f"teacher ids per position; the teacher scored against its own cache:\n"
+        f"  sparse KD loss {mean(out.loss):.3f}, KL {mean(out.kl):.3f} nats "
+        f"(sampling noise), label CE {mean(out.ce):.3f} nats"
     )
 
 
