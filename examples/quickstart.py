@@ -199,7 +199,7 @@ def student_data_path(prefix: Path, cache: Path, gguf: Path, work: Path) -> None
         f"batch of {tuple(batch['tokens'].shape)} tokens, up to {batch['kd_ids'].shape[-1]} "
         f"teacher ids per position; the teacher scored against its own cache:\n"
         f"  sparse KD loss {mean(out.loss):.3f}, KL {mean(out.kl):.3f} nats "
-        f"(sampling noise), label CE {mean(out.ce):.3f} nats"
+        f"(draw noise and shorter context), label CE {mean(out.ce):.3f} nats"
     )
 
 
