@@ -123,8 +123,9 @@ def _batches(windows, budget: int):
 class _DocumentRows:
     """Sparse targets of one document, gathered from its windows in any order."""
 
-    def __init__(self, length: int):
-        self.length = length
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = tokens  # kept for the writer's checksum: the document is read once
+        self.length = len(tokens)
         self.parts: list = []  # (score_from, ids, weights, num_valid, counts)
         self.rows = 0
 
@@ -257,8 +258,9 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, enc, bar, 
 
     def windows():
         for d in range(first, doc_range[1]):
-            tokens = torch.from_numpy(ds.get(d).astype(np.int64))
-            pending[d] = _DocumentRows(len(tokens))
+            doc = ds.get(d).astype(np.int64)  # a copy: outlives the dataset's memory map
+            pending[d] = _DocumentRows(doc)
+            tokens = torch.from_numpy(doc)
             for w in document_windows(len(tokens), cfg.context_length, cfg.stride):
                 yield d, w, tokens
 
@@ -316,7 +318,7 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, enc, bar, 
         while next_doc in pending and pending[next_doc].rows == pending[next_doc].length:
             doc = pending.pop(next_doc)
             if writer is not None:
-                writer.add_document(ds.get(next_doc), *doc.arrays())
+                writer.add_document(doc.tokens, *doc.arrays())
             since_commit += doc.length
             bar.update(doc.length)
             next_doc += 1

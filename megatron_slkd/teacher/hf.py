@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from megatron_slkd.errors import SlkdError
+from megatron_slkd.teacher.windows import pad_windows
 
-__all__ = ["HFTeacher", "smollm2_gguf", "TeacherError"]
+__all__ = ["HFTeacher", "smollm2_gguf", "TeacherError", "file_sha256"]
 
 
 class TeacherError(SlkdError):
@@ -34,7 +35,10 @@ def smollm2_gguf() -> Path | None:
     return files[0] if files else None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str | None:
+    """``sha256:<hex>`` of a file's bytes (None when ``path`` is not a file)."""
+    if not Path(path).is_file():
+        return None
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
@@ -69,7 +73,7 @@ class HFTeacher:
                 model = AutoModelForCausalLM.from_pretrained(
                     str(p.parent), gguf_file=p.name, **kwargs
                 )
-                self.checkpoint_hash = _sha256(p)
+                self.checkpoint_hash = file_sha256(p)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     path, local_files_only=not p.exists(), **kwargs
@@ -106,14 +110,7 @@ class HFTeacher:
 
     @torch.no_grad()
     def logits(self, windows: list[torch.Tensor]) -> list[torch.Tensor]:
-        """float32 logits ``[len(w), V]`` for each 1-D int64 window.
-
-        Windows are right-padded into one batch; with causal attention the
-        padding never influences the real positions before it.
-        """
-        longest = max(len(w) for w in windows)
-        batch = torch.zeros(len(windows), longest, dtype=torch.int64)
-        for i, w in enumerate(windows):
-            batch[i, : len(w)] = w
+        """float32 logits ``[len(w), V]`` for each 1-D int64 window (right-padded together)."""
+        batch = pad_windows(windows)
         out = self.model(input_ids=batch.to(self.device), use_cache=False).logits
         return [out[i, : len(w)].float() for i, w in enumerate(windows)]

@@ -23,14 +23,14 @@ rank ever holds full-vocabulary logits.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from megatron_slkd.teacher.hf import TeacherError
+from megatron_slkd.teacher.hf import TeacherError, file_sha256
+from megatron_slkd.teacher.windows import pad_windows
 
 __all__ = ["convert_teacher", "MegatronTeacher", "is_megatron_teacher", "SPEC_NAME"]
 
@@ -173,16 +173,6 @@ def _convert_state_dict(hf: dict, spec: dict) -> dict:
     return out
 
 
-def _file_hash(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
 def convert_teacher(hf_path: str, out_dir) -> dict:
     """Convert a Hugging Face Llama-family model to a megatron-core teacher checkpoint.
 
@@ -200,7 +190,7 @@ def convert_teacher(hf_path: str, out_dir) -> dict:
     spec = _spec_from_hf(hf.model.config)
     spec["source"] = {
         "path": str(Path(hf_path).resolve()) if Path(hf_path).exists() else hf_path,
-        "checkpoint_hash": hf.checkpoint_hash or _file_hash(Path(hf_path)),
+        "checkpoint_hash": hf.checkpoint_hash or file_sha256(Path(hf_path)),
     }
     spec["tokenizer"] = {"kind": "huggingface", "path": spec["source"]["path"]}
     model = _build_model(spec, torch.float32)
@@ -278,10 +268,8 @@ class MegatronTeacher:
     def logits(self, windows: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """float32 vocabulary-shard logits ``[len(w), padded_V / tp]`` per window
         (last pipeline stage; ``None`` on the other stages)."""
-        longest = max(len(w) for w in windows)
-        batch = torch.zeros(len(windows), longest, dtype=torch.int64)
-        for i, w in enumerate(windows):
-            batch[i, : len(w)] = w
+        batch = pad_windows(windows)
+        longest = batch.shape[1]
         position_ids = torch.arange(longest).unsqueeze(0).expand_as(batch)
         causal = torch.ones(1, 1, longest, longest, dtype=torch.bool).triu(1)
         if self.pp_size == 1:

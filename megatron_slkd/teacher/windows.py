@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["Window", "document_windows"]
+import torch
+
+__all__ = ["Window", "document_windows", "pad_windows"]
 
 
 class Window(NamedTuple):
@@ -40,3 +42,15 @@ def document_windows(length: int, context: int, stride: int) -> list[Window]:
         windows.append(Window(start, end, scored))
         scored, s = end, s + stride
     return windows
+
+
+def pad_windows(windows: list[torch.Tensor]) -> torch.Tensor:
+    """Right-pad 1-D int64 token windows into one ``[b, longest]`` batch.
+
+    With causal attention the padding after a window never influences its real
+    positions, so a teacher may score windows of different lengths together.
+    """
+    batch = torch.zeros(len(windows), max(len(w) for w in windows), dtype=torch.int64)
+    for i, w in enumerate(windows):
+        batch[i, : len(w)] = w
+    return batch
