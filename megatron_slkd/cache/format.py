@@ -30,6 +30,7 @@ __all__ = [
     "unpack_counts",
     "counts_nbytes",
     "shard_head",
+    "chunk_crc",
     "crc32",
     "token_crc32",
 ]
@@ -340,7 +341,7 @@ def shard_head(
         entries: the packed entry bytes (for the chunk CRCs).
         token_crc: CRC-32 of the shard's dataset tokens.
     """
-    ntok, eb, cbits = len(counts), enc.entry_bytes, enc.count_bits
+    ntok, cbits = len(counts), enc.count_bits
     doc_offsets = np.zeros(len(lengths) + 1, dtype="<u8")
     np.cumsum(lengths, out=doc_offsets[1:])
     cum = np.zeros(ntok + 1, dtype=np.int64)
@@ -348,17 +349,9 @@ def shard_head(
     bounds = np.unique(np.minimum(np.arange(0, ntok + chunk_tokens, chunk_tokens), ntok))
     chunk_offsets = cum[bounds].astype("<u8")
     packed = pack_counts(counts, cbits)
-    # Chunks hold a multiple of 8 tokens, so their counts start on a byte; the
-    # last chunk's count bytes run to the end of the section.
-    cb = [int(b) * cbits // 8 for b in bounds[:-1]] + [len(packed)]
+    n = len(bounds) - 1
     chunk_crcs = np.array(
-        [
-            crc32(
-                entries[int(chunk_offsets[i]) * eb : int(chunk_offsets[i + 1]) * eb],
-                crc32(packed[cb[i] : cb[i + 1]]),
-            )
-            for i in range(len(bounds) - 1)
-        ],
+        [chunk_crc(i, n, chunk_tokens, enc, packed, entries, chunk_offsets) for i in range(n)],
         dtype="<u4",
     )
     index = doc_offsets.tobytes() + chunk_offsets.tobytes() + chunk_crcs.tobytes()
@@ -377,6 +370,18 @@ def shard_head(
     head = header.pack() + index
     assert len(head) == section_offsets(header)["counts"]
     return header, head, packed
+
+
+def chunk_crc(i, num_chunks, chunk_tokens, enc, counts, entries, chunk_offsets) -> int:
+    """CRC-32 of chunk ``i``: its count bytes, then its entry bytes.
+
+    Chunks hold a multiple of 8 tokens, so their counts start on a byte; the
+    last chunk's count bytes run to the end of the section (its zero byte too).
+    """
+    c0 = i * chunk_tokens * enc.count_bits // 8
+    c1 = (i + 1) * chunk_tokens * enc.count_bits // 8 if i + 1 < num_chunks else len(counts)
+    e0, e1 = int(chunk_offsets[i]) * enc.entry_bytes, int(chunk_offsets[i + 1]) * enc.entry_bytes
+    return crc32(entries[e0:e1], crc32(counts[c0:c1]))
 
 
 def crc32(data, value: int = 0) -> int:

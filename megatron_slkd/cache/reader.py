@@ -16,7 +16,14 @@ from typing import NamedTuple
 import numpy as np
 
 from megatron_slkd.cache import _decode
-from megatron_slkd.cache.format import HEADER_SIZE, ShardHeader, ValueKind, crc32, section_offsets
+from megatron_slkd.cache.format import (
+    HEADER_SIZE,
+    ShardHeader,
+    ValueKind,
+    chunk_crc,
+    crc32,
+    section_offsets,
+)
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.errors import CacheCoverageError, CacheFormatError
 
@@ -99,15 +106,13 @@ class ShardFile:
         h = self.header
         if self._verified is None:
             self._verified = np.zeros(h.num_chunks, dtype=bool)
-        eb, c = h.encoding.entry_bytes, h.chunk_tokens
+        c = h.chunk_tokens
         for i in range(first, last + 1):
             if self._verified[i]:
                 continue
-            e0, e1 = int(self.chunk_offsets[i]) * eb, int(self.chunk_offsets[i + 1]) * eb
-            bits = h.encoding.count_bits
-            c0 = i * c * bits // 8
-            c1 = (i + 1) * c * bits // 8 if i + 1 < h.num_chunks else len(self.counts)
-            got = crc32(self.entries[e0:e1], crc32(self.counts[c0:c1]))
+            got = chunk_crc(
+                i, h.num_chunks, c, h.encoding, self.counts, self.entries, self.chunk_offsets
+            )
             if got != int(self.chunk_crcs[i]):
                 raise CacheFormatError(
                     f"{self.path}: CRC mismatch in chunk {i} (shard tokens {i * c}.."
