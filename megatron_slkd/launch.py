@@ -50,7 +50,13 @@ def launch_rank(env=None) -> tuple[int, int]:
     return share(*process_rank(env), env)
 
 
-def init_distributed(tensor_parallel: int = 1, device: str = "cpu", pipeline_parallel: int = 1):
+def init_distributed(
+    tensor_parallel: int = 1,
+    device: str = "cpu",
+    pipeline_parallel: int = 1,
+    *,
+    virtual_pipeline: int | None = None,
+) -> None:
     """torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's parallel state.
 
     Reads the launcher's environment; alone, it makes a one-process group. On
@@ -87,4 +93,5 @@ def init_distributed(tensor_parallel: int = 1, device: str = "cpu", pipeline_par
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
+            virtual_pipeline_model_parallel_size=virtual_pipeline,
         )

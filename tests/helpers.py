@@ -185,3 +185,53 @@ def next_token_hit_rate(cache_dir, prefix: str) -> float:
             hits += int(tokens[p + 1] in rows.ids[p, : rows.num_entries[p]])
             total += 1
     return hits / total
+
+
+def write_markov_corpus(root: Path, *, vocab: int = 128, num_docs: int = 120, seed: int = 0,
+                        num_samples: int = 50, fingerprint: str = "markov") -> tuple[str, Path]:  # fmt: skip
+    """A dataset drawn from a fixed random Markov chain, its ``meta.json`` record, and an
+    RS cache whose teacher is that chain (so a student can learn the teacher's targets).
+
+    Returns (data prefix, cache directory). Token ``vocab - 1`` is the end of document.
+    """
+    import json
+
+    from megatron_slkd.data.prepare import META_SUFFIX
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(vocab, vocab, generator=g) * 2.5
+    probs = torch.softmax(logits, -1)
+    docs = []
+    for _ in range(num_docs):
+        n = int(torch.randint(40, 200, (1,), generator=g))
+        toks = [int(torch.randint(0, vocab - 1, (1,), generator=g))]
+        for _ in range(n - 1):
+            toks.append(int(torch.multinomial(probs[toks[-1]], 1, generator=g)))
+        docs.append(np.array(toks[:-1] + [vocab - 1]))
+    prefix = write_dataset(root / "markov", docs)
+    Path(prefix + META_SUFFIX).write_text(json.dumps(
+        {"tokenizer": {"fingerprint": fingerprint, "vocab_size": vocab, "eod": vocab - 1}}
+    ))  # fmt: skip
+    cache = root / "markov-cache"
+    cache.mkdir(exist_ok=True)
+    enc = encoding_for("rs", vocab, num_samples=num_samples)
+    w = ShardWriter.open(cache / "shard-00000.slkd", encoding=enc, vocab_size=vocab, doc_start=0,
+                         doc_end=len(docs), chunk_tokens=256)  # fmt: skip
+    pos = 0
+    for doc in docs:
+        n = len(doc)
+        t = sample_sparse_targets(logits[torch.as_tensor(doc)], method="rs", seed=seed,
+                                  positions=torch.arange(pos, pos + n), num_samples=num_samples)  # fmt: skip
+        w.add_document(doc, t.ids.numpy(), t.weights.numpy(), t.num_valid.numpy(), t.counts.numpy())
+        pos += n
+    rec = w.finalize()
+    manifest = Manifest(
+        dataset=dict(prefix=prefix, num_documents=len(docs), num_tokens=pos),
+        tokenizer=dict(fingerprint=fingerprint, vocab_size=vocab), teacher=dict(name="markov"),
+        sampling=dict(method="rs", num_samples=num_samples, k=None, temperature=1.0, seed=seed),
+        encoding=enc, shards=[rec],
+    )  # fmt: skip
+    (cache / MANIFEST_NAME).write_text(manifest.to_json())
+    return prefix, cache

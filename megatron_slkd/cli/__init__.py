@@ -7,6 +7,7 @@
     slkd verify-cache  CACHE --data-prefix PREFIX        (also under mpirun -n K)
     slkd inspect-cache CACHE [--doc D --offset O] [--plot hist.png]
     slkd thin-cache    CACHE --num-samples 12 --output CACHE12
+    slkd train         --data-path PREFIX --kd-caches PREFIX=CACHE [--config student.yaml]
 
 Errors in the inputs end the command with a one-line message and exit status 2.
 """
@@ -30,6 +31,7 @@ _COMMANDS = {
     "verify-cache": "verify_cache",
     "inspect-cache": "inspect_cache",
     "thin-cache": "thin_cache",
+    "train": "train",
 }
 
 

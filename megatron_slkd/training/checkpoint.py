@@ -1,0 +1,166 @@
+"""Checkpoints of the student run with megatron-core ``dist_checkpointing``.
+
+A checkpoint ``<dir>/checkpoints/iter_0000100`` holds the model chunks, the
+optimizer (sharded over data parallel with the distributed optimizer), the
+learning-rate scheduler, the step, the consumed samples and every rank's RNG
+state. It is written to ``iter_...tmp`` and renamed when all ranks are done;
+``<dir>/checkpoints/latest`` names the newest complete one, so a run killed
+while saving resumes from the previous checkpoint. Loading reshards model and
+optimizer to the run's layout; RNG state is restored when the layout matches.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_slkd.errors import SlkdError
+
+__all__ = ["CheckpointError", "latest_checkpoint", "save_checkpoint", "load_checkpoint"]
+
+LATEST = "latest"
+
+
+class CheckpointError(SlkdError):
+    """A checkpoint that cannot be resumed by this run."""
+
+
+def _root(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The newest complete checkpoint of ``run_dir`` (None when there is none)."""
+    marker = _root(run_dir) / LATEST
+    if not marker.is_file():
+        return None
+    path = _root(run_dir) / marker.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{marker} names {path.name}, which is missing; remove {marker}")
+    return path
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _layout() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    from megatron.core import parallel_state as ps
+
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    where = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    return shape, where
+
+
+def _sharded_state(chunks, optimizer, *, loading: bool, rng: dict | None,
+                   reshardable: bool) -> dict:  # fmt: skip
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    sd: dict = {}
+    for i, chunk in enumerate(chunks):
+        sd["model" if len(chunks) == 1 else f"model{i}"] = chunk.sharded_state_dict()
+    model_sd = sd["model"] if len(chunks) == 1 else {k: v for k, v in sd.items()}
+    # fully_reshardable: any TP/PP/DP on resume; dp_reshardable: faster, same TP/PP only.
+    kind = "fully_reshardable" if reshardable else "dp_reshardable"
+    sd["optimizer"] = optimizer.sharded_state_dict(
+        model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": kind}
+    )
+    shape, where = _layout()
+    sd["rng"] = ShardedObject("rng_state", rng, shape, where, replica_id=0)
+    return sd
+
+
+def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: int,
+                    keep: int = 2, reshardable: bool = True) -> Path:  # fmt: skip
+    """Save step ``step`` (all ranks call this); returns the checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    root = _root(run_dir)
+    name = f"iter_{step:07d}"
+    final, tmp = root / name, root / (name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    sd = _sharded_state(chunks, optimizer, loading=False, rng=_rng_state(), reshardable=reshardable)
+    sd.update(step=step, consumed_samples=consumed, scheduler=scheduler.state_dict(),
+              layout=list(_layout()[0]), reshardable=reshardable)  # fmt: skip
+    dist_checkpointing.save(sd, str(tmp))
+    dist.barrier()
+    if rank == 0:
+        from megatron_slkd.cache.writer import atomic_write_text
+
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        atomic_write_text(root / LATEST, name + "\n")
+        done = sorted(p for p in root.glob("iter_*") if not p.name.endswith(".tmp"))
+        for old in done[: max(len(done) - max(keep, 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, chunks, optimizer, scheduler) -> tuple[int, int]:
+    """Restore a checkpoint into the run; returns (step, consumed samples)."""
+    from megatron.core import dist_checkpointing
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    sd = _sharded_state(chunks, optimizer, loading=True, rng=None,
+                        reshardable=bool(common.get("reshardable", True)))  # fmt: skip
+    same_layout = list(common.get("layout", ())) == list(_layout()[0])
+    if not same_layout:
+        del sd["rng"]
+    try:
+        state = dist_checkpointing.load(sd, str(path))
+    except BaseException as exc:  # CheckpointException derives from BaseException
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        raise CheckpointError(
+            f"{path}: cannot load into this model ({type(exc).__name__}: {exc}); was it saved "
+            "by a run with another model shape? Start a new run directory or restore the config"
+        ) from None
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(state[f"model{i}"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        _set_rng_state(state["rng"])
+    return int(common["step"]), int(common["consumed_samples"])
+

@@ -1,0 +1,181 @@
+"""Datasets and loaders of the student run: megatron-core's builder, a resumable sampler.
+
+Samples come from megatron-core's ``BlendedMegatronDatasetBuilder`` (its
+document, sample and shuffle indices), as :class:`SparseKDGPTDataset` when
+the run has caches and as plain ``GPTDataset`` otherwise. The sampler walks
+the global sample order from ``consumed_samples``: each micro-batch step takes
+``micro_batch_size x data_parallel`` consecutive samples and data-parallel
+rank r gets the r-th slice, as Megatron-LM's pretraining sampler does. A run
+resumed from a checkpoint therefore sees exactly the samples it would have
+seen without the interruption.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from megatron_slkd.data.batch import collate_kd
+from megatron_slkd.data.prepare import read_meta
+from megatron_slkd.errors import CacheMismatchError, ConfigError
+from megatron_slkd.training.config import TrainConfig
+
+__all__ = ["DataTokenizer", "data_prefixes", "read_tokenizer", "build_datasets", "make_loader", "TimedIterator"]
+
+
+class DataTokenizer:
+    """What megatron-core's GPTDataset asks of a tokenizer, from the prefix's meta.json."""
+
+    def __init__(self, meta: dict) -> None:
+        self.vocab_size = int(meta["vocab_size"])
+        self.eod = int(meta["eod"])
+        self.unique_identifiers = {"fingerprint": meta["fingerprint"]}
+
+
+def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
+    """The blend's prefixes and weights (None for one unweighted prefix list)."""
+    path = cfg.data.path
+    try:
+        float(path[0])
+    except ValueError:
+        return list(path), None
+    if len(path) % 2:
+        raise ConfigError(f"data.path: weights and prefixes must alternate, got {path}")
+    return [path[i + 1] for i in range(0, len(path), 2)], [float(path[i]) for i in range(0, len(path), 2)]
+
+
+def read_tokenizer(cfg: TrainConfig) -> DataTokenizer:
+    """The tokenizer shared by every prefix of the blend; refuses a blend of vocabularies."""
+    prefixes, _ = data_prefixes(cfg)
+    metas = {}
+    for p in prefixes:
+        if not Path(p + ".idx").is_file():
+            raise ConfigError(f"data prefix {p}: no {p}.idx; prepare it with `slkd prepare-data`")
+        metas[p] = read_meta(p)["tokenizer"]
+    prints = {m["fingerprint"] for m in metas.values()}
+    if len(prints) > 1:
+        raise CacheMismatchError(f"the blend mixes tokenizers: {sorted(metas)} have {len(prints)} vocabularies")
+    tok = DataTokenizer(next(iter(metas.values())))
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} but the data's tokenizer has "
+            f"{tok.vocab_size} ids; drop model.vocab_size or prepare the data with that tokenizer"
+        )
+    return tok
+
+
+def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: int,
+                   valid_samples: int, *, with_cache: bool):  # fmt: skip
+    """(train, valid) datasets; valid is None when the split leaves no validation data.
+
+    Built on the ranks that read data (TP rank 0 of the first and last pipeline
+    stages); every cache is checked against its prefix while building.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
+
+    prefixes, weights = data_prefixes(cfg)
+    common = dict(
+        random_seed=cfg.data.seed,
+        sequence_length=cfg.model.seq_length,
+        blend=(prefixes, weights),
+        split=cfg.data.split,
+        path_to_cache=cfg.data.index_cache or str(Path(cfg.checkpoint.dir) / "index-cache"),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=True,
+        mid_level_dataset_surplus=0.005,
+    )
+    if with_cache:
+        caches = {str(k): str(v) for k, v in cfg.kd.caches.items()}
+        missing = [p for p in prefixes if p not in caches]
+        if missing:
+            raise CacheMismatchError(
+                f"data prefix(es) {missing} have no sparse-logit cache; give --kd-caches "
+                f"PREFIX=DIR for each (given: {sorted(caches)}), build one with "
+                "`slkd build-cache`, or train with --kd-ce-only"
+            )
+        cls, config = SparseKDGPTDataset, SparseKDGPTDatasetConfig(
+            **common, kd_caches=caches, kd_check_tokens=cfg.kd.check_tokens
+        )
+    else:
+        cls, config = GPTDataset, GPTDatasetConfig(**common)
+
+    def built_here() -> bool:
+        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        return (first or last) and ps.get_tensor_model_parallel_rank() == 0
+
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        cls, [train_samples, valid_samples, 0], built_here, config
+    ).build()
+    return train, valid
+
+
+def _batches(total: int, consumed: int, micro: int, dp_rank: int, dp: int) -> Iterator[list[int]]:
+    step = micro * dp
+    i = consumed
+    while i + step <= total:
+        yield list(range(i + dp_rank * micro, i + (dp_rank + 1) * micro))
+        i += step
+
+
+class _Sampler(torch.utils.data.Sampler):
+    def __init__(self, total: int, consumed: int, micro: int, dp_rank: int, dp: int) -> None:
+        self.args = (total, consumed, micro, dp_rank, dp)
+
+    def __iter__(self):
+        return _batches(*self.args)
+
+    def __len__(self) -> int:
+        total, consumed, micro, _, dp = self.args
+        return max(total - consumed, 0) // (micro * dp)
+
+
+def _collate(samples: list[dict], keep_kd: bool) -> dict:
+    if not keep_kd:
+        samples = [{k: v for k, v in s.items() if not k.startswith("kd_")} for s in samples]
+    return collate_kd(samples)
+
+
+def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
+                num_workers: int, keep_kd: bool = True):  # fmt: skip
+    """Micro-batches of this data-parallel rank from sample ``consumed`` on (None: no data here)."""
+    if dataset is None:
+        return None
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=_Sampler(len(dataset), consumed, micro, dp_rank, dp),
+        num_workers=num_workers,
+        collate_fn=functools.partial(_collate, keep_kd=keep_kd),
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
+
+
+class TimedIterator:
+    """An iterator that adds the time spent waiting in ``next`` to ``wait``."""
+
+    def __init__(self, iterable) -> None:
+        self._it = iter(iterable)
+        self.wait = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self.wait += time.perf_counter() - t

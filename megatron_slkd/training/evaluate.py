@@ -1,0 +1,122 @@
+"""Held-out metrics on vocab-parallel logits: LM loss, calibration (ECE), KL to the teacher.
+
+Calibration follows the usual top-1 definition: a position's confidence is
+the student's largest probability, it is correct when that token is the
+label, and the expected calibration error over equal-width confidence bins is
+
+    ECE = sum_b (n_b / n) * |accuracy_b - mean confidence_b|.
+
+Everything here works on this rank's vocabulary shard ``[..., V/tp]`` and
+communicates over ``tp_group`` (collectives in :func:`calibration_terms`).
+Per-bin sums are kept so that evaluation batches, data-parallel ranks and
+pipeline stages combine exactly by addition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["calibration_terms", "EvalSums", "expected_calibration_error"]
+
+
+def calibration_terms(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    tp_group=None,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(label cross-entropy, top-1 confidence, top-1 correct) per position, float32.
+
+    ``logits`` are this rank's shard of the vocabulary; columns at or beyond
+    ``vocab_size`` (embedding padding) are ignored. Ties for the top-1 token go
+    to the smallest id. Collectives over ``tp_group``: all-reduce MAX of the
+    row maxima, all-reduce SUM of [sum of exp, label logit], all-reduce MIN of
+    the candidate argmax ids. The logits are not modified.
+    """
+    rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    width = logits.shape[-1]
+    start = rank * width
+    z = logits.float()
+    if vocab_size is not None and start + width > vocab_size:
+        z = z.clone()
+        z[..., max(vocab_size - start, 0) :] = float("-inf")
+    local_max, local_arg = z.max(dim=-1)
+    m = local_max.clone()
+    if tp_group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+    local = labels - start
+    mine = (local >= 0) & (local < width)
+    label_logit = torch.gather(z, -1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    sums = torch.stack([torch.exp(z - m.unsqueeze(-1)).sum(-1), torch.where(mine, label_logit, 0.0)])
+    candidate = torch.where(local_max == m, local_arg + start, torch.iinfo(torch.int64).max)
+    if tp_group is not None:
+        dist.all_reduce(sums, group=tp_group)
+        dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=tp_group)
+    sum_exp, label_logit = sums
+    ce = torch.log(sum_exp) + m - label_logit
+    confidence = 1.0 / sum_exp  # exp(max - max) / sum
+    correct = (candidate == labels).float()
+    return ce, confidence, correct
+
+
+@dataclass
+class EvalSums:
+    """Additive evaluation totals (float64 on CPU), combined across batches and ranks."""
+
+    bins: int
+    """Equal-width confidence bins."""
+
+    def __post_init__(self) -> None:
+        # [ce sum, tokens, kl sum, kl tokens] then per bin: count, confidence sum, correct sum
+        self.values = torch.zeros(4 + 3 * self.bins, dtype=torch.float64)
+
+    def add(self, ce, confidence, correct, mask, kl=None, kl_mask=None) -> None:
+        """Add positions where ``mask`` is 1 (and KL where ``kl_mask`` is 1)."""
+        mask = mask.double().flatten()
+        v = self.values
+        v[0] += (ce.double().flatten() * mask).sum()
+        v[1] += mask.sum()
+        if kl is not None:
+            km = kl_mask.double().flatten()
+            v[2] += (kl.double().flatten() * km).sum()
+            v[3] += km.sum()
+        conf = confidence.double().flatten()
+        b = (conf * self.bins).long().clamp(0, self.bins - 1)
+        for j, x in enumerate((mask, conf * mask, correct.double().flatten() * mask)):
+            v[4 + j * self.bins : 4 + (j + 1) * self.bins] += torch.bincount(
+                b, weights=x, minlength=self.bins
+            )
+
+    def all_reduce(self, group=None) -> None:
+        """Sum over the processes of ``group`` (None: the world)."""
+        if dist.is_initialized():
+            dist.all_reduce(self.values, group=group)
+
+    def summary(self) -> dict:
+        """LM loss, ECE, KL (None without cached targets), accuracy and the reliability bins."""
+        v, n = self.values, self.bins
+        count, conf, corr = v[4 : 4 + n], v[4 + n : 4 + 2 * n], v[4 + 2 * n :]
+        tokens = float(v[1])
+        return {
+            "lm_loss": float(v[0] / v[1]) if tokens else None,
+            "ece": expected_calibration_error(count, conf, corr),
+            "kl": float(v[2] / v[3]) if float(v[3]) else None,
+            "accuracy": float(corr.sum() / tokens) if tokens else None,
+            "tokens": int(tokens),
+            "kl_tokens": int(v[3]),
+            "bin_count": [int(c) for c in count],
+            "bin_confidence": [float(c / k) if k else None for c, k in zip(conf, count)],
+            "bin_accuracy": [float(c / k) if k else None for c, k in zip(corr, count)],
+        }
+
+
+def expected_calibration_error(count, confidence_sum, correct_sum) -> float | None:
+    """ECE from per-bin totals (see the module docstring); None for no positions."""
+    total = float(count.sum())
+    if not total:
+        return None
+    return float((confidence_sum - correct_sum).abs().sum() / total)

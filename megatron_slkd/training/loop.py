@@ -1,0 +1,400 @@
+"""The student pretraining loop on megatron-core (``slkd train``).
+
+Per step: megatron-core's forward-backward schedule (no pipelining, 1F1B or
+interleaved, picked from the parallel state) runs the micro-batches; the loss
+is summed over tokens and megatron-core's ``finalize_model_grads`` divides the
+gradients by the tokens of the whole global batch, so every layout computes
+the same update; the (distributed) optimizer clips and steps; the scheduler
+advances. The loss on the last pipeline stage is the sparse KD loss of
+:mod:`megatron_slkd.loss` against the cached teacher targets (or megatron-core's
+vocab-parallel cross-entropy in CE-only mode).
+
+Everything that can be refused is refused before the first step: the
+layout against the world size and the model, each data prefix against its
+cache, the tokenizer, a checkpoint saved with another model shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_slkd.errors import ConfigError, SlkdError
+from megatron_slkd.training.config import TrainConfig, config_to_dict
+
+__all__ = ["train"]
+
+_METRICS = ("loss", "ce", "kl")
+
+
+def _log0(*args) -> None:
+    if dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def _agree(error: BaseException | None) -> None:
+    """Raise everywhere when any rank failed a setup check (so no rank waits in a collective)."""
+    flag = torch.tensor([0.0 if error is None else 1.0])
+    dist.all_reduce(flag)
+    if error is not None:
+        raise error
+    if flag.item():
+        raise ConfigError("another rank refused the run during setup; see its error above")
+
+
+@contextlib.contextmanager
+def _checked():
+    """Run a setup step on every rank and make them agree on whether it worked."""
+    box: list = [None]
+    try:
+        yield box
+    except SlkdError as exc:
+        box[0] = exc
+    _agree(box[0])
+
+
+class _Run:
+    """What the schedule's callbacks need: the config, the device, the step's timers."""
+
+    def __init__(self, cfg: TrainConfig, device: str, vocab_size: int, kd_train: bool) -> None:
+        self.cfg, self.device, self.vocab_size, self.kd_train = cfg, device, vocab_size, kd_train
+        self.eval_sums = None
+
+
+def _loss(run: _Run, batch: dict, output: torch.Tensor):
+    """Per-token-summed loss of one micro-batch on the last stage; (loss, tokens, report)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
+
+    tp_group = ps.get_tensor_model_parallel_group()
+    mask = batch["loss_mask"].float()
+    labels = batch["labels"]
+    if run.kd_train:
+        res = vocab_parallel_sparse_kd_loss(
+            output, batch["kd_ids"], batch["kd_weights"], labels, alpha=run.cfg.kd.alpha,
+            tp_group=tp_group, vocab_size=run.vocab_size, inplace=True,
+        )  # fmt: skip
+        per, ce = res.loss, res.ce
+        kd_mask = mask * (batch["kd_weights"].sum(-1) > 0)
+        kl_sum, kl_n = (res.kl * kd_mask).sum(), kd_mask.sum()
+    else:
+        per = vocab_parallel_cross_entropy(output.float(), labels)
+        ce, kl_sum, kl_n = per, torch.zeros(()), torch.zeros(())
+    total = (per * mask).sum()
+    n = mask.sum()
+    report = torch.stack([total.detach(), (ce.detach() * mask).sum(), kl_sum.detach(), n, kl_n])
+    return total, n.to(torch.int), {"sums": report.double().cpu()}
+
+
+def _eval_loss(run: _Run, batch: dict, output: torch.Tensor):
+    from megatron.core import parallel_state as ps
+
+    from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
+    from megatron_slkd.training.evaluate import calibration_terms
+
+    tp_group = ps.get_tensor_model_parallel_group()
+    mask = batch["loss_mask"].float()
+    ce, conf, correct = calibration_terms(output, batch["labels"], tp_group=tp_group,
+                                          vocab_size=run.vocab_size)  # fmt: skip
+    kl = kl_mask = None
+    if "kd_ids" in batch:
+        res = vocab_parallel_sparse_kd_loss(
+            output, batch["kd_ids"], batch["kd_weights"], batch["labels"], alpha=0.0,
+            tp_group=tp_group, vocab_size=run.vocab_size, inplace=False,
+        )  # fmt: skip
+        kl, kl_mask = res.kl, mask * (batch["kd_weights"].sum(-1) > 0)
+    if ps.get_tensor_model_parallel_rank() == 0:  # one copy per TP group
+        run.eval_sums.add(ce, conf, correct, mask, kl, kl_mask)
+    return torch.zeros(()), torch.ones((), dtype=torch.int), {}
+
+
+def _forward_step(run: _Run, loss_fn, data_iterator, model):
+    from megatron_slkd.data.batch import get_kd_batch
+
+    batch = get_kd_batch(data_iterator, device=run.device) or {}
+    output = model(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"))
+    return output, functools.partial(loss_fn, run, batch)
+
+
+def _device(cfg: TrainConfig) -> str:
+    d = cfg.train.device
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use --train-device cpu")
+    return d
+
+
+def _check_saved_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """A checkpoint of another model shape is refused before anything is built."""
+    import yaml
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
+    new = dataclasses.asdict(cfg.model)
+    diff = {k: (old.get(k), v) for k, v in new.items()
+            if k not in ("transformer_impl", "hidden_dropout", "attention_dropout") and old.get(k) != v}  # fmt: skip
+    if diff:
+        from megatron_slkd.training.checkpoint import CheckpointError
+
+        changes = ", ".join(f"model.{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"{run_dir} holds checkpoints of another model shape ({changes}); use another "
+            "--checkpoint-dir, or --no-checkpoint-resume to start over in this one"
+        )
+
+
+class _Logger:
+    """Rank 0's progress lines, JSONL records and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, resume_step: int) -> None:
+        self.rank0 = dist.get_rank() == 0
+        self.path = run_dir / "train_log.jsonl"
+        self.tb = None
+        if not self.rank0:
+            return
+        if self.path.exists():  # the log continues from the checkpoint it resumes
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]  # fmt: skip
+            self.path.write_text("".join(k + "\n" for k in keep))
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:
+                print("tensorboard is not installed: logging to JSONL only", flush=True)
+
+    def record(self, kind: str, step: int, values: dict) -> None:
+        if not self.rank0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _world_sums(sums: torch.Tensor, contribute: bool) -> torch.Tensor:
+    out = sums.clone() if contribute else torch.zeros_like(sums)
+    dist.all_reduce(out)
+    return out
+
+
+def evaluate(run: _Run, chunks, valid, forward_backward, dp: int) -> dict | None:
+    """Held-out LM loss, ECE and KL over the same ``eval.batches`` global batches."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_slkd.training.data import make_loader
+    from megatron_slkd.training.evaluate import EvalSums
+
+    cfg = run.cfg
+    t = cfg.train
+    micro = t.global_batch_size // (t.micro_batch_size * dp)
+    run.eval_sums = EvalSums(cfg.eval.ece_bins)
+    loader = make_loader(valid, consumed=0, micro=t.micro_batch_size,
+                         dp_rank=ps.get_data_parallel_rank(), dp=dp, num_workers=0)  # fmt: skip
+    iters = _chunk_iterators(loader, len(chunks))
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        for _ in range(cfg.eval.batches):
+            forward_backward(
+                forward_step_func=functools.partial(_forward_step, run, _eval_loss),
+                data_iterator=iters, model=chunks if len(chunks) > 1 else chunks[0],
+                num_microbatches=micro, seq_length=cfg.model.seq_length,
+                micro_batch_size=t.micro_batch_size, forward_only=True,
+            )  # fmt: skip
+    for c in chunks:
+        c.train()
+    sums = run.eval_sums
+    run.eval_sums = None
+    sums.all_reduce()  # only last-stage TP-rank-0 processes added anything
+    return sums.summary()
+
+
+def _chunk_iterators(loader, n: int):
+    """One iterator per model chunk over the same micro-batches (None where no data is read)."""
+    if loader is None:
+        return [None] * n if n > 1 else None
+    from megatron_slkd.training.data import TimedIterator
+
+    if n == 1:
+        return TimedIterator(loader)
+    return [TimedIterator(it) for it in itertools.tee(loader, n)]
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) the student pretraining of ``cfg``; returns the final metrics on every rank."""
+    import yaml
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_slkd.launch import init_distributed, process_rank
+    from megatron_slkd.training.checkpoint import (
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from megatron_slkd.training.data import build_datasets, make_loader, read_tokenizer
+    from megatron_slkd.training.model import build_model, build_optimizer, build_scheduler
+
+    cfg.validate()
+    device = _device(cfg)
+    rank, world = process_rank()
+    if not dist.is_initialized():
+        cfg.check_world(world)  # before any process group exists, with the launcher's numbers
+    init_distributed(cfg.parallel.tensor, device, cfg.parallel.pipeline,
+                     virtual_pipeline=cfg.parallel.virtual_pipeline)  # fmt: skip
+    dp = cfg.check_world(dist.get_world_size())
+    t = cfg.train
+    micro_per_step = t.global_batch_size // (t.micro_batch_size * dp)
+    bf16 = device.startswith("cuda") if t.bf16 is None else t.bf16
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    run_dir = Path(cfg.checkpoint.dir)
+    kd_train = not cfg.kd.ce_only
+    with _checked():
+        if kd_train and not cfg.kd.caches:
+            raise ConfigError("no sparse-logit caches: give --kd-caches PREFIX=DIR, or --kd-ce-only")
+        tokenizer = read_tokenizer(cfg)
+        if cfg.checkpoint.resume:
+            _check_saved_config(run_dir, cfg)
+    vocab_size = tokenizer.vocab_size
+    with _checked():
+        train_ds, valid_ds = build_datasets(
+            cfg, tokenizer, t.steps * t.global_batch_size, cfg.eval.batches * t.global_batch_size,
+            with_cache=bool(cfg.kd.caches),
+        )  # fmt: skip
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    chunks = build_model(cfg, vocab_size, device, dtype)
+    optimizer = build_optimizer(chunks, cfg.optim, dtype, cfg.parallel.distributed_optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
+    step, consumed = 0, 0
+    ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    if ckpt is not None:
+        with _checked():
+            step, consumed = load_checkpoint(ckpt, chunks, optimizer, scheduler)
+        _log0(f"resumed from {ckpt} at step {step} ({consumed} samples consumed)")
+    run = _Run(cfg, device, vocab_size, kd_train)
+    loader = make_loader(train_ds, consumed=consumed, micro=t.micro_batch_size,
+                         dp_rank=ps.get_data_parallel_rank(), dp=dp,
+                         num_workers=cfg.data.num_workers, keep_kd=kd_train)  # fmt: skip
+    iters = _chunk_iterators(loader, len(chunks))
+    timed = [i for i in (iters if isinstance(iters, list) else [iters]) if i is not None]
+    forward_backward = get_forward_backward_func()
+    logger = _Logger(run_dir, cfg, step)
+    params = sum(p.numel() for c in chunks for p in c.parameters())
+    _log0(
+        f"student: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, {params:,} "
+        f"parameters on rank 0; TP={cfg.parallel.tensor} PP={cfg.parallel.pipeline} DP={dp}"
+        f"{f' VP={cfg.parallel.virtual_pipeline}' if cfg.parallel.virtual_pipeline else ''}; "
+        f"{'sparse KD (alpha=%g)' % cfg.kd.alpha if kd_train else 'cross-entropy only'}; "
+        f"{device}, {dtype}; steps {step + 1}..{t.steps}"
+    )
+    last_stage_tp0 = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    final: dict = {}
+    window = {"time": 0.0, "wait": 0.0, "sums": torch.zeros(5, dtype=torch.float64), "steps": 0}
+    while step < t.steps:
+        start = time.perf_counter()
+        waited = sum(i.wait for i in timed)
+        for c in chunks:
+            c.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = forward_backward(
+            forward_step_func=functools.partial(_forward_step, run, _loss),
+            data_iterator=iters, model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=micro_per_step, seq_length=cfg.model.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_only=False,
+        )  # fmt: skip
+        ok, grad_norm, _ = optimizer.step()
+        if not ok:
+            raise SlkdError(f"step {step + 1}: the optimizer skipped the update (non-finite grads)")
+        scheduler.step(increment=1)
+        step += 1
+        consumed += t.global_batch_size
+        sums = torch.zeros(5, dtype=torch.float64)
+        for r in reports or []:
+            sums += r["sums"]
+        window["sums"] += _world_sums(sums, last_stage_tp0)
+        window["time"] += time.perf_counter() - start
+        wait = torch.tensor([sum(i.wait for i in timed) - waited], dtype=torch.float64)
+        dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+        window["wait"] += float(wait)
+        window["steps"] += 1
+        if step % cfg.log.interval == 0 or step == t.steps:
+            s = window["sums"]
+            values = {
+                "loss": float(s[0] / s[3]),
+                "ce": float(s[1] / s[3]),
+                "kl": float(s[2] / s[4]) if s[4] else None,
+                "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "step_time": window["time"] / window["steps"],
+                "data_wait": window["wait"] / window["time"],
+                "tokens_per_s": float(s[3]) / window["time"],
+                "consumed_samples": consumed,
+            }
+            logger.record("train", step, values)
+            kl = f" kl {values['kl']:.4f}" if values["kl"] is not None else ""
+            _log0(
+                f"step {step}/{t.steps} | loss {values['loss']:.4f} (ce {values['ce']:.4f}{kl}) | "
+                f"lr {values['lr']:.2e} | grad {values['grad_norm'] or math.nan:.3f} | "
+                f"{values['tokens_per_s']:,.0f} tok/s | data wait {100 * values['data_wait']:.1f}%"
+            )
+            final["train"] = values
+            window = {"time": 0.0, "wait": 0.0, "sums": torch.zeros(5, dtype=torch.float64), "steps": 0}
+        due = cfg.eval.interval and step % cfg.eval.interval == 0
+        if due or step == t.steps:
+            metrics = _maybe_eval(run, chunks, valid_ds, forward_backward, dp)
+            if metrics is not None:
+                logger.record("eval", step, metrics)
+                _log0(_eval_line(step, metrics))
+                final["eval"] = metrics
+        due = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+        if due or step == t.steps:
+            path = save_checkpoint(run_dir, step, chunks, optimizer, scheduler, consumed,
+                                   keep=cfg.checkpoint.keep,
+                                   reshardable=cfg.checkpoint.reshardable)  # fmt: skip
+            _log0(f"saved {path}")
+    logger.close()
+    final["step"] = step
+    return final
+
+
+def _maybe_eval(run, chunks, valid_ds, forward_backward, dp):
+    """Evaluate when the run has validation data (every rank agrees on whether it does)."""
+    has = torch.tensor([1.0 if valid_ds is not None else 0.0])
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    if not has.item():
+        return None
+    return evaluate(run, chunks, valid_ds, forward_backward, dp)
+
+
+def _eval_line(step: int, m: dict) -> str:
+    kl = f" | KL to teacher {m['kl']:.4f}" if m["kl"] is not None else ""
+    return (
+        f"eval @ {step} | LM loss {m['lm_loss']:.4f} | ECE {m['ece']:.4f} | "
+        f"top-1 acc {m['accuracy']:.4f}{kl} | {m['tokens']} tokens"
+    )
+
