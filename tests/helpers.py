@@ -187,8 +187,15 @@ def next_token_hit_rate(cache_dir, prefix: str) -> float:
     return hits / total
 
 
-def write_markov_corpus(root: Path, *, vocab: int = 128, num_docs: int = 120, seed: int = 0,
-                        num_samples: int = 50, fingerprint: str = "markov") -> tuple[str, Path]:  # fmt: skip
+def write_markov_corpus(
+    root: Path,
+    *,
+    vocab: int = 128,
+    num_docs: int = 120,
+    seed: int = 0,
+    num_samples: int = 50,
+    fingerprint: str = "markov",
+) -> tuple[str, Path]:
     """A dataset drawn from a fixed random Markov chain, its ``meta.json`` record, and an
     RS cache whose teacher is that chain (so a student can learn the teacher's targets).
 
@@ -222,8 +229,13 @@ def write_markov_corpus(root: Path, *, vocab: int = 128, num_docs: int = 120, se
     pos = 0
     for doc in docs:
         n = len(doc)
-        t = sample_sparse_targets(logits[torch.as_tensor(doc)], method="rs", seed=seed,
-                                  positions=torch.arange(pos, pos + n), num_samples=num_samples)  # fmt: skip
+        t = sample_sparse_targets(
+            logits[torch.as_tensor(doc)],
+            method="rs",
+            seed=seed,
+            positions=torch.arange(pos, pos + n),
+            num_samples=num_samples,
+        )
         w.add_document(doc, t.ids.numpy(), t.weights.numpy(), t.num_valid.numpy(), t.counts.numpy())
         pos += n
     rec = w.finalize()

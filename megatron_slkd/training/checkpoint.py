@@ -86,13 +86,18 @@ def _layout() -> tuple[tuple[int, ...], tuple[int, ...]]:
     return shape, where
 
 
+def _unwrap(chunk):
+    """The GPTModel inside megatron DDP (checkpoint keys carry no ``module.`` prefix)."""
+    return getattr(chunk, "module", chunk)
+
+
 def _sharded_state(chunks, optimizer, *, loading: bool, rng: dict | None,
                    reshardable: bool) -> dict:  # fmt: skip
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     sd: dict = {}
     for i, chunk in enumerate(chunks):
-        sd["model" if len(chunks) == 1 else f"model{i}"] = chunk.sharded_state_dict()
+        sd["model" if len(chunks) == 1 else f"model{i}"] = _unwrap(chunk).sharded_state_dict()
     model_sd = sd["model"] if len(chunks) == 1 else {k: v for k, v in sd.items()}
     # fully_reshardable: any TP/PP/DP on resume; dp_reshardable: faster, same TP/PP only.
     kind = "fully_reshardable" if reshardable else "dp_reshardable"
@@ -105,7 +110,7 @@ def _sharded_state(chunks, optimizer, *, loading: bool, rng: dict | None,
 
 
 def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: int,
-                    keep: int = 2, reshardable: bool = True) -> Path:  # fmt: skip
+                    keep: int = 2, reshardable: bool = False) -> Path:  # fmt: skip
     """Save step ``step`` (all ranks call this); returns the checkpoint directory."""
     from megatron.core import dist_checkpointing
 
@@ -135,12 +140,48 @@ def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: 
     return final
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give every parameter its Adam state (a step with lr 0 on zero gradients).
+
+    A fresh torch Adam has no per-parameter state, and megatron-core's
+    distributed optimizer describes the state it will load from the one it has.
+    The values are replaced by the checkpoint's.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if any(inner.state.values()):  # (entries may exist but be empty)
+            continue
+        saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        for g, (lr, wd) in zip(inner.param_groups, saved, strict=False):
+            g["lr"], g["weight_decay"] = lr, wd
+            for p in g["params"]:
+                p.grad = None
+
+
+def _set_adam_step(optimizer, step: int) -> None:
+    """torch Adam keeps a step count per parameter; megatron-core 0.16 does not restore it
+    into a state that already exists (see :func:`_materialize_optimizer_state`). Every
+    training step updates every parameter (a skipped update stops the run), so the count
+    is the training step."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for st in opt.optimizer.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(float(step), dtype=st["step"].dtype)
+
+
 def load_checkpoint(path: Path, chunks, optimizer, scheduler) -> tuple[int, int]:
     """Restore a checkpoint into the run; returns (step, consumed samples)."""
     from megatron.core import dist_checkpointing
+
+    _materialize_optimizer_state(optimizer)
     common = dist_checkpointing.load_common_state_dict(str(path))
     sd = _sharded_state(chunks, optimizer, loading=True, rng=None,
-                        reshardable=bool(common.get("reshardable", True)))  # fmt: skip
+                        reshardable=bool(common.get("reshardable", False)))  # fmt: skip
     same_layout = list(common.get("layout", ())) == list(_layout()[0])
     if not same_layout:
         del sd["rng"]
@@ -154,13 +195,14 @@ def load_checkpoint(path: Path, chunks, optimizer, scheduler) -> tuple[int, int]
             "by a run with another model shape? Start a new run directory or restore the config"
         ) from None
     if len(chunks) == 1:
-        chunks[0].load_state_dict(state["model"])
+        _unwrap(chunks[0]).load_state_dict(state["model"])
     else:
         for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(state[f"model{i}"])
-    optimizer.load_state_dict(state["optimizer"])
+            _unwrap(chunk).load_state_dict(state[f"model{i}"])
+    with torch.no_grad():  # fp32 runs: the optimizer's main params are views of the model's
+        optimizer.load_state_dict(state["optimizer"])
+    _set_adam_step(optimizer, int(common["step"]))
     scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _set_rng_state(state["rng"])
     return int(common["step"]), int(common["consumed_samples"])
-

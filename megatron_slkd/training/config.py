@@ -192,9 +192,10 @@ class CheckpointConfig:
     """Continue from the latest checkpoint in dir when there is one."""
     keep: int = 2
     """Checkpoints to keep (older ones are deleted after a save succeeds)."""
-    reshardable: bool = True
-    """Save the distributed optimizer so any TP/PP/DP layout can resume it (gathers its state
-    per data-parallel group); off: faster, resumable with the same TP and PP only."""
+    reshardable: bool = False
+    """Save the distributed optimizer so a run with another TP/PP layout can resume it
+    (gathers its state per data-parallel group; needs Transformer Engine or Apex Adam with
+    megatron-core 0.16). Off: each rank saves its own shard; resumable with the same TP/PP."""
 
 
 @dataclasses.dataclass
@@ -239,7 +240,10 @@ class TrainConfig:
             if getattr(p, name) < 1:
                 raise ConfigError(f"parallel.{name} must be at least 1")
         groups = m.num_query_groups or m.num_attention_heads
-        for what, n in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", groups)):
+        for what, n in (
+            ("num_attention_heads", m.num_attention_heads),
+            ("num_query_groups", groups),
+        ):
             if n % p.tensor:
                 raise ConfigError(
                     f"parallel.tensor={p.tensor} does not divide model.{what}={n}; choose a "
@@ -302,7 +306,7 @@ def field_docs(cls) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -377,7 +381,9 @@ def _from_dict(data: dict, source: str) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         bad = set(section) - known
         if bad:
-            raise ConfigError(f"{source}: unknown {name} field(s) {sorted(bad)}; known: {sorted(known)}")
+            raise ConfigError(
+                f"{source}: unknown {name} field(s) {sorted(bad)}; known: {sorted(known)}"
+            )
         target = getattr(cfg, name)
         for key, value in section.items():
             setattr(target, key, _coerce(value, hints[key], f"{source}: {name}.{key}"))

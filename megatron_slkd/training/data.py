@@ -24,7 +24,14 @@ from megatron_slkd.data.prepare import read_meta
 from megatron_slkd.errors import CacheMismatchError, ConfigError
 from megatron_slkd.training.config import TrainConfig
 
-__all__ = ["DataTokenizer", "data_prefixes", "read_tokenizer", "build_datasets", "make_loader", "TimedIterator"]
+__all__ = [
+    "DataTokenizer",
+    "data_prefixes",
+    "read_tokenizer",
+    "build_datasets",
+    "make_loader",
+    "TimedIterator",
+]
 
 
 class DataTokenizer:
@@ -45,7 +52,9 @@ def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
         return list(path), None
     if len(path) % 2:
         raise ConfigError(f"data.path: weights and prefixes must alternate, got {path}")
-    return [path[i + 1] for i in range(0, len(path), 2)], [float(path[i]) for i in range(0, len(path), 2)]
+    return [path[i + 1] for i in range(0, len(path), 2)], [
+        float(path[i]) for i in range(0, len(path), 2)
+    ]
 
 
 def read_tokenizer(cfg: TrainConfig) -> DataTokenizer:
@@ -58,7 +67,9 @@ def read_tokenizer(cfg: TrainConfig) -> DataTokenizer:
         metas[p] = read_meta(p)["tokenizer"]
     prints = {m["fingerprint"] for m in metas.values()}
     if len(prints) > 1:
-        raise CacheMismatchError(f"the blend mixes tokenizers: {sorted(metas)} have {len(prints)} vocabularies")
+        raise CacheMismatchError(
+            f"the blend mixes tokenizers: {sorted(metas)} have {len(prints)} vocabularies"
+        )
     tok = DataTokenizer(next(iter(metas.values())))
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
         raise ConfigError(
@@ -106,8 +117,11 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
                 f"PREFIX=DIR for each (given: {sorted(caches)}), build one with "
                 "`slkd build-cache`, or train with --kd-ce-only"
             )
-        cls, config = SparseKDGPTDataset, SparseKDGPTDatasetConfig(
-            **common, kd_caches=caches, kd_check_tokens=cfg.kd.check_tokens
+        cls, config = (
+            SparseKDGPTDataset,
+            SparseKDGPTDatasetConfig(
+                **common, kd_caches=caches, kd_check_tokens=cfg.kd.check_tokens
+            ),
         )
     else:
         cls, config = GPTDataset, GPTDatasetConfig(**common)

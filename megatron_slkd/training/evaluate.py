@@ -51,7 +51,9 @@ def calibration_terms(
     local = labels - start
     mine = (local >= 0) & (local < width)
     label_logit = torch.gather(z, -1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
-    sums = torch.stack([torch.exp(z - m.unsqueeze(-1)).sum(-1), torch.where(mine, label_logit, 0.0)])
+    sums = torch.stack(
+        [torch.exp(z - m.unsqueeze(-1)).sum(-1), torch.where(mine, label_logit, 0.0)]
+    )
     candidate = torch.where(local_max == m, local_arg + start, torch.iinfo(torch.int64).max)
     if tp_group is not None:
         dist.all_reduce(sums, group=tp_group)
@@ -109,8 +111,8 @@ class EvalSums:
             "tokens": int(tokens),
             "kl_tokens": int(v[3]),
             "bin_count": [int(c) for c in count],
-            "bin_confidence": [float(c / k) if k else None for c, k in zip(conf, count)],
-            "bin_accuracy": [float(c / k) if k else None for c, k in zip(corr, count)],
+            "bin_confidence": [float(c / k) if k else None for c, k in zip(conf, count)],  # noqa: B905
+            "bin_accuracy": [float(c / k) if k else None for c, k in zip(corr, count)],  # noqa: B905
         }
 
 

@@ -145,8 +145,8 @@ def _check_saved_config(run_dir: Path, cfg: TrainConfig) -> None:
         return
     old = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
     new = dataclasses.asdict(cfg.model)
-    diff = {k: (old.get(k), v) for k, v in new.items()
-            if k not in ("transformer_impl", "hidden_dropout", "attention_dropout") and old.get(k) != v}  # fmt: skip
+    free = ("transformer_impl", "hidden_dropout", "attention_dropout")  # may change on resume
+    diff = {k: (old.get(k), v) for k, v in new.items() if k not in free and old.get(k) != v}
     if diff:
         from megatron_slkd.training.checkpoint import CheckpointError
 
@@ -244,7 +244,7 @@ def _chunk_iterators(loader, n: int):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) the student pretraining of ``cfg``; returns the final metrics on every rank."""
+    """Run (or resume) the student pretraining of ``cfg``; returns the final metrics (all ranks)."""
     import yaml
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -274,10 +274,21 @@ def train(cfg: TrainConfig) -> dict:
     kd_train = not cfg.kd.ce_only
     with _checked():
         if kd_train and not cfg.kd.caches:
-            raise ConfigError("no sparse-logit caches: give --kd-caches PREFIX=DIR, or --kd-ce-only")
+            raise ConfigError(
+                "no sparse-logit caches: give --kd-caches PREFIX=DIR, or --kd-ce-only"
+            )
         tokenizer = read_tokenizer(cfg)
         if cfg.checkpoint.resume:
             _check_saved_config(run_dir, cfg)
+        if cfg.checkpoint.reshardable and cfg.parallel.distributed_optimizer:
+            from megatron.core.optimizer import distrib_optimizer
+
+            if not distrib_optimizer.HAVE_APEX_OR_TE:
+                raise ConfigError(
+                    "checkpoint.reshardable needs Transformer Engine or Apex (megatron-core's "
+                    "fully reshardable optimizer format does not load torch Adam state); "
+                    "drop --checkpoint-reshardable (resume then keeps the TP/PP layout)"
+                )
     vocab_size = tokenizer.vocab_size
     with _checked():
         train_ds, valid_ds = build_datasets(
@@ -309,7 +320,7 @@ def train(cfg: TrainConfig) -> dict:
         f"student: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, {params:,} "
         f"parameters on rank 0; TP={cfg.parallel.tensor} PP={cfg.parallel.pipeline} DP={dp}"
         f"{f' VP={cfg.parallel.virtual_pipeline}' if cfg.parallel.virtual_pipeline else ''}; "
-        f"{'sparse KD (alpha=%g)' % cfg.kd.alpha if kd_train else 'cross-entropy only'}; "
+        f"{f'sparse KD (alpha={cfg.kd.alpha:g})' if kd_train else 'cross-entropy only'}; "
         f"{device}, {dtype}; steps {step + 1}..{t.steps}"
     )
     last_stage_tp0 = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
@@ -363,7 +374,12 @@ def train(cfg: TrainConfig) -> dict:
                 f"{values['tokens_per_s']:,.0f} tok/s | data wait {100 * values['data_wait']:.1f}%"
             )
             final["train"] = values
-            window = {"time": 0.0, "wait": 0.0, "sums": torch.zeros(5, dtype=torch.float64), "steps": 0}
+            window = {
+                "time": 0.0,
+                "wait": 0.0,
+                "sums": torch.zeros(5, dtype=torch.float64),
+                "steps": 0,
+            }
         due = cfg.eval.interval and step % cfg.eval.interval == 0
         if due or step == t.steps:
             metrics = _maybe_eval(run, chunks, valid_ds, forward_backward, dp)
@@ -397,4 +413,3 @@ def _eval_line(step: int, m: dict) -> str:
         f"eval @ {step} | LM loss {m['lm_loss']:.4f} | ECE {m['ece']:.4f} | "
         f"top-1 acc {m['accuracy']:.4f}{kl} | {m['tokens']} tokens"
     )
-

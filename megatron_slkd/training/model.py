@@ -125,9 +125,8 @@ def init_weights(chunks, cfg: ModelConfig, seed: int) -> None:
                 k = sh.prepend_axis_num
                 sigma = scaled if name[0].endswith(("linear_proj", "linear_fc2")) else std
                 full = _draw(sh.key, tuple(sh.global_offset[:k]), sh.global_shape[k:], sigma, seed)
-                index = tuple(
-                    slice(o, o + n) for o, n in zip(sh.global_offset[k:], sh.data.shape)
-                )
+                offsets = zip(sh.global_offset[k:], sh.data.shape, strict=True)
+                index = tuple(slice(o, o + n) for o, n in offsets)
                 sh.data.copy_(full[index])
 
 

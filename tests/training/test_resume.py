@@ -1,0 +1,79 @@
+"""Checkpoints: a resumed run logs bitwise the losses of an uninterrupted one.
+
+The CLI run is killed with SIGKILL right after its step-5 line (its last
+checkpoint is step 4), rerun with the same command, and its JSONL log compared
+exactly with a run that was never interrupted. At TP2 the same holds for a
+run rolled back to an earlier checkpoint.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+
+from helpers import SLKD
+from test_layouts import run_layout, train_log
+
+
+def _cli_args(prefix, cache, run_dir, steps=12):
+    return [
+        "train", "--data-path", prefix, "--kd-caches", f"{prefix}={cache}",
+        "--data-split", "90,10,0", "--data-index-cache", str(run_dir.parent / "index-cache"),
+        "--model-num-layers", "2", "--model-hidden-size", "64", "--model-ffn-hidden-size", "128",
+        "--model-seq-length", "64", "--train-steps", str(steps), "--train-micro-batch-size", "2",
+        "--train-global-batch-size", "4", "--checkpoint-interval", "4", "--eval-interval", "6",
+        "--eval-batches", "1", "--checkpoint-dir", str(run_dir), "--data-num-workers", "1",
+    ]  # fmt: skip
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in train_log(run_dir)}
+
+
+def test_sigkill_and_resume_is_bitwise(markov, tmp_path):
+    prefix, cache = markov
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    whole = tmp_path / "whole"
+    subprocess.run([*SLKD, *_cli_args(prefix, cache, whole)], check=True, env=env,
+                   capture_output=True)  # fmt: skip
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*SLKD, *_cli_args(prefix, cache, killed)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 5/12"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+    assert max(_losses(killed)) < 12
+
+    r = subprocess.run([*SLKD, *_cli_args(prefix, cache, killed)], env=env, text=True,
+                       capture_output=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 4" in r.stdout
+    assert _losses(killed) == _losses(whole)  # bitwise: floats compared exactly
+    evals = lambda d: [(e["step"], e["lm_loss"], e["ece"], e["kl"]) for e in train_log(d, "eval")]  # noqa: E731
+    assert evals(killed) == evals(whole)
+
+
+def test_resume_at_tp2_is_bitwise(markov, tmp_path):
+    whole = run_layout(markov, tmp_path, "whole", 2, **{
+        "parallel.tensor": 2, "train.steps": 4, "checkpoint.interval": 2})  # fmt: skip
+    run_layout(markov, tmp_path, "part", 2, **{
+        "parallel.tensor": 2, "train.steps": 4, "checkpoint.interval": 2})  # fmt: skip
+    # Roll the second run back to its step-2 checkpoint, then resume it to the end.
+    ckpts = tmp_path / "part" / "checkpoints"
+    (ckpts / "latest").write_text("iter_0000002\n")
+    shutil.rmtree(ckpts / "iter_0000004")
+    resumed = run_layout(markov, tmp_path, "part", 2, **{
+        "parallel.tensor": 2, "train.steps": 4, "checkpoint.interval": 2})  # fmt: skip
+    assert resumed == whole
+    assert (
+        json.loads((tmp_path / "part" / "train_log.jsonl").read_text().splitlines()[0])["step"] == 1
+    )
