@@ -35,6 +35,14 @@ def run(args: argparse.Namespace) -> int:
     from megatron_slkd.training.config import config_from_args
     from megatron_slkd.training.loop import train
 
+    import warnings
+
+    for noise in (
+        r"`torch\.distributed\.\w+` is deprecated",  # megatron-core's collectives
+        ".*CUDA_DEVICE_MAX_CONNECTIONS",
+        "full scope is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=noise)
     cfg = config_from_args(args)
     cfg.validate()
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores among the ranks of this node

@@ -88,6 +88,10 @@ def enable() -> None:
     """Patch this process so megatron-core runs on CPU. Safe to call twice."""
     if _STATE["enabled"]:
         return
+    import warnings
+
+    # The mode sees megatron-core read ``.grad`` of non-leaf views (harmless, once per step).
+    warnings.filterwarnings("ignore", message=".*grad attribute of a Tensor that is not a leaf")
     _patch_cuda_queries()
     _patch_megatron()
     mode = CpuDeviceMode()

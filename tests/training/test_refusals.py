@@ -1,0 +1,79 @@
+"""Bad input to `slkd train` is refused before the first step, saying what to change."""
+
+import json
+import shutil
+
+import pytest
+from helpers import slkd
+
+
+def _base(prefix, run_dir, *extra):
+    return [
+        "train", "--data-path", prefix, "--data-split", "90,10,0",
+        "--data-index-cache", str(run_dir.parent / "index-cache"), "--data-num-workers", "0",
+        "--model-num-layers", "2", "--model-hidden-size", "64", "--model-ffn-hidden-size", "128",
+        "--model-seq-length", "64", "--train-steps", "1", "--train-global-batch-size", "2",
+        "--eval-batches", "1", "--checkpoint-dir", str(run_dir), *extra,
+    ]  # fmt: skip
+
+
+def _refused(args, *needles):
+    r = slkd(*args, check=False)
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-3000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("slkd train: error:"), r.stderr[-3000:]
+    for n in needles:
+        assert n in last, last
+    assert "step 1/" not in r.stdout
+    return last
+
+
+def test_prefix_without_cache(markov, tmp_path):
+    prefix, cache = markov
+    _refused(_base(prefix, tmp_path / "a"), "--kd-caches", "--kd-ce-only")
+    _refused(_base(prefix, tmp_path / "b", "--kd-caches", f"{prefix}-other={cache}"),
+             prefix, "no sparse-logit cache", "slkd build-cache")  # fmt: skip
+
+
+def test_cache_of_another_tokenizer(markov, tmp_path):
+    prefix, cache = markov
+    other = str(tmp_path / "copy")
+    for ext in (".bin", ".idx"):
+        shutil.copy(prefix + ext, other + ext)
+    meta = json.loads(open(prefix + ".meta.json").read())
+    meta["tokenizer"]["fingerprint"] = "another-tokenizer"
+    open(other + ".meta.json", "w").write(json.dumps(meta))
+    _refused(_base(other, tmp_path / "r", "--kd-caches", f"{other}={cache}"),
+             "does not match data prefix", "fingerprint")  # fmt: skip
+    _refused(_base(prefix, tmp_path / "v", "--kd-caches", f"{prefix}={cache}",
+                   "--model-vocab-size", "5000"), "model.vocab_size=5000")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--parallel-tensor", "2"], ["does not divide the 1 processes"]),
+        (["--parallel-tensor", "3"], ["num_attention_heads=4"]),
+        (["--parallel-pipeline", "2", "--model-num-layers", "3"], ["num_layers=3"]),
+        (["--train-global-batch-size", "3"], ["global_batch_size=3"]),
+    ],
+)
+def test_parallel_sizes_that_do_not_fit(markov, tmp_path, extra, needles):
+    prefix, cache = markov
+    _refused(_base(prefix, tmp_path / "p", "--kd-caches", f"{prefix}={cache}", *extra), *needles)
+
+
+def test_checkpoint_of_another_model_shape(markov, tmp_path):
+    prefix, cache = markov
+    run = tmp_path / "run"
+    slkd(*_base(prefix, run, "--kd-caches", f"{prefix}={cache}"))
+    assert (run / "checkpoints" / "latest").is_file()
+    _refused(_base(prefix, run, "--kd-caches", f"{prefix}={cache}", "--model-hidden-size", "96"),
+             "model.hidden_size: checkpoint 64, now 96", "--checkpoint-dir")  # fmt: skip
+
+
+def test_ce_only_runs_without_cache(markov, tmp_path):
+    prefix, _ = markov
+    r = slkd(*_base(prefix, tmp_path / "ce", "--kd-ce-only", "--json"))
+    final = json.loads(r.stdout.strip().splitlines()[-1])
+    assert final["step"] == 1 and final["eval"]["kl"] is None and final["eval"]["ece"] >= 0
