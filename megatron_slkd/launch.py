@@ -74,9 +74,8 @@ def init_distributed(
             os.environ["MASTER_PORT"] = str(29500 + job % 20000) if job else "29500"
         gpu = device.startswith("cuda")
         if gpu:
-            torch.cuda.set_device(
-                int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-            )
+            local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
+            torch.cuda.set_device(int(local) if local else rank % torch.cuda.device_count())
         dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
     if device == "cpu":
         from megatron_slkd.compat import cpu

