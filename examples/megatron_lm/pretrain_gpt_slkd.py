@@ -41,14 +41,22 @@ from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
 def add_slkd_args(parser):
     """The ``--slkd-*`` arguments."""
     group = parser.add_argument_group("sparse-logit knowledge distillation (megatron-slkd)")
-    group.add_argument("--slkd-cache", nargs="+", required=True, metavar="PREFIX=DIR",
-                       help="the sparse-logit cache of every data prefix of --data-path")  # fmt: skip
-    group.add_argument("--slkd-alpha", type=float, default=0.0,
-                       help="weight of the hard-label cross-entropy; the teacher gets 1 - alpha")  # fmt: skip
-    group.add_argument("--slkd-check-tokens", action="store_true",
-                       help="compare every shard's token checksum with the data at start-up")  # fmt: skip
-    group.add_argument("--slkd-pad-to", type=int, default=None,
-                       help="entries per position in a batch (default: the caches' N or k)")  # fmt: skip
+    group.add_argument(
+        "--slkd-cache", nargs="+", required=True, metavar="PREFIX=DIR",
+        help="the sparse-logit cache of every data prefix of --data-path",
+    )  # fmt: skip
+    group.add_argument(
+        "--slkd-alpha", type=float, default=0.0,
+        help="weight of the hard-label cross-entropy; the teacher gets 1 - alpha",
+    )  # fmt: skip
+    group.add_argument(
+        "--slkd-check-tokens", action="store_true",
+        help="compare every shard's token checksum with the data at start-up",
+    )  # fmt: skip
+    group.add_argument(
+        "--slkd-pad-to", type=int, default=None,
+        help="entries per position in a batch (default: the caches' N or k)",
+    )  # fmt: skip
     return parser
 
 
@@ -107,7 +115,9 @@ def loss_func(batch: dict, output_tensor: torch.Tensor, model=None):
     report = {
         "lm loss": torch.cat([(res.ce.detach() * mask).sum().view(1), n]),
         "kd loss": torch.cat([loss.detach().view(1), n]),
-        "kl to teacher": torch.cat([(res.kl.detach() * kd_mask).sum().view(1), kd_mask.sum().view(1)]),
+        "kl to teacher": torch.cat(
+            [(res.kl.detach() * kd_mask).sum().view(1), kd_mask.sum().view(1)]
+        ),
     }
     return loss, num_tokens, report
 

@@ -28,14 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
+    import warnings
 
     import torch
     import torch.distributed as dist
 
     from megatron_slkd.training.config import config_from_args
     from megatron_slkd.training.loop import train
-
-    import warnings
 
     for noise in (
         r"`torch\.distributed\.\w+` is deprecated",  # megatron-core's collectives
