@@ -21,7 +21,7 @@ import torch
 
 from megatron_slkd.data.batch import collate_kd
 from megatron_slkd.data.prepare import read_meta
-from megatron_slkd.errors import CacheMismatchError, ConfigError
+from megatron_slkd.errors import CacheMismatchError, ConfigError, SlkdError
 from megatron_slkd.training.config import TrainConfig
 
 __all__ = [
@@ -191,5 +191,17 @@ class TimedIterator:
         t = time.perf_counter()
         try:
             return next(self._it)
+        except SlkdError as exc:  # e.g. a damaged cache chunk, found on first read
+            raise type(exc)(_worker_message(exc)) from None
         finally:
             self.wait += time.perf_counter() - t
+
+
+def _worker_message(exc: Exception) -> str:
+    """The library's own message of an error re-raised by a DataLoader worker (which
+    prepends the worker's traceback to it)."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last

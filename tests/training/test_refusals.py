@@ -17,14 +17,16 @@ def _base(prefix, run_dir, *extra):
     ]  # fmt: skip
 
 
-def _refused(args, *needles):
+def _refused(args, *needles, before_first_step=True):
     r = slkd(*args, check=False)
     assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-3000:])
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("slkd train: error:"), r.stderr[-3000:]
     for n in needles:
         assert n in last, last
-    assert "step 1/" not in r.stdout
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    if before_first_step:
+        assert "step 1/" not in r.stdout
     return last
 
 
@@ -77,3 +79,17 @@ def test_ce_only_runs_without_cache(markov, tmp_path):
     r = slkd(*_base(prefix, tmp_path / "ce", "--kd-ce-only", "--json"))
     final = json.loads(r.stdout.strip().splitlines()[-1])
     assert final["step"] == 1 and final["eval"]["kl"] is None and final["eval"]["ece"] >= 0
+
+
+def test_damaged_cache_stops_with_the_stores_error(markov, tmp_path):
+    prefix, cache = markov
+    broken = tmp_path / "broken-cache"
+    shutil.copytree(cache, broken)
+    shard = next(broken.glob("*.slkd"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the chunk data: found on first read, by a worker
+    shard.write_bytes(bytes(data))
+    args = _base(prefix, tmp_path / "run", "--kd-caches", f"{prefix}={broken}",
+                 "--data-num-workers", "1", "--train-steps", "40")  # fmt: skip
+    last = _refused(args, str(shard.name), "corrupt", before_first_step=False)
+    assert "DataLoader" not in last
