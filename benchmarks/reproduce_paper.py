@@ -70,7 +70,8 @@ def prepare(work: Path, gguf: Path, documents: int | None) -> str:
     prefix = work / "data" / "stdlib"
     if not Path(str(prefix) + ".meta.json").exists():
         argv = ["prepare-data", "--builtin-corpus", "stdlib-docstrings", "--hf-tokenizer",
-                str(gguf), "--eod-token", "<|endoftext|>", "--output-prefix", str(prefix)]  # fmt: skip
+                str(gguf), "--eod-token", "<|endoftext|>",
+                "--output-prefix", str(prefix)]  # fmt: skip
         if documents:
             argv += ["--max-documents", str(documents)]
         if slkd(argv) != 0:
