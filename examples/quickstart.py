@@ -17,11 +17,19 @@ run only re-checks):
    vocab-parallel sparse KD loss scores the teacher itself against its own
    cache (what remains of the KL is the noise of N=50 draws plus the shorter
    context a packed 256-token sample gives the teacher; a fresh student
-   starts far above it).
+   starts far above it);
+6. slkd train under torchrun, 2 processes at tensor-parallel size 2: the same
+   small student (examples/configs/demo_student.yaml) once with RS-KD from the
+   N=50 cache and once with cross-entropy only; each run checkpoints and
+   resumes;
+7. a table of held-out LM loss, ECE and KL to the teacher for both students,
+   and their reliability diagram (reliability.png).
 """
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,6 +52,8 @@ def main() -> None:
     )
     p.add_argument("--workdir", default="runs/demo", help="where data and caches go")
     p.add_argument("--documents", type=int, default=12, help="documents of the built-in corpus")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="student steps (default: the demo config's)")  # fmt: skip
     args = p.parse_args()
     work = Path(args.workdir)
     gguf = smollm2_gguf()
@@ -147,6 +157,60 @@ def main() -> None:
         f"(paper: about 12 ids per position at 3 bytes each, 36 GB per 1B tokens)\n"
         f"details: {work / 'summary.json'}, histogram: {work / 'unique_ids_n50.png'}"
     )
+    runs = {
+        "RS-KD (N=50)": train_student(prefix, cache, work / "student-rskd", True, args),
+        "CE only": train_student(prefix, cache, work / "student-ce", False, args),
+    }
+    compare(runs, work)
+
+
+CONFIG = Path(__file__).parent / "configs" / "demo_student.yaml"
+
+
+def train_student(prefix: Path, cache: Path, run_dir: Path, kd: bool, args) -> Path:
+    """One `slkd train` run under torchrun at TP=2 (resumed, or skipped when finished)."""
+    import yaml
+
+    from megatron_slkd.testing import free_port
+    from megatron_slkd.training.report import last_eval
+
+    steps = args.train_steps or yaml.safe_load(CONFIG.read_text())["train"]["steps"]
+    what = "RS-KD from the N=50 cache" if kd else "cross-entropy only (cache for the KL only)"
+    latest = run_dir / "checkpoints" / "latest"
+    finished = latest.is_file() and latest.read_text().strip() == f"iter_{steps:07d}"
+    if finished and last_eval(run_dir):
+        print(f"\n== slkd train, {what}: {run_dir} finished, skipped")
+        return run_dir
+    argv = [
+        "--config", str(CONFIG), "--data-path", str(prefix),
+        "--kd-caches", f"{prefix}={cache}", "--train-steps", str(steps),
+        "--checkpoint-dir", str(run_dir), "--data-index-cache", str(run_dir.parent / "index-cache"),
+    ]  # fmt: skip
+    if not kd:
+        argv.append("--kd-ce-only")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), "-m", "megatron_slkd.training", *argv]  # fmt: skip
+    print(f"\n== slkd train, {what}: TP=2 on 2 processes\n$ torchrun --nproc-per-node 2 "
+          f"-m megatron_slkd.training {' '.join(argv)}", flush=True)  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    if subprocess.run(cmd, env=env).returncode != 0:
+        sys.exit(f"student training failed; rerun to resume from {run_dir}/checkpoints")
+    return run_dir
+
+
+def compare(runs: dict[str, Path], work: Path) -> None:
+    """The held-out table of both students and their reliability diagram."""
+    from megatron_slkd.training.report import last_eval, reliability_diagram
+
+    evals = {name: last_eval(d) for name, d in runs.items()}
+    print("\n== students on held-out data (same model, data, steps; TP=2)")
+    print(f"{'student':<16}{'LM loss':>9}{'ECE':>8}{'KL to teacher':>15}{'top-1 acc':>11}")
+    for name, ev in evals.items():
+        print(f"{name:<16}{ev['lm_loss']:>9.3f}{ev['ece']:>8.3f}{ev['kl']:>15.3f}"
+              f"{ev['accuracy']:>11.3f}")  # fmt: skip
+    png = reliability_diagram(evals, work / "reliability.png", "demo students, held-out data")
+    (work / "students.json").write_text(json.dumps(evals, indent=1))
+    print(f"reliability diagram: {png}; details: {work / 'students.json'}")
 
 
 def student_data_path(prefix: Path, cache: Path, gguf: Path, work: Path) -> None:
