@@ -259,6 +259,12 @@ class TrainConfig:
             raise ConfigError("parallel.virtual_pipeline needs pipeline >= 2 and at least 2 chunks")
         if p.sequence_parallel and p.tensor == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
+        if p.sequence_parallel and (m.transformer_impl == "local" or not _have_te()):
+            raise ConfigError(
+                "parallel.sequence_parallel needs the Transformer Engine layer spec (the "
+                "local spec's torch norms do not support it); drop "
+                "--parallel-sequence-parallel or install transformer_engine"
+            )
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={t.global_batch_size} is not a multiple of "
@@ -299,6 +305,12 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- docs and types
+
+
+def _have_te() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def field_docs(cls) -> dict[str, str]:

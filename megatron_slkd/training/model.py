@@ -74,7 +74,7 @@ def transformer_config(cfg: TrainConfig, dtype: torch.dtype, device: str = "cpu"
     )
 
 
-def layer_spec(cfg: ModelConfig, device: str):
+def layer_spec(cfg: ModelConfig, device: str, sequence_parallel: bool = False):
     """Transformer Engine's layer spec when it imports on GPU (or is asked for), else local."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
@@ -91,6 +91,12 @@ def layer_spec(cfg: ModelConfig, device: str):
             return specs.get_gpt_layer_with_transformer_engine_spec()
         except Exception as exc:  # TE missing or broken: say so rather than fall back silently
             raise ConfigError(f"model.transformer_impl=transformer_engine: {exc}") from exc
+    if sequence_parallel:
+        raise ConfigError(
+            "parallel.sequence_parallel needs the Transformer Engine layer spec (megatron-core's "
+            "local spec uses torch norms, which do not support it); drop "
+            "--parallel-sequence-parallel or install transformer_engine"
+        )
     return specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
 
 
@@ -140,7 +146,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: str, dtype: torch.dty
 
     model_parallel_cuda_manual_seed(cfg.train.seed)
     tconf = transformer_config(cfg, dtype, device)
-    spec = layer_spec(cfg.model, device)
+    spec = layer_spec(cfg.model, device, cfg.parallel.sequence_parallel)
     vocab = padded_vocab_size(vocab_size, cfg.model, cfg.parallel.tensor)
     chunks = []
     vp = cfg.parallel.virtual_pipeline

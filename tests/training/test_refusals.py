@@ -58,6 +58,7 @@ def test_cache_of_another_tokenizer(markov, tmp_path):
         (["--parallel-tensor", "3"], ["num_attention_heads=4"]),
         (["--parallel-pipeline", "2", "--model-num-layers", "3"], ["num_layers=3"]),
         (["--train-global-batch-size", "3"], ["global_batch_size=3"]),
+        (["--parallel-tensor", "2", "--parallel-sequence-parallel"], ["Transformer Engine"]),
     ],
 )
 def test_parallel_sizes_that_do_not_fit(markov, tmp_path, extra, needles):
