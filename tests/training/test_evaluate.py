@@ -107,3 +107,23 @@ def _vocab_parallel(rank, world):
 
 def test_vocab_parallel_matches_unsharded():
     run_distributed(_vocab_parallel, 2, tp=2, megatron=True)
+
+
+def test_reliability_diagram_and_last_eval(tmp_path):
+    import json
+
+    from megatron_slkd.training.report import last_eval, reliability_diagram
+
+    logits, labels, mask = _case()
+    sums = EvalSums(10)
+    sums.add(*calibration_terms(logits, labels), mask)
+    ev = sums.summary()
+    run = tmp_path / "run"
+    run.mkdir()
+    assert last_eval(run) is None
+    rows = [{"kind": "train", "step": 1}, {"kind": "eval", "step": 1, **ev, "lm_loss": 9.0},
+            {"kind": "eval", "step": 2, **ev}]  # fmt: skip
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert last_eval(run)["step"] == 2 and last_eval(run)["lm_loss"] == ev["lm_loss"]
+    png = reliability_diagram({"a": ev, "b": ev}, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
