@@ -15,6 +15,8 @@ import subprocess
 from helpers import SLKD
 from test_layouts import run_layout, train_log
 
+from megatron_slkd.training.config import load_config
+
 
 def _cli_args(prefix, cache, run_dir, steps=12):
     return [
@@ -58,6 +60,9 @@ def test_sigkill_and_resume_is_bitwise(markov, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 4" in r.stdout
     assert _losses(killed) == _losses(whole)  # bitwise: floats compared exactly
+    assert list((whole / "tensorboard").glob("events.out.tfevents.*"))
+    saved = load_config(killed / "config.yaml")  # the resolved config, loadable as is
+    assert saved.model.num_layers == 2 and saved.checkpoint.dir == str(killed)
     evals = lambda d: [(e["step"], e["lm_loss"], e["ece"], e["kl"]) for e in train_log(d, "eval")]  # noqa: E731
     assert evals(killed) == evals(whole)
 
