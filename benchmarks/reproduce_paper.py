@@ -320,6 +320,20 @@ def storage(work: Path, docs, store: np.memmap, vocab: int, save: bool) -> None:
            if isinstance(v, (int, float))}, paper_gb_per_billion_tokens=36)  # fmt: skip
 
 
+def storage_thinned(work: Path, n: int, save: bool) -> None:
+    """The RS N=50 cache thinned (exactly) to N=n draws: its bytes and unique ids."""
+    from megatron_slkd.cache import open_cache
+    from megatron_slkd.cache.stats import cache_stats
+    from megatron_slkd.cache.thin import thin_cache
+
+    out = work / f"cache-rs{n}"
+    if not (out / "manifest.json").exists():
+        thin_cache(work / "cache-rs50", out, n)
+    s = cache_stats(open_cache(out))
+    record("reproduce_paper", f"storage_rs{n}", save, **{k: v for k, v in s.items()
+           if isinstance(v, (int, float))}, paper_gb_per_billion_tokens=36)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="runs/paper", help="data, teacher store, caches")
@@ -356,6 +370,7 @@ def main() -> None:
     storage(work, train_docs, train_store, vocab, save)
     n12, unique = choose_rs_n(train_s)
     record("reproduce_paper", "rs_unique_ids", save, unique_by_n=unique, chosen_n=n12)
+    storage_thinned(work, n12, save)
 
     models = {}
     for method in args.methods.split(","):
