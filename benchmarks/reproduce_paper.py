@@ -372,7 +372,7 @@ def main() -> None:
     record("reproduce_paper", "rs_unique_ids", save, unique_by_n=unique, chosen_n=n12)
     storage_thinned(work, n12, save)
 
-    models = {}
+    models, evals = {}, {}
     for method in args.methods.split(","):
         done = work / f"train-{method}.json"
         weights = work / f"student-{method}.pt"
@@ -385,12 +385,17 @@ def main() -> None:
             result, models[method] = train(method, train_s, held, args, vocab)
             torch.save(models[method].state_dict(), weights)
             done.write_text(json.dumps(result))
+        evals[method] = result
         record("reproduce_paper", "training", save, method=method, steps=args.steps,
                tokens=args.steps * args.batch * args.seq, lm_loss=result["lm_loss"],
                ece=result["ece"], kl_to_teacher=result["kl"], accuracy=result["accuracy"],
                bin_accuracy=result["bin_accuracy"], bin_confidence=result["bin_confidence"],
                bin_count=result["bin_count"])  # fmt: skip
 
+    from megatron_slkd.training.report import reliability_diagram
+
+    png = reliability_diagram(evals, work / "reliability.png", "held-out, same student and budget")
+    log(f"reliability diagram: {png}")
     methods = ["topk-12", "topk-50", "topk-300", "topk-12+res", "topk-50+res", f"rs-{n12}",
                "rs-50"]  # fmt: skip
     fidelity(student(vocab, SEED), train_s, args, methods, "initialized", save)
