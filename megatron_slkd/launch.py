@@ -71,7 +71,12 @@ def init_distributed(
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             job = int(os.environ.get("SLURM_JOB_ID", "0"))
-            os.environ["MASTER_PORT"] = str(29500 + job % 20000) if job else "29500"
+            if world == 1:  # alone: any free port, so that runs side by side do not collide
+                from megatron_slkd.testing import free_port
+
+                os.environ["MASTER_PORT"] = str(free_port())
+            else:
+                os.environ["MASTER_PORT"] = str(29500 + job % 20000) if job else "29500"
         gpu = device.startswith("cuda")
         if gpu:
             local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))

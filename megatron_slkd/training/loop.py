@@ -17,7 +17,6 @@ cache, the tokenizer, a checkpoint saved with another model shape.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import itertools
 import json
@@ -137,24 +136,31 @@ def _device(cfg: TrainConfig) -> str:
 
 
 def _check_saved_config(run_dir: Path, cfg: TrainConfig) -> None:
-    """A checkpoint of another model shape is refused before anything is built."""
+    """Refuse, before anything is built, to resume a checkpoint of another model shape, or
+    with other data settings (they would silently change the sample order)."""
     import yaml
 
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    old = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
-    new = dataclasses.asdict(cfg.model)
-    free = ("transformer_impl", "hidden_dropout", "attention_dropout")  # may change on resume
-    diff = {k: (old.get(k), v) for k, v in new.items() if k not in free and old.get(k) != v}
-    if diff:
-        from megatron_slkd.training.checkpoint import CheckpointError
+    from megatron_slkd.training.checkpoint import CheckpointError, latest_checkpoint
 
-        changes = ", ".join(f"model.{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointError(
-            f"{run_dir} holds checkpoints of another model shape ({changes}); use another "
-            "--checkpoint-dir, or --no-checkpoint-resume to start over in this one"
-        )
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or latest_checkpoint(run_dir) is None:
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = config_to_dict(cfg)
+    free = ("transformer_impl", "hidden_dropout", "attention_dropout")  # may change on resume
+    model = {f"model.{k}": (old.get("model", {}).get(k), v)
+             for k, v in new["model"].items() if k not in free}  # fmt: skip
+    data = {f"{sec}.{k}": (old.get(sec, {}).get(k), new[sec][k])
+            for sec, k in (("data", "path"), ("data", "split"), ("data", "seed"),
+                           ("train", "global_batch_size"))}  # fmt: skip
+    for what, fields in (("model shape", model), ("data order", data)):
+        diff = {k: ab for k, ab in fields.items() if ab[0] != ab[1]}
+        if diff:
+            changes = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(
+                f"{run_dir} holds checkpoints of another {what} ({changes}); use another "
+                "--checkpoint-dir, or --no-checkpoint-resume to start over in this one"
+            )
 
 
 class _Logger:

@@ -73,6 +73,8 @@ def test_checkpoint_of_another_model_shape(markov, tmp_path):
     assert (run / "checkpoints" / "latest").is_file()
     _refused(_base(prefix, run, "--kd-caches", f"{prefix}={cache}", "--model-hidden-size", "96"),
              "model.hidden_size: checkpoint 64, now 96", "--checkpoint-dir")  # fmt: skip
+    _refused(_base(prefix, run, "--kd-caches", f"{prefix}={cache}", "--data-split", "80,20,0"),
+             "data order", "data.split: checkpoint '90,10,0', now '80,20,0'")  # fmt: skip
 
 
 def test_ce_only_runs_without_cache(markov, tmp_path):
