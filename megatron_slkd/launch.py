@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["process_rank", "array_task", "launch_rank", "share", "init_distributed"]
+__all__ = [
+    "process_rank",
+    "array_task",
+    "launch_rank",
+    "share",
+    "init_distributed",
+    "free_port",
+]
 
 _PAIRS = (
     ("RANK", "WORLD_SIZE"),  # torchrun
@@ -19,6 +26,15 @@ _PAIRS = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # Open MPI
     ("PMI_RANK", "PMI_SIZE"),  # MPICH, Intel MPI
 )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def process_rank(env=None) -> tuple[int, int]:
@@ -72,8 +88,6 @@ def init_distributed(
         if "MASTER_PORT" not in os.environ:
             job = int(os.environ.get("SLURM_JOB_ID", "0"))
             if world == 1:  # alone: any free port, so that runs side by side do not collide
-                from megatron_slkd.testing import free_port
-
                 os.environ["MASTER_PORT"] = str(free_port())
             else:
                 os.environ["MASTER_PORT"] = str(29500 + job % 20000) if job else "29500"

@@ -13,7 +13,6 @@ interpreters.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 import warnings
 from collections.abc import Callable
@@ -23,16 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_slkd.launch import free_port
+
 __all__ = ["run_distributed", "free_port"]
 
 _PORT_ERRORS = ("Address already in use", "EADDRINUSE", "address already in use")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, fn, args, tp, pp, megatron, threads, cp=1):
