@@ -75,11 +75,17 @@ class Manifest:
         return json.dumps(d, indent=1, sort_keys=True) + "\n"
 
     def compatibility_key(self) -> dict[str, Any]:
-        """What two shards must share to belong to one cache."""
+        """What two shards must share to belong to one cache: everything but where files
+        were (paths differ between machines, clones and moved directories; hashes and
+        fingerprints identify the content)."""
+
+        def located(d: dict) -> dict:
+            return {k: v for k, v in d.items() if k not in ("path", "prefix")}
+
         return {
-            "dataset": self.dataset,
-            "tokenizer": self.tokenizer,
-            "teacher": self.teacher,
+            "dataset": located(self.dataset),
+            "tokenizer": located(self.tokenizer),
+            "teacher": located(self.teacher),
             "sampling": self.sampling,
             "encoding": self.encoding.to_json(),
         }

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -177,3 +178,16 @@ def test_bad_options_are_refused(dataset, tmp_path, kw, match):
     cfg = _cfg(prefix, tmp_path / "c")
     with pytest.raises(ConfigError, match=match):
         build_cache(dataclasses.replace(cfg, **kw), PrefixTeacher())
+
+
+def test_resume_from_a_moved_dataset_keeps_finished_shards(dataset, tmp_path):
+    prefix, _ = dataset
+    build_cache(_cfg(prefix, tmp_path / "c", num_shards=2, shard_indices=[0]), PrefixTeacher())
+    moved = tmp_path / "elsewhere" / "ds"
+    moved.parent.mkdir()
+    for ext in (".bin", ".idx", ".meta.json"):
+        shutil.copy(prefix + ext, str(moved) + ext)
+    # Same content at another path: shard 0 is kept, shard 1 is built, they merge.
+    r = build_cache(_cfg(str(moved), tmp_path / "c", num_shards=2), PrefixTeacher())
+    assert r["shards_built"] == 1 and r["complete"]
+    assert verify_cache(tmp_path / "c", str(moved))["ok"]
