@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_slkd.teacher.build import BuildConfig, build_cache, plan_shards
+from megatron_slkd.teacher.build import BuildConfig, build_cache, finished_report, plan_shards
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_slkd.cli import emit
     from megatron_slkd.data.indexed import open_dataset
     from megatron_slkd.launch import launch_rank, share
-    from megatron_slkd.teacher.hf import HFTeacher, TeacherError, smollm2_gguf
+    from megatron_slkd.teacher.hf import HFTeacher, TeacherError, file_sha256, smollm2_gguf
     from megatron_slkd.teacher.megatron import MegatronTeacher, is_megatron_teacher
 
     # Cheap checks first: a missing dataset is reported before a teacher is loaded.
@@ -146,11 +146,14 @@ def run(args: argparse.Namespace) -> int:
             ],
         )
         return 0
-    if megatron:
-        teacher = MegatronTeacher(path, dtype=args.dtype)
-    else:
-        teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
-    report = build_cache(cfg, teacher)
+    # A rerun over finished shards does not need the teacher (checked by its file hash).
+    report = None if megatron else finished_report(cfg, file_sha256(path))
+    if report is None:
+        if megatron:
+            teacher = MegatronTeacher(path, dtype=args.dtype)
+        else:
+            teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
+        report = build_cache(cfg, teacher)
     if megatron and not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
         return 0  # the writing rank of each model-parallel group reports
 

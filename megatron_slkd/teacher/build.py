@@ -436,6 +436,56 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
     return report
 
 
+def finished_report(cfg: BuildConfig, teacher_hash: str | None) -> dict | None:
+    """The report of a build with nothing left to do, found without loading the teacher.
+
+    Every shard ``cfg`` asks for must be finished (file and sidecar) with the same
+    sampling settings and a teacher checkpoint of hash ``teacher_hash``, and the
+    cache's manifest must exist when all shards are asked for; otherwise None, and
+    :func:`build_cache` (with the teacher loaded) builds, resumes or refuses.
+    """
+    if teacher_hash is None:
+        return None
+    out = Path(cfg.output)
+    mine = range(cfg.num_shards) if cfg.shard_indices is None else cfg.shard_indices
+    want = dict(
+        method=cfg.method,
+        num_samples=cfg.num_samples if cfg.method == "rs" else None,
+        k=cfg.k,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        context_length=cfg.context_length,
+        stride=cfg.stride,
+    )
+    tokens = 0
+    for i in mine:
+        path = out / shard_file_name(i, cfg.num_shards)
+        sidecar = Path(str(path) + ".json")
+        if not (path.exists() and sidecar.exists()):
+            return None
+        done = Manifest.load(sidecar)
+        if done.sampling != want or done.teacher.get("checkpoint_hash") != teacher_hash:
+            return None
+        tokens += sum(int(r["num_tokens"]) for r in done.shards)
+    names = [shard_file_name(i, cfg.num_shards) + ".json" for i in range(cfg.num_shards)]
+    complete = all((out / n).exists() for n in names)
+    if complete and not (out / MANIFEST_NAME).exists():
+        return None  # the merge is still to do
+    report = {
+        "output": str(out),
+        "shards_built": 0,
+        "shards": cfg.num_shards,
+        "shard_indices": list(mine),
+        "complete": complete,
+        "tokens": tokens,
+        "seconds": 0.0,
+        **_Stats().report(),
+    }
+    if complete:
+        report.update(_cache_summary(out))
+    return report
+
+
 def _cache_summary(out: Path) -> dict:
     from megatron_slkd.cache.reader import open_cache
     from megatron_slkd.cache.stats import cache_stats

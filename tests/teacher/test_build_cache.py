@@ -15,7 +15,7 @@ from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
 from megatron_slkd.errors import CacheMismatchError, ConfigError
 from megatron_slkd.teacher import BuildConfig, build_cache, document_windows, plan_shards
-from megatron_slkd.teacher.build import shard_file_name
+from megatron_slkd.teacher.build import finished_report, shard_file_name
 
 VOCAB = 64
 
@@ -191,3 +191,27 @@ def test_resume_from_a_moved_dataset_keeps_finished_shards(dataset, tmp_path):
     r = build_cache(_cfg(str(moved), tmp_path / "c", num_shards=2), PrefixTeacher())
     assert r["shards_built"] == 1 and r["complete"]
     assert verify_cache(tmp_path / "c", str(moved))["ok"]
+
+
+class HashedTeacher(PrefixTeacher):
+    def describe(self):
+        return {**super().describe(), "checkpoint_hash": "sha256:0123"}
+
+
+def test_finished_build_is_reported_without_the_teacher(dataset, tmp_path):
+    prefix, _ = dataset
+    cfg = _cfg(prefix, tmp_path / "c", num_shards=2)
+    assert finished_report(cfg, "sha256:0123") is None  # nothing built yet
+    built = build_cache(_cfg(prefix, tmp_path / "c", num_shards=2, shard_indices=[0]),
+                        HashedTeacher())  # fmt: skip
+    assert finished_report(cfg, "sha256:0123") is None  # shard 1 is missing
+    part = finished_report(dataclasses.replace(cfg, shard_indices=[0]), "sha256:0123")
+    assert part["shards_built"] == 0 and not part["complete"]
+    assert part["tokens"] == built["tokens"]
+    build_cache(cfg, HashedTeacher())
+    done = finished_report(cfg, "sha256:0123")
+    assert done["complete"] and done["cache_bytes_per_token"] > 0
+    # Other settings or another teacher file: the teacher is loaded and decides.
+    assert finished_report(dataclasses.replace(cfg, seed=7), "sha256:0123") is None
+    assert finished_report(cfg, "sha256:other") is None
+    assert finished_report(cfg, None) is None

