@@ -226,11 +226,7 @@ def student_data_path(prefix: Path, cache: Path, gguf: Path, work: Path) -> None
     from megatron_slkd.launch import init_distributed
     from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
     from megatron_slkd.teacher import HFTeacher
-
-    class Tokenizer:  # what GPTDataset asks of a tokenizer
-        meta = read_meta(str(prefix))["tokenizer"]
-        vocab_size, eod = meta["vocab_size"], meta["eod"]
-        unique_identifiers = {"fingerprint": meta["fingerprint"]}
+    from megatron_slkd.training.data import DataTokenizer
 
     init_distributed(tensor_parallel=1, device="cpu")
     config = SparseKDGPTDatasetConfig(
@@ -239,7 +235,7 @@ def student_data_path(prefix: Path, cache: Path, gguf: Path, work: Path) -> None
         blend=([str(prefix)], None),
         split="100,0,0",
         path_to_cache=str(work / "index-cache"),
-        tokenizer=Tokenizer(),
+        tokenizer=DataTokenizer(read_meta(str(prefix))["tokenizer"]),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

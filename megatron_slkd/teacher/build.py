@@ -338,6 +338,31 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, enc, bar, 
     return record
 
 
+def _sampling_record(cfg: BuildConfig) -> dict:
+    """The manifest's ``sampling`` section for ``cfg`` (what a resumed shard must match)."""
+    return dict(
+        method=cfg.method,
+        num_samples=cfg.num_samples if cfg.method == "rs" else None,
+        k=cfg.k,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        context_length=cfg.context_length,
+        stride=cfg.stride,
+    )
+
+
+def _my_shards(cfg: BuildConfig):
+    """The shard indices this process builds."""
+    return range(cfg.num_shards) if cfg.shard_indices is None else cfg.shard_indices
+
+
+def _all_finished(out: Path, num_shards: int) -> bool:
+    """Whether every shard of the cache has its sidecar (written when a shard is done)."""
+    return all(
+        (out / (shard_file_name(i, num_shards) + ".json")).exists() for i in range(num_shards)
+    )
+
+
 def build_cache(cfg: BuildConfig, teacher) -> dict:
     """Build the shards of ``cfg`` with ``teacher``; returns a summary."""
     from tqdm import tqdm
@@ -372,19 +397,11 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
         dataset=dataset_fingerprint(cfg.data_prefix, ds),
         tokenizer=tokenizer,
         teacher=teacher.describe(),
-        sampling=dict(
-            method=cfg.method,
-            num_samples=cfg.num_samples if cfg.method == "rs" else None,
-            k=cfg.k,
-            temperature=cfg.temperature,
-            seed=cfg.seed,
-            context_length=cfg.context_length,
-            stride=cfg.stride,
-        ),
+        sampling=_sampling_record(cfg),
         encoding=enc,
         shards=[],
     )
-    mine = range(cfg.num_shards) if cfg.shard_indices is None else cfg.shard_indices
+    mine = _my_shards(cfg)
     todo_tokens = sum(int(lengths[a:b].sum()) for a, b in (plan[i] for i in mine))
     start = time.time()
     par = _Parallel(teacher)
@@ -413,12 +430,7 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
             write_sidecar(path, base, record)
         built += 1
     bar.close()
-    complete = par.agree(
-        all(
-            (out / (shard_file_name(i, cfg.num_shards) + ".json")).exists()
-            for i in range(cfg.num_shards)
-        )
-    )
+    complete = par.agree(_all_finished(out, cfg.num_shards))
     if complete and par.writes and not (out / MANIFEST_NAME).exists():
         merge_cache([out], out)
     report = {
@@ -447,16 +459,8 @@ def finished_report(cfg: BuildConfig, teacher_hash: str | None) -> dict | None:
     if teacher_hash is None:
         return None
     out = Path(cfg.output)
-    mine = range(cfg.num_shards) if cfg.shard_indices is None else cfg.shard_indices
-    want = dict(
-        method=cfg.method,
-        num_samples=cfg.num_samples if cfg.method == "rs" else None,
-        k=cfg.k,
-        temperature=cfg.temperature,
-        seed=cfg.seed,
-        context_length=cfg.context_length,
-        stride=cfg.stride,
-    )
+    mine = _my_shards(cfg)
+    want = _sampling_record(cfg)
     tokens = 0
     for i in mine:
         path = out / shard_file_name(i, cfg.num_shards)
@@ -467,8 +471,7 @@ def finished_report(cfg: BuildConfig, teacher_hash: str | None) -> dict | None:
         if done.sampling != want or done.teacher.get("checkpoint_hash") != teacher_hash:
             return None
         tokens += sum(int(r["num_tokens"]) for r in done.shards)
-    names = [shard_file_name(i, cfg.num_shards) + ".json" for i in range(cfg.num_shards)]
-    complete = all((out / n).exists() for n in names)
+    complete = _all_finished(out, cfg.num_shards)
     if complete and not (out / MANIFEST_NAME).exists():
         return None  # the merge is still to do
     report = {

@@ -200,6 +200,11 @@ class _Logger:
             self.tb.close()
 
 
+def _new_window() -> dict:
+    """Totals of the steps since the last log line: time, data wait, loss sums, steps."""
+    return {"time": 0.0, "wait": 0.0, "sums": torch.zeros(5, dtype=torch.float64), "steps": 0}
+
+
 def _world_sums(sums: torch.Tensor, contribute: bool) -> torch.Tensor:
     out = sums.clone() if contribute else torch.zeros_like(sums)
     dist.all_reduce(out)
@@ -266,7 +271,7 @@ def train(cfg: TrainConfig) -> dict:
 
     cfg.validate()
     device = _device(cfg)
-    rank, world = process_rank()
+    _, world = process_rank()
     if not dist.is_initialized():
         cfg.check_world(world)  # before any process group exists, with the launcher's numbers
     init_distributed(cfg.parallel.tensor, device, cfg.parallel.pipeline,
@@ -331,7 +336,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     last_stage_tp0 = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     final: dict = {}
-    window = {"time": 0.0, "wait": 0.0, "sums": torch.zeros(5, dtype=torch.float64), "steps": 0}
+    window = _new_window()
     while step < t.steps:
         start = time.perf_counter()
         waited = sum(i.wait for i in timed)
@@ -380,12 +385,7 @@ def train(cfg: TrainConfig) -> dict:
                 f"{values['tokens_per_s']:,.0f} tok/s | data wait {100 * values['data_wait']:.1f}%"
             )
             final["train"] = values
-            window = {
-                "time": 0.0,
-                "wait": 0.0,
-                "sums": torch.zeros(5, dtype=torch.float64),
-                "steps": 0,
-            }
+            window = _new_window()
         due = cfg.eval.interval and step % cfg.eval.interval == 0
         if due or step == t.steps:
             metrics = _maybe_eval(run, chunks, valid_ds, forward_backward, dp)
