@@ -7,10 +7,13 @@ more sparse target, so the whole loss is a weighted cross-entropy against
 K + 1 ids:
 
     loss = alpha * CE(label) + (1 - alpha) * (-sum_k w_k log softmax(z)_{id_k})
-         = log Z - sum_j W_j z_{id_j},   W = [(1 - alpha) w_1..w_K, alpha]
+         = (sum_j W_j) log Z - sum_j W_j z_{id_j},   W = [(1 - alpha) w_1..w_K, alpha]
 
-(sum_j W_j = 1). A position with no teacher entries falls back to CE on its
-label. The structure follows megatron-core's ``vocab_parallel_cross_entropy``:
+The contract holds for any non-negative weights: value and gradient are those
+of ``-sum_k w_k log p_k``, whether or not the weights sum to 1 (the cache's
+weights do; a caller's need not). An entry whose weight is 0 contributes
+exactly 0, whatever its id (padding columns and out-of-range ids included).
+A position with no teacher entries falls back to CE on its label. The structure follows megatron-core's ``vocab_parallel_cross_entropy``:
 a private autograd Function, an explicit ``tp_group``, one shard-sized buffer
 that becomes the softmax in place and is saved for backward.
 """
@@ -32,8 +35,8 @@ class SparseKDLoss(NamedTuple):
     """Per-token results, each ``[s, b]`` float32.
 
     loss: alpha * CE + (1 - alpha) * sparse KD cross-entropy (differentiable).
-    kl: KL(teacher targets || student) = sum_k w_k log w_k - sum_k w_k log p_k
-        (for logging; 0 where a position has no targets).
+    kl: sum_k w_k log w_k - sum_k w_k log p_k: KL(teacher targets || student)
+        when the weights sum to 1 (for logging; 0 where a position has no targets).
     ce: cross-entropy of the label (for logging; 0 without labels).
     """
 
@@ -55,7 +58,7 @@ class _VocabParallelSparseKD(torch.autograd.Function):
       1. all-reduce MAX of the row maxima ``[s, b]``;
       2. all-reduce SUM of ``[3, s, b]``: the sum of exp, the weighted sum of
          the teacher ids' logits, and the label's logit (each rank adds what
-         it holds; ids outside its shard contribute 0).
+         it holds; ids outside its shard, and entries of weight 0, contribute 0).
     Backward needs no communication.
 
     Saved for backward: the softmax ``[s, b, V/tp]`` (the one shard-sized
@@ -84,12 +87,14 @@ class _VocabParallelSparseKD(torch.autograd.Function):
         mine = (local >= 0) & (local < width)
         local = torch.where(mine, local, 0)
         picked = torch.where(mine, buf.gather(-1, local), 0.0)  # [s, b, K + 1]
+        # A zero-weight entry may point at a padding column (-inf): 0, not 0 * -inf.
+        teacher_dot = torch.where(weights[..., :-1] > 0, picked[..., :-1] * weights[..., :-1], 0.0)
 
         buf.sub_(m.unsqueeze(-1)).exp_()
         sums = torch.stack(
             [
                 buf.sum(-1),
-                (picked[..., :-1] * weights[..., :-1]).sum(-1),
+                teacher_dot.sum(-1),
                 picked[..., -1],
             ]
         )
@@ -101,7 +106,8 @@ class _VocabParallelSparseKD(torch.autograd.Function):
 
         ctx.save_for_backward(buf, local, mine, weights)
         ctx.input_dtype = logits.dtype
-        ce_teacher = log_z - teacher_dot  # -sum_k w_k log p_k (teacher part, unscaled)
+        # -sum_k w_k log p_k = sum(w) log Z - sum_k w_k z_k, for any non-negative weights.
+        ce_teacher = weights[..., :-1].sum(-1) * log_z - teacher_dot
         ce_label = log_z - label_logit
         return ce_teacher, ce_label
 
@@ -139,15 +145,11 @@ def _check(logits, target_ids, target_weights, labels, vocab):
         raise TypeError("logits and target_weights must be floating point")
     if _DEBUG:
         # Value checks synchronize with the device: behind SLKD_DEBUG_CHECKS=1.
-        if target_ids.numel() and (int(target_ids.min()) < 0 or int(target_ids.max()) >= vocab):
-            raise ValueError(f"target ids outside the vocabulary [0, {vocab})")
+        used = target_ids[target_weights > 0]  # ids of weight 0 may be anything
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= vocab):
+            raise ValueError(f"target ids of non-zero weight outside the vocabulary [0, {vocab})")
         if target_weights.numel() and float(target_weights.min()) < 0:
             raise ValueError("target weights must be non-negative")
-        sums = target_weights.float().sum(-1)
-        bad = (sums > 0) & ((sums - 1).abs() > 1e-3)
-        if bool(bad.any()):
-            i = tuple(int(x) for x in torch.nonzero(bad)[0])
-            raise ValueError(f"target weights at (s, b) = {i} sum to {float(sums[i]):.4f}, not 1")
 
 
 def vocab_parallel_sparse_kd_loss(
@@ -168,8 +170,9 @@ def vocab_parallel_sparse_kd_loss(
             float32). Rank r of ``tp_group`` holds ids ``[r V/tp, (r+1) V/tp)``.
         target_ids: ``[s, b, K]`` global teacher ids (any value where the
             weight is 0); K may be 0.
-        target_weights: ``[s, b, K]`` weights summing to 1 per position, 0 on
-            padding; a position whose weights are all 0 has no teacher target.
+        target_weights: ``[s, b, K]`` non-negative weights, 0 on padding (the
+            loss is ``-sum_k w_k log p_k`` whatever they sum to; a cache's rows
+            sum to 1); a position whose weights are all 0 has no teacher target.
         labels: ``[s, b]`` next-token labels (required when alpha > 0 or when
             a position may lack teacher targets).
         alpha: weight of the hard-label cross-entropy.
