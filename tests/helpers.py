@@ -157,6 +157,19 @@ def slkd(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     return r
 
 
+def torchrun_slkd(nproc: int, *args) -> subprocess.CompletedProcess:
+    """Run ``slkd`` under torchrun with ``nproc`` local processes; asserts success."""
+    import os
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    r = subprocess.run([torchrun, "--nproc-per-node", str(nproc), "-m", "megatron_slkd",
+                        *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def prepare_hf_dataset(prefix, tokenizer, documents: int) -> str:
     """``documents`` built-in documents tokenized by a Hugging Face tokenizer (SmolLM2's
     vocabulary), each ended by <|endoftext|>."""

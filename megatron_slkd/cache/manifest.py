@@ -82,11 +82,11 @@ class Manifest:
         def located(d: dict) -> dict:
             return {k: v for k, v in d.items() if k not in ("path", "prefix")}
 
-        return {
+        return {  # the settings a user changes first come first in messages
+            "sampling": self.sampling,
+            "teacher": located(self.teacher),
             "dataset": located(self.dataset),
             "tokenizer": located(self.tokenizer),
-            "teacher": located(self.teacher),
-            "sampling": self.sampling,
             "encoding": self.encoding.to_json(),
         }
 

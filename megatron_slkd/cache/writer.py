@@ -33,10 +33,23 @@ from megatron_slkd.cache.format import (
 from megatron_slkd.cache.manifest import Manifest
 from megatron_slkd.errors import CacheCapacityError, CacheFormatError, CacheMismatchError
 
-__all__ = ["ShardWriter", "write_sidecar", "atomic_write_text", "fsync_dir"]
+__all__ = ["ShardWriter", "write_sidecar", "atomic_write_text", "fsync_dir", "differences"]
 
 DEFAULT_CHUNK_TOKENS = 4096
 _PARTS = ("counts.bin", "entries.bin", "lengths.bin")
+
+
+def differences(have: dict, want: dict, where: str = "") -> list[str]:
+    """``"a.b: X here, Y asked"`` for every leaf that differs between two nested dicts."""
+    out = []
+    for k in dict.fromkeys([*want, *have]):  # in the order of ``want``
+        a, b = have.get(k), want.get(k)
+        name = f"{where}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} here, {b!r} asked")
+    return out
 
 
 def write_sidecar(shard_path, base: Manifest, record: dict) -> Path:
@@ -94,12 +107,18 @@ class ShardWriter:
         doc_start: int,
         doc_end: int,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        key: dict | None = None,
     ) -> ShardWriter:
         """Start writing ``path`` or resume it from its last commit.
 
+        Args:
+            key: what else the shard's content depends on (the builder passes its
+                manifest's compatibility key: dataset, tokenizer, teacher,
+                sampling); an unfinished shard resumes only under an equal key.
+
         Raises:
             CacheMismatchError: an unfinished shard at ``path`` was started
-                with other parameters.
+                with other parameters (the message lists each one that differs).
         """
         path = Path(path)
         if path.exists():
@@ -113,6 +132,7 @@ class ShardWriter:
             doc_start=doc_start,
             doc_end=doc_end,
             chunk_tokens=chunk_tokens,
+            key=key,
         )
         progress = partial / "progress.json"
         if progress.exists():
@@ -121,9 +141,14 @@ class ShardWriter:
             except (OSError, ValueError) as exc:
                 raise CacheFormatError(f"{progress}: unreadable progress record: {exc}") from exc
             if state.get("params") != params:
+                have = dict(state.get("params") or {})
+                diff = differences(have.pop("key", None) or {}, key or {})
+                diff += differences(have, {k: v for k, v in params.items() if k != "key"})
+                diff = "; ".join(diff[:6])
                 raise CacheMismatchError(
-                    f"{partial}: an unfinished shard with other parameters is here "
-                    f"({state.get('params')} vs {params}); remove it or use another output"
+                    f"{partial}: an unfinished shard of documents {doc_start}..{doc_end - 1} was "
+                    f"started with other settings ({diff}); rerun with the settings it was "
+                    "started with, or remove it (or use another --output) to start over"
                 )
             files = {}
             for name in _PARTS:
@@ -146,6 +171,19 @@ class ShardWriter:
         writer = cls(path, state, files)
         writer.commit()
         return writer
+
+    @staticmethod
+    def started_key(progress_path) -> dict | None:
+        """The ``key`` an unfinished shard was started with (None if it kept none).
+
+        Raises:
+            CacheFormatError: the progress record is unreadable.
+        """
+        try:
+            state = json.loads(Path(progress_path).read_text())
+            return (state.get("params") or {}).get("key")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CacheFormatError(f"{progress_path}: unreadable progress record: {exc}") from exc
 
     # -- properties -------------------------------------------------------
     @property

@@ -81,8 +81,13 @@ def run(args: argparse.Namespace) -> int:
     from megatron_slkd.cli import emit
     from megatron_slkd.data.indexed import open_dataset
     from megatron_slkd.launch import launch_rank, share
-    from megatron_slkd.teacher.hf import HFTeacher, TeacherError, file_sha256, smollm2_gguf
-    from megatron_slkd.teacher.megatron import MegatronTeacher, is_megatron_teacher
+    from megatron_slkd.teacher.build import check_existing_shards
+    from megatron_slkd.teacher.hf import HFTeacher, TeacherError, checkpoint_hash, smollm2_gguf
+    from megatron_slkd.teacher.megatron import (
+        MegatronTeacher,
+        is_megatron_teacher,
+        megatron_teacher_hash,
+    )
 
     # Cheap checks first: a missing dataset is reported before a teacher is loaded.
     dataset = open_dataset(args.data_prefix)
@@ -146,8 +151,11 @@ def run(args: argparse.Namespace) -> int:
             ],
         )
         return 0
-    # A rerun over finished shards does not need the teacher (checked by its file hash).
-    report = None if megatron else finished_report(cfg, file_sha256(path))
+    # Shards started with other settings are refused, and a rerun over finished
+    # shards is reported, before the teacher loads (it is known by its checkpoint hash).
+    teacher_hash = megatron_teacher_hash(path) if megatron else checkpoint_hash(path)
+    check_existing_shards(cfg, teacher_hash)
+    report = finished_report(cfg, teacher_hash)
     if report is None:
         if megatron:
             teacher = MegatronTeacher(path, dtype=args.dtype)

@@ -13,8 +13,10 @@ The contract holds for any non-negative weights: value and gradient are those
 of ``-sum_k w_k log p_k``, whether or not the weights sum to 1 (the cache's
 weights do; a caller's need not). An entry whose weight is 0 contributes
 exactly 0, whatever its id (padding columns and out-of-range ids included).
-A position with no teacher entries falls back to CE on its label. The structure follows megatron-core's ``vocab_parallel_cross_entropy``:
-a private autograd Function, an explicit ``tp_group``, one shard-sized buffer
+A position with no teacher entries falls back to CE on its label.
+
+The structure follows megatron-core's ``vocab_parallel_cross_entropy``: a
+private autograd Function, an explicit ``tp_group``, one shard-sized buffer
 that becomes the softmax in place and is saved for backward.
 """
 

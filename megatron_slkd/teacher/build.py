@@ -23,13 +23,20 @@ import torch.distributed as dist
 from megatron_slkd.cache.format import encoding_for
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
-from megatron_slkd.cache.writer import ShardWriter, write_sidecar
+from megatron_slkd.cache.writer import ShardWriter, differences, write_sidecar
 from megatron_slkd.data.indexed import dataset_fingerprint, open_dataset
 from megatron_slkd.errors import CacheMismatchError, ConfigError
 from megatron_slkd.sampling import sample_sparse_targets
 from megatron_slkd.teacher.windows import document_windows
 
-__all__ = ["BuildConfig", "plan_shards", "build_cache", "shard_file_name"]
+__all__ = [
+    "BuildConfig",
+    "plan_shards",
+    "build_cache",
+    "shard_file_name",
+    "check_existing_shards",
+    "finished_report",
+]
 
 
 @dataclasses.dataclass
@@ -178,8 +185,11 @@ class _Stats:
         }
 
 
-def _teacher_nll(rows: torch.Tensor, targets: torch.Tensor, par) -> tuple[float, int]:
-    """Sum and count of -log p(target) over every ``_NLL_EVERY``-th row with a target.
+def _teacher_nll(
+    rows: torch.Tensor, targets: torch.Tensor, par, vocab_size: int
+) -> tuple[float, int]:
+    """Sum and count of -log p(target) over every ``_NLL_EVERY``-th row with a target,
+    p the teacher's distribution over the ``vocab_size`` ids the cache samples from.
 
     With tensor parallelism ``rows`` are vocabulary shards: one MAX and one SUM
     all-reduce over the TP group give the log-normalizer and the target logit.
@@ -187,7 +197,11 @@ def _teacher_nll(rows: torch.Tensor, targets: torch.Tensor, par) -> tuple[float,
     keep = torch.nonzero(targets >= 0).squeeze(-1)[::_NLL_EVERY]
     if keep.numel() == 0:
         return 0.0, 0
-    sel, tgt = rows[keep], targets[keep] - par.vocab_start(rows.shape[-1])
+    start = par.vocab_start(rows.shape[-1])
+    sel, tgt = rows[keep], targets[keep] - start
+    # Columns past the tokenizer's ids (padded embeddings) are not part of p.
+    cols = torch.arange(sel.shape[-1], device=sel.device) + start
+    sel = sel.masked_fill(cols >= vocab_size, float("-inf"))
     mine = (tgt >= 0) & (tgt < sel.shape[-1])
     m = sel.max(-1).values
     par.all_reduce(m, dist.ReduceOp.MAX)
@@ -240,16 +254,18 @@ class _Parallel:
         return box[0]
 
 
-def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, enc, bar, stats):
+def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar, stats):
     """Build one shard: all model-parallel ranks run the teacher; the writer returns its record."""
+    vocab = base.tokenizer["vocab_size"]
     writer = None
     if par.writes:
         writer = ShardWriter.open(
             path,
-            encoding=enc,
-            vocab_size=teacher.vocab_size,
+            encoding=base.encoding,
+            vocab_size=vocab,
             doc_start=doc_range[0],
             doc_end=doc_range[1],
+            key=base.compatibility_key(),
         )
     first = par.agree(writer.next_document if writer else None)
     bar.update(int(ds.sequence_lengths[doc_range[0] : first].sum()))
@@ -287,7 +303,7 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, enc, bar, 
             k=cfg.k,
             temperature=cfg.temperature,
             tp_group=par.tp_group,
-            vocab_size=teacher.vocab_size,
+            vocab_size=vocab,  # the tokenizer's ids: a padded output layer's extra rows are cut
         )
         # The next token of each scored row (-1 after a document's last token).
         targets = torch.cat(
@@ -298,7 +314,7 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, enc, bar, 
                 for _, w, tok in batch
             ]
         )
-        nll, count = _teacher_nll(rows, targets, par)
+        nll, count = _teacher_nll(rows, targets, par, vocab)
         stats.nll_sum += nll
         stats.nll_count += count
         t2 = time.perf_counter()
@@ -385,14 +401,16 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(lengths, cfg.num_shards)
+    tokenizer = _tokenizer_record(cfg.data_prefix, teacher)
+    # The cache's vocabulary is the tokenizer's: a teacher whose output layer is
+    # wider (embeddings padded to a multiple) has its extra rows masked out.
     enc = encoding_for(
         cfg.method,
-        teacher.vocab_size,
+        tokenizer["vocab_size"],
         num_samples=cfg.num_samples,
         k=cfg.k,
         temperature=cfg.temperature,
     )
-    tokenizer = _tokenizer_record(cfg.data_prefix, teacher)
     base = Manifest(
         dataset=dataset_fingerprint(cfg.data_prefix, ds),
         tokenizer=tokenizer,
@@ -418,14 +436,15 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
         sidecar = Path(str(path) + ".json")
         if par.agree(path.exists() and sidecar.exists()):
             done = Manifest.load(sidecar)
-            if done.compatibility_key() != base.compatibility_key():
+            diff = differences(done.compatibility_key(), base.compatibility_key())
+            if diff:
                 raise CacheMismatchError(
-                    f"{sidecar}: a finished shard built with other parameters is here; "
-                    "use another --output or remove it"
+                    f"{sidecar}: a finished shard built with other parameters is here "
+                    f"({'; '.join(diff[:6])}); use another --output or remove it"
                 )
             bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
             continue
-        record = _build_shard(cfg, teacher, par, ds, doc_tokens0, path, plan[i], enc, bar, stats)
+        record = _build_shard(cfg, teacher, par, ds, doc_tokens0, path, plan[i], base, bar, stats)
         if par.writes:
             write_sidecar(path, base, record)
         built += 1
@@ -446,6 +465,51 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
     if complete and par.writes:
         report.update(_cache_summary(out))
     return report
+
+
+def check_existing_shards(cfg: BuildConfig, teacher_hash: str | None) -> None:
+    """Refuse, before a teacher loads, to continue shards started with other settings.
+
+    For each shard ``cfg`` asks for that is finished (a sidecar) or unfinished
+    (``<shard>.partial/progress.json``): the sampling settings, the dataset's
+    document and token counts, and the teacher checkpoint's hash (when both are
+    known) must be those of ``cfg``. Once the teacher is loaded, the whole
+    compatibility key is compared again (:func:`build_cache`, the shard writer).
+
+    Raises:
+        CacheMismatchError: naming the shard and each setting that differs.
+    """
+    out = Path(cfg.output)
+    ds = open_dataset(cfg.data_prefix)
+    want = {
+        "sampling": _sampling_record(cfg),
+        "dataset": dataset_fingerprint(cfg.data_prefix, ds),
+    }
+    want["dataset"] = {k: v for k, v in want["dataset"].items() if k != "prefix"}
+    for i in _my_shards(cfg):
+        path = out / shard_file_name(i, cfg.num_shards)
+        sidecar, progress = Path(str(path) + ".json"), Path(str(path) + ".partial/progress.json")
+        if sidecar.exists():
+            key, what = Manifest.load(sidecar).compatibility_key(), f"finished shard {sidecar}"
+        elif progress.exists():
+            key = ShardWriter.started_key(progress)
+            what = f"unfinished shard {progress.parent}"
+            if key is None:  # started by a version that kept no key: the writer decides
+                continue
+        else:
+            continue
+        have = {k: key.get(k) for k in want}
+        if teacher_hash is not None and key.get("teacher", {}).get("checkpoint_hash"):
+            have["teacher"] = {"checkpoint_hash": key["teacher"]["checkpoint_hash"]}
+            want_i = {**want, "teacher": {"checkpoint_hash": teacher_hash}}
+        else:
+            want_i = want
+        diff = differences(have, want_i)
+        if diff:
+            raise CacheMismatchError(
+                f"{what} was built with other settings ({'; '.join(diff[:6])}); rerun with "
+                "those settings, or remove it (or use another --output) to start over"
+            )
 
 
 def finished_report(cfg: BuildConfig, teacher_hash: str | None) -> dict | None:

@@ -16,7 +16,7 @@ import torch
 from megatron_slkd.errors import SlkdError
 from megatron_slkd.teacher.windows import pad_windows
 
-__all__ = ["HFTeacher", "smollm2_gguf", "TeacherError", "file_sha256"]
+__all__ = ["HFTeacher", "smollm2_gguf", "TeacherError", "file_sha256", "checkpoint_hash"]
 
 
 class TeacherError(SlkdError):
@@ -46,6 +46,40 @@ def file_sha256(path: Path) -> str | None:
     return "sha256:" + h.hexdigest()
 
 
+_WHOLE_FILE = 64 << 20  # files up to this size are hashed whole in a directory
+_BLOCK = 1 << 20
+
+
+def checkpoint_hash(path) -> str | None:
+    """An identity of a teacher checkpoint's content, found without loading it.
+
+    A file: ``sha256:`` of its bytes. A directory: ``sampled-sha256:`` over its
+    files in name order: each file's relative name and size, and its bytes
+    whole when at most 64 MiB, else three 1 MiB blocks (start, middle, end), so
+    a directory of large weight files is identified in milliseconds (two
+    different trainings of one architecture differ in every block). None for a
+    name that is not a local path.
+    """
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    if not p.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(p).as_posix()}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= _WHOLE_FILE:
+                while block := fh.read(1 << 24):
+                    h.update(block)
+            else:
+                for at in (0, size // 2, size - _BLOCK):
+                    fh.seek(at)
+                    h.update(fh.read(_BLOCK))
+    return "sampled-sha256:" + h.hexdigest()
+
+
 class HFTeacher:
     """A causal LM that maps token windows to next-token logits.
 
@@ -73,16 +107,15 @@ class HFTeacher:
                 model = AutoModelForCausalLM.from_pretrained(
                     str(p.parent), gguf_file=p.name, **kwargs
                 )
-                self.checkpoint_hash = file_sha256(p)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     path, local_files_only=not p.exists(), **kwargs
                 )
-                self.checkpoint_hash = None
         except TeacherError:
             raise
         except (OSError, ValueError) as exc:
             raise TeacherError(f"{path}: cannot load a causal LM ({exc})") from exc
+        self.checkpoint_hash = checkpoint_hash(p)
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.vocab_size = int(model.config.vocab_size)

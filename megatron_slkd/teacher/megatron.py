@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megatron_slkd.teacher.hf import TeacherError, file_sha256
+from megatron_slkd.teacher.hf import TeacherError, checkpoint_hash
 from megatron_slkd.teacher.windows import pad_windows
 
 __all__ = ["convert_teacher", "MegatronTeacher", "is_megatron_teacher", "SPEC_NAME"]
@@ -41,6 +41,15 @@ _PAD_MULTIPLE = 128
 def is_megatron_teacher(path) -> bool:
     """Whether ``path`` is a directory written by :func:`convert_teacher`."""
     return (Path(path) / SPEC_NAME).is_file()
+
+
+def megatron_teacher_hash(path) -> str | None:
+    """The source checkpoint's hash a converted teacher records (read without loading it)."""
+    try:
+        spec = json.loads((Path(path) / SPEC_NAME).read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: loading the teacher reports it
+    return (spec.get("source") or {}).get("checkpoint_hash")
 
 
 def _spec_from_hf(cfg) -> dict:
@@ -190,7 +199,7 @@ def convert_teacher(hf_path: str, out_dir) -> dict:
     spec = _spec_from_hf(hf.model.config)
     spec["source"] = {
         "path": str(Path(hf_path).resolve()) if Path(hf_path).exists() else hf_path,
-        "checkpoint_hash": hf.checkpoint_hash or file_sha256(Path(hf_path)),
+        "checkpoint_hash": hf.checkpoint_hash or checkpoint_hash(hf_path),
     }
     spec["tokenizer"] = {"kind": "huggingface", "path": spec["source"]["path"]}
     model = _build_model(spec, torch.float32)

@@ -167,7 +167,7 @@ def test_unnormalized_weights_value_and_gradient_are_those_of_the_weighted_log_l
         d = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         eps = 1e-2
 
-        def f(t):
+        def f(t, alpha=alpha):
             o = vocab_parallel_sparse_kd_loss(t, ids, w, labels, alpha=alpha).loss.double()
             return float((o * mask * g).sum())
 

@@ -15,7 +15,7 @@ from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
 from megatron_slkd.errors import CacheMismatchError, ConfigError
 from megatron_slkd.teacher import BuildConfig, build_cache, document_windows, plan_shards
-from megatron_slkd.teacher.build import finished_report, shard_file_name
+from megatron_slkd.teacher.build import check_existing_shards, finished_report, shard_file_name
 
 VOCAB = 64
 
@@ -215,3 +215,78 @@ def test_finished_build_is_reported_without_the_teacher(dataset, tmp_path):
     assert finished_report(dataclasses.replace(cfg, seed=7), "sha256:0123") is None
     assert finished_report(cfg, "sha256:other") is None
     assert finished_report(cfg, None) is None
+
+
+class OtherTeacher(PrefixTeacher):
+    def describe(self):
+        return {"kind": "test", "name": "another-teacher"}
+
+
+@pytest.mark.parametrize(
+    "change, teacher, setting",
+    [
+        (dict(seed=2), PrefixTeacher, "sampling.seed: 1234 here, 2 asked"),
+        (dict(temperature=1.5), PrefixTeacher, "sampling.temperature"),
+        (dict(context_length=12), PrefixTeacher, "sampling.context_length"),
+        (dict(stride=4), PrefixTeacher, "sampling.stride"),
+        (dict(method="topk", k=5), PrefixTeacher, "sampling.method"),
+        ({}, OtherTeacher, "teacher.name: 'prefix-hash' here, 'another-teacher' asked"),
+    ],
+)
+def test_unfinished_shard_resumes_only_under_the_same_settings(
+    dataset, tmp_path, change, teacher, setting
+):
+    prefix, _ = dataset
+    out = tmp_path / "c"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cache(_cfg(prefix, out), PrefixTeacher(fail_after=3))
+    assert (out / (shard_file_name(0, 1) + ".partial") / "progress.json").exists()
+    cfg = dataclasses.replace(_cfg(prefix, out), **change)
+    with pytest.raises(CacheMismatchError, match="unfinished shard") as err:
+        build_cache(cfg, teacher())
+    assert setting in str(err.value) and "documents 0..7" in str(err.value)
+    # The sampling settings are refused before a teacher is loaded as well.
+    if change:
+        with pytest.raises(CacheMismatchError, match=f"unfinished shard .*{setting}"):
+            check_existing_shards(cfg, None)
+    # The same settings resume, and the shard equals an uninterrupted build.
+    check_existing_shards(_cfg(prefix, out), None)
+    build_cache(_cfg(prefix, out), PrefixTeacher())
+    build_cache(_cfg(prefix, tmp_path / "clean"), PrefixTeacher())
+    name = shard_file_name(0, 1)
+    assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+def test_existing_shards_of_another_teacher_file_are_refused_before_it_loads(dataset, tmp_path):
+    prefix, _ = dataset
+    out = tmp_path / "c"
+    build_cache(_cfg(prefix, out, num_shards=2, shard_indices=[0]), HashedTeacher())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cache(_cfg(prefix, out, num_shards=2, shard_indices=[1]), HashedTeacher(fail_after=2))
+    cfg = _cfg(prefix, out, num_shards=2)
+    check_existing_shards(cfg, "sha256:0123")  # the same teacher: fine
+    check_existing_shards(cfg, None)  # a teacher of unknown hash: decided after it loads
+    with pytest.raises(CacheMismatchError, match="finished shard .*checkpoint_hash"):
+        check_existing_shards(cfg, "sha256:other")
+    with pytest.raises(CacheMismatchError, match="unfinished shard .*checkpoint_hash"):
+        check_existing_shards(dataclasses.replace(cfg, shard_indices=[1]), "sha256:other")
+
+
+def test_cli_refuses_a_partial_shard_of_other_settings_before_loading_the_teacher(
+    dataset, tmp_path
+):
+    from helpers import slkd
+
+    prefix, _ = dataset
+    out = tmp_path / "c"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cache(_cfg(prefix, out), PrefixTeacher(fail_after=3))
+    # A teacher directory that cannot load: the refusal must come first.
+    junk = tmp_path / "teacher"
+    junk.mkdir()
+    (junk / "config.json").write_text("{}")
+    r = slkd("build-cache", "--data-prefix", prefix, "--teacher", junk, "--output", out,
+             "--context-length", "16", "--stride", "8", "--seed", "99", check=False)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "unfinished shard" in r.stderr and "sampling.seed: 1234 here, 99 asked" in r.stderr
+    assert "Traceback" not in r.stderr

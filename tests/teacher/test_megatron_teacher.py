@@ -6,16 +6,13 @@ sharded case (TP=2 is refused with a clear error, as megatron-core requires
 the heads to divide evenly).
 """
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import next_token_hit_rate, prepare_hf_dataset, slkd
+from helpers import next_token_hit_rate, prepare_hf_dataset, slkd, torchrun_slkd
 
 from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
@@ -92,17 +89,9 @@ def test_tp_that_does_not_divide_the_heads_is_refused(converted):
     run_distributed(_refuses_tp2, 2, str(converted), tp=2, megatron=True)
 
 
-def _torchrun(nproc, *args):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    r = subprocess.run([torchrun, "--nproc-per-node", str(nproc), "-m", "megatron_slkd",
-                        *map(str, args)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
-def test_build_cache_with_tp3_under_torchrun(converted, tmp_path):
+def test_build_cache_with_tp3_undertorchrun_slkd(converted, tmp_path):
     prefix = str(converted / "data")
-    _torchrun(3, "build-cache", "--data-prefix", prefix, "--teacher", converted / "teacher",
+    torchrun_slkd(3, "build-cache", "--data-prefix", prefix, "--teacher", converted / "teacher",
               "--tensor-parallel-size", "3", "--output", tmp_path / "cache", "--context-length",
               "128", "--stride", "64", "--no-progress")  # fmt: skip
     assert verify_cache(tmp_path / "cache", prefix)["ok"]
@@ -125,7 +114,7 @@ def test_tiny_llama_cache_at_tp2_pp2_matches_the_hf_teacher(tiny, tiny_converted
     common = ["--data-prefix", tiny / "data", "--context-length", "256", "--stride", "128",
               "--no-progress"]  # fmt: skip
     slkd("build-cache", "--teacher", tiny / "model", "--output", tmp_path / "hf", *common)
-    _torchrun(4, "build-cache", "--teacher", tiny_converted / "teacher", "--output",
+    torchrun_slkd(4, "build-cache", "--teacher", tiny_converted / "teacher", "--output",
               tmp_path / "tp2pp2", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
               *common)  # fmt: skip
     assert verify_cache(tmp_path / "tp2pp2", str(tiny / "data"))["ok"]
