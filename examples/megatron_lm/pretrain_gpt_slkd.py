@@ -19,6 +19,7 @@ with the tokenizer the run uses. Logged as ``lm loss`` (label cross-entropy),
 ``kd loss`` (what is optimized) and ``kl to teacher``.
 """
 
+import argparse
 import dataclasses
 from functools import partial
 
@@ -50,8 +51,9 @@ def add_slkd_args(parser):
         help="weight of the hard-label cross-entropy; the teacher gets 1 - alpha",
     )  # fmt: skip
     group.add_argument(
-        "--slkd-check-tokens", action="store_true",
-        help="compare every shard's token checksum with the data at start-up",
+        "--slkd-check-tokens", action=argparse.BooleanOptionalAction, default=True,
+        help="compare every shard's token checksum with the data at start-up (default; "
+        "--no-slkd-check-tokens skips it with a warning)",
     )  # fmt: skip
     group.add_argument(
         "--slkd-pad-to", type=int, default=None,

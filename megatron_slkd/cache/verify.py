@@ -11,6 +11,7 @@ gathered on rank 0.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,13 @@ from megatron_slkd.cache.format import crc32, token_crc32
 from megatron_slkd.cache.reader import SparseKDCache, open_cache
 from megatron_slkd.errors import SlkdError
 
-__all__ = ["verify_cache", "check_alignment", "tokenizer_problems", "assign_shards"]
+__all__ = [
+    "verify_cache",
+    "check_alignment",
+    "token_checksums",
+    "tokenizer_problems",
+    "assign_shards",
+]
 
 _READ_TOKENS = 1 << 18
 
@@ -61,6 +68,31 @@ def _verify_shard_bytes(cache: SparseKDCache, i: int) -> list[str]:
     return problems
 
 
+def token_checksums(ds, ranges, *, workers: int | None = None) -> list[int]:
+    """``token_crc32`` of the tokens of each document range ``(a, b)`` of ``ds``.
+
+    Ranges are read in ``workers`` threads (default: the CPUs this process may
+    use); zlib's CRC and numpy's dtype conversion release the GIL, so a 1B-token
+    dataset is checked in seconds (``benchmarks/data_checks.py``).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from megatron_slkd.data.indexed import iter_token_blocks
+
+    def one(r):
+        value = 0
+        for block in iter_token_blocks(ds, r[0], r[1]):
+            value = token_crc32(block, value)
+        return value
+
+    ranges = list(ranges)
+    workers = workers or len(os.sched_getaffinity(0))
+    if workers <= 1 or len(ranges) <= 1:
+        return [one(r) for r in ranges]
+    with ThreadPoolExecutor(min(workers, len(ranges))) as pool:
+        return list(pool.map(one, ranges))
+
+
 def check_alignment(cache: SparseKDCache, ds, *, shards=None, tokens: bool = True) -> list[str]:
     """Problems aligning ``cache`` with the IndexedDataset ``ds`` (empty when aligned).
 
@@ -68,8 +100,6 @@ def check_alignment(cache: SparseKDCache, ds, *, shards=None, tokens: bool = Tru
     ``tokens``, each shard's token checksum. ``shards`` limits the per-shard
     checks to those indices.
     """
-    from megatron_slkd.data.indexed import iter_token_blocks
-
     where = f"{cache.path} vs dataset {cache.manifest.dataset.get('prefix')}"
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
     if len(lengths) != cache.num_documents:
@@ -77,7 +107,7 @@ def check_alignment(cache: SparseKDCache, ds, *, shards=None, tokens: bool = Tru
             f"{where}: the dataset has {len(lengths)} documents, the cache "
             f"{cache.num_documents}; the cache was built on another dataset"
         ]
-    problems = []
+    problems, checked = [], []
     for i in range(len(cache.shards)) if shards is None else shards:
         sh, rec = cache.shards[i], cache.manifest.shards[i]
         a, b = rec["doc_start"], rec["doc_end"]
@@ -91,14 +121,15 @@ def check_alignment(cache: SparseKDCache, ds, *, shards=None, tokens: bool = Tru
             )
             continue
         if tokens:
-            value = 0
-            for block in iter_token_blocks(ds, a, b):
-                value = token_crc32(block, value)
-            if value != rec["token_crc32"]:
-                problems.append(
-                    f"{sh.path}: token checksum of documents {a}..{b - 1} differs from the "
-                    "dataset's; same lengths, different tokens (another tokenizer or corpus?)"
-                )
+            checked.append((i, a, b))
+    for (i, a, b), value in zip(
+        checked, token_checksums(ds, [(a, b) for _, a, b in checked]), strict=True
+    ):
+        if value != cache.manifest.shards[i]["token_crc32"]:
+            problems.append(
+                f"{cache.shards[i].path}: token checksum of documents {a}..{b - 1} differs from "
+                "the dataset's; same lengths, different tokens (another tokenizer or corpus?)"
+            )
     return problems
 
 

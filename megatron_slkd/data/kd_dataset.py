@@ -17,6 +17,7 @@ is_built_on_rank, config)`` and a :class:`SparseKDGPTDatasetConfig` whose
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from pathlib import Path
 
@@ -36,9 +37,11 @@ class SparseKDGPTDatasetConfig(GPTDatasetConfig):
 
     kd_caches: dict[str, str] = dataclasses.field(default_factory=dict)
     """Data prefix -> cache directory, for every prefix of the blend."""
-    kd_check_tokens: bool = False
-    """At build time, also compare each shard's token checksum with the data
-    (reads every token once); document count and lengths are always compared."""
+    kd_check_tokens: bool = True
+    """At build time, compare each shard's token checksum (recorded when the cache
+    was built) with the data: one read of every token, seconds per billion. Document
+    count and lengths are always compared; turning this off (a warning is logged)
+    accepts a cache of another dataset whose documents have the same lengths."""
     kd_pad_to: int | None = None
     """Pad ``kd_ids``/``kd_weights`` of every sample to this many entries (at least the
     cache's most per position), so a loader's default collate can stack samples
@@ -46,6 +49,7 @@ class SparseKDGPTDatasetConfig(GPTDatasetConfig):
     :func:`megatron_slkd.data.batch.collate_kd`."""
 
 
+_log = logging.getLogger(__name__)
 _CACHES: dict[tuple[str, str], SparseKDCache] = {}
 _LOCK = threading.Lock()
 
@@ -59,6 +63,14 @@ def _open_checked(prefix: str, cache_dir: str, ds, check_tokens: bool) -> Sparse
     with _LOCK:
         if key not in _CACHES:
             cache = open_cache(cache_dir)
+            if not check_tokens:
+                _log.warning(
+                    "token checksums of cache %s are NOT compared with data prefix %s "
+                    "(kd_check_tokens off): a cache of another dataset with the same document "
+                    "lengths would train on wrong targets",
+                    cache_dir,
+                    prefix,
+                )
             problems = check_alignment(cache, ds, tokens=check_tokens)
             problems += tokenizer_problems(cache, prefix)
             if problems:
@@ -113,7 +125,7 @@ class SparseKDGPTDataset(GPTDataset):
                 f"(given: {sorted(caches)}) or build one with `slkd build-cache`"
             )
         self.kd_cache = _open_checked(dataset_path, caches[dataset_path], indexed_dataset,
-                                      getattr(config, "kd_check_tokens", False))  # fmt: skip
+                                      getattr(config, "kd_check_tokens", True))  # fmt: skip
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples,
                          index_split, config)  # fmt: skip
 

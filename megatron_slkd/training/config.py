@@ -124,8 +124,9 @@ class KDConfig:
     ce_only: bool = False
     """Train with plain cross-entropy (megatron-core's vocab-parallel CE); caches, when
     given, then only serve the KL-to-teacher evaluation."""
-    check_tokens: bool = False
-    """Compare every shard's token checksum with the data before training (reads all tokens)."""
+    check_tokens: bool = True
+    """Compare every shard's token checksum with the data before training (one read of
+    every token, seconds per billion); --no-kd-check-tokens skips it with a warning."""
 
 
 @dataclasses.dataclass

@@ -131,3 +131,31 @@ def test_prefix_without_cache_and_misaligned_cache_are_refused(corpus):
     cfg = _config(root, data, 16, 0, "100,0,0", True, caches=swapped)
     with pytest.raises(CacheMismatchError, match=r"does not match data prefix .*tokens in the"):
         BlendedMegatronDatasetBuilder(SparseKDGPTDataset, [10, 0, 0], lambda: True, cfg).build()
+
+
+def test_a_cache_of_other_tokens_with_the_same_lengths_is_refused_by_default(
+    corpus, tmp_path, caplog
+):
+    # Pre-chunked corpora: every document has one length, so lengths identify nothing.
+    root, data = corpus
+    src = data["a"][0]
+    from megatron_slkd.data import open_dataset
+
+    ds = open_dataset(src)
+    docs = [ds.get(d).astype(np.int64) for d in range(len(ds))]
+    other = write_dataset(tmp_path / "other", [d[::-1].copy() for d in docs])  # same lengths
+    caches = {other: str(data["a"][1])}
+    cfg = dataclasses.replace(
+        _config(root, data, 16, 0, "100,0,0", True, caches=caches), blend=([other], None),
+        path_to_cache=str(tmp_path / "index-cache"),
+    )  # fmt: skip
+    with pytest.raises(CacheMismatchError, match=r"token checksum of documents 0\.\.\d+ differs"):
+        BlendedMegatronDatasetBuilder(SparseKDGPTDataset, [10, 0, 0], lambda: True, cfg).build()
+    # The explicit opt-out accepts it, and says so in the log.
+    with caplog.at_level("WARNING", logger="megatron_slkd"):
+        built = BlendedMegatronDatasetBuilder(
+            SparseKDGPTDataset, [10, 0, 0], lambda: True,
+            dataclasses.replace(cfg, kd_check_tokens=False),
+        ).build()  # fmt: skip
+    assert built[0] is not None
+    assert any("NOT compared" in r.getMessage() for r in caplog.records)
