@@ -211,6 +211,7 @@ class ShardWriter:
         weights: np.ndarray,
         num_valid: np.ndarray,
         counts: np.ndarray | None = None,
+        stats: dict[str, float] | None = None,
     ) -> None:
         """Append the next document.
 
@@ -224,6 +225,10 @@ class ShardWriter:
             weights: ``[R, K]`` weights (probabilities for LOGPROB encodings).
             num_valid: ``[R]`` valid entries per row.
             counts: ``[R, K]`` RS draw counts, required for COUNT encodings.
+            stats: figures summed over the shard's documents and returned in its
+                record as ``teacher_stats`` (the builder's teacher entropy and
+                sample-KL floor); committed with the document, so a resumed shard
+                reports the same totals.
         """
         if self.next_document >= self.doc_end:
             raise ValueError(f"{self.path}: all documents up to {self.doc_end} already written")
@@ -276,6 +281,10 @@ class ShardWriter:
         st["docs"] += 1
         st["tokens"] += length
         st["entries"] += int(flat_ids.size)
+        if stats:
+            totals = st.setdefault("stats", {})
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
         if tokens is None:
             st["token_crc"] = None
         elif st["token_crc"] is not None:
@@ -353,7 +362,7 @@ class ShardWriter:
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
         shutil.rmtree(partial)
-        return dict(
+        record = dict(
             file=self.path.name,
             doc_start=p["doc_start"],
             doc_end=p["doc_end"],
@@ -364,6 +373,9 @@ class ShardWriter:
             index_crc32=header.index_crc,
             file_crc32=file_crc,
         )
+        if st.get("stats"):
+            record["teacher_stats"] = st["stats"]
+        return record
 
     def close(self) -> None:
         """Close the partial files without finishing (the shard stays resumable)."""

@@ -135,10 +135,13 @@ class _DocumentRows:
         self.length = len(tokens)
         self.parts: list = []  # (score_from, ids, weights, num_valid, counts)
         self.rows = 0
+        self.stats = dict.fromkeys(_STAT_NAMES, 0.0)  # sums of the teacher's figures
 
-    def add(self, score_from, ids, weights, num_valid, counts):
+    def add(self, score_from, ids, weights, num_valid, counts, figures):
         self.parts.append((score_from, ids, weights, num_valid, counts))
         self.rows += len(num_valid)
+        for k, v in zip(_STAT_NAMES, figures, strict=True):
+            self.stats[k] += v
 
     def arrays(self):
         """ids, weights, num_valid, counts for rows 0..length-1, padded to one K."""
@@ -160,7 +163,7 @@ class _DocumentRows:
         )
 
 
-_NLL_EVERY = 8  # the teacher's NLL (a sanity figure) is taken at every 8th scored row
+_NLL_EVERY = 8  # the teacher's figures (NLL, entropy, floor) at every 8th position
 
 
 class _Stats:
@@ -168,54 +171,89 @@ class _Stats:
 
     def __init__(self):
         self.teacher_s = self.sample_s = self.write_s = 0.0
-        self.nll_sum, self.nll_count = 0.0, 0
+        self.figures = dict.fromkeys(_STAT_NAMES, 0.0)
         self.tokens = self.entries = self.documents = 0
+
+    def add(self, figures: dict) -> None:
+        for k, v in figures.items():
+            self.figures[k] += v
 
     def report(self) -> dict:
         overhead = self.sample_s + self.write_s
+        n = self.figures["positions"]
+
+        def mean(k):
+            return round(self.figures[k] / n, 4) if n else None
+
         return {
             "teacher_seconds": round(self.teacher_s, 3),
             "sample_seconds": round(self.sample_s, 3),
             "write_seconds": round(self.write_s, 3),
             "overhead_vs_teacher": round(overhead / self.teacher_s, 4) if self.teacher_s else None,
-            "teacher_nll": round(self.nll_sum / self.nll_count, 4) if self.nll_count else None,
+            "teacher_nll": mean("nll"),
+            "teacher_entropy": mean("entropy"),
+            "sample_kl_floor": mean("sample_kl"),
             "unique_ids_per_position": round(
                 self.entries / max(self.tokens - self.documents, 1), 3
             ),
         }
 
 
-def _teacher_nll(
-    rows: torch.Tensor, targets: torch.Tensor, par, vocab_size: int
-) -> tuple[float, int]:
-    """Sum and count of -log p(target) over every ``_NLL_EVERY``-th row with a target,
-    p the teacher's distribution over the ``vocab_size`` ids the cache samples from.
+def _teacher_stats(rows, targets, positions, t, par, vocab_size: int) -> torch.Tensor:
+    """Per-row teacher figures ``[4, T]`` float64: kept, NLL of the next token, entropy,
+    and the sample-KL floor; 0 on rows not kept.
+
+    Kept are the rows with a next token whose absolute position is a multiple of
+    ``_NLL_EVERY`` (so the figures do not depend on batching, and a resumed shard
+    reports what an uninterrupted one does). p is the teacher's distribution over
+    the ``vocab_size`` ids the cache samples from. The floor is
+    ``KL(w || p) = sum w log w - sum w log p`` of the row's own sparse targets ``w``
+    (normalized as training normalizes them): what the evaluation's KL to the
+    cache gives for a student equal to the teacher.
 
     With tensor parallelism ``rows`` are vocabulary shards: one MAX and one SUM
-    all-reduce over the TP group give the log-normalizer and the target logit.
+    all-reduce over the TP group.
     """
-    keep = torch.nonzero(targets >= 0).squeeze(-1)[::_NLL_EVERY]
+    out = torch.zeros(4, len(targets), dtype=torch.float64)
+    keep = torch.nonzero((targets >= 0) & (positions % _NLL_EVERY == 0)).squeeze(-1)
     if keep.numel() == 0:
-        return 0.0, 0
+        return out
     start = par.vocab_start(rows.shape[-1])
-    sel, tgt = rows[keep], targets[keep] - start
+    cols = torch.arange(rows.shape[-1], device=rows.device) + start
     # Columns past the tokenizer's ids (padded embeddings) are not part of p.
-    cols = torch.arange(sel.shape[-1], device=sel.device) + start
-    sel = sel.masked_fill(cols >= vocab_size, float("-inf"))
-    mine = (tgt >= 0) & (tgt < sel.shape[-1])
-    m = sel.max(-1).values
+    z = rows[keep].double().masked_fill(cols >= vocab_size, float("-inf"))
+    m = z.max(-1).values
     par.all_reduce(m, dist.ReduceOp.MAX)
+    zm = z - m.unsqueeze(-1)
+    e = zm.exp()
+    w = t.weights[keep].double().to(z.device)
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-30)
+
+    def local_gather(ids):
+        local = ids.to(z.device) - start
+        mine = (local >= 0) & (local < z.shape[-1])
+        return torch.where(mine, zm.gather(-1, local.clamp(0, z.shape[-1] - 1)), 0.0)
+
+    label = local_gather(targets[keep].unsqueeze(-1))[:, 0]
     parts = torch.stack(
         [
-            (sel - m.unsqueeze(-1)).exp().sum(-1),
-            torch.where(
-                mine, sel.gather(1, tgt.clamp(0, sel.shape[-1] - 1).unsqueeze(-1))[:, 0], 0.0
-            ),
+            e.sum(-1),
+            torch.where(e > 0, e * zm, 0.0).sum(-1),
+            label,
+            torch.where(w > 0, w * local_gather(t.ids[keep]), 0.0).sum(-1),
         ]
     )
     par.all_reduce(parts, dist.ReduceOp.SUM)
-    nll = parts[0].log() + m - parts[1]
-    return float(nll.sum()), int(keep.numel())
+    sum_e, e_zm, label_zm, w_zm = parts
+    log_z = sum_e.log()  # relative to m
+    wlogw = torch.where(w > 0, w * w.clamp(min=1e-300).log(), 0.0).sum(-1)
+    out[:, keep] = torch.stack(
+        [torch.ones_like(log_z), log_z - label_zm, log_z - e_zm / sum_e, wlogw - w_zm + log_z]
+    ).cpu()
+    return out
+
+
+_STAT_NAMES = ("positions", "nll", "entropy", "sample_kl")
 
 
 class _Parallel:
@@ -314,9 +352,7 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
                 for _, w, tok in batch
             ]
         )
-        nll, count = _teacher_nll(rows, targets, par, vocab)
-        stats.nll_sum += nll
-        stats.nll_count += count
+        figures = _teacher_stats(rows, targets, positions, t, par, vocab)
         t2 = time.perf_counter()
         stats.sample_s += t2 - t1
         i = 0
@@ -329,12 +365,14 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
                 t.weights[sl].numpy(),
                 t.num_valid[sl].numpy(),
                 None if t.counts is None else t.counts[sl].numpy(),
+                figures[:, sl].sum(-1).tolist(),
             )
             i += n
         while next_doc in pending and pending[next_doc].rows == pending[next_doc].length:
             doc = pending.pop(next_doc)
             if writer is not None:
-                writer.add_document(doc.tokens, *doc.arrays())
+                writer.add_document(doc.tokens, *doc.arrays(), stats=doc.stats)
+            stats.add(doc.stats)
             since_commit += doc.length
             bar.update(doc.length)
             next_doc += 1

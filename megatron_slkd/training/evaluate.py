@@ -1,5 +1,17 @@
 """Held-out metrics on vocab-parallel logits: LM loss, calibration (ECE), KL to the teacher.
 
+The KL is measured against the cache's sparse targets, ``KL(w || p_student)``
+with ``w`` the teacher's N-draw sample (count / N): its cross-entropy part is
+an unbiased estimate of the teacher-student cross-entropy, but ``sum w log w``
+is not the teacher's negative entropy, so even a student equal to the teacher
+scores about ``(unique ids - 1) / 2N`` nats or more (about 0.7 nats at 2.7
+nats of teacher entropy with N = 50). The builder records that *floor*, the
+teacher's own KL to its sample on every 8th position
+(:meth:`~megatron_slkd.cache.reader.SparseKDCache.teacher_figures`), and the
+evaluation reports it beside the KL: ``kl - kl_floor`` estimates the true
+KL(teacher || student) (in expectation exactly, for RS at temperature 1, up to
+the difference between the evaluated positions and the build's sample).
+
 Calibration follows the usual top-1 definition: a position's confidence is
 the student's largest probability, it is correct when that token is the
 label, and the expected calibration error over equal-width confidence bins is
@@ -19,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["calibration_terms", "EvalSums", "expected_calibration_error"]
+__all__ = ["calibration_terms", "EvalSums", "expected_calibration_error", "kl_floor"]
 
 
 def calibration_terms(
@@ -99,7 +111,8 @@ class EvalSums:
             dist.all_reduce(self.values, group=group)
 
     def summary(self) -> dict:
-        """LM loss, ECE, KL (None without cached targets), accuracy and the reliability bins."""
+        """LM loss, ECE, KL to the cached targets (None without them), accuracy and the
+        reliability bins."""
         v, n = self.values, self.bins
         count, conf, corr = v[4 : 4 + n], v[4 + n : 4 + 2 * n], v[4 + 2 * n :]
         tokens = float(v[1])
@@ -122,3 +135,22 @@ def expected_calibration_error(count, confidence_sum, correct_sum) -> float | No
     if not total:
         return None
     return float((confidence_sum - correct_sum).abs().sum() / total)
+
+
+def kl_floor(cache_dirs, kl: float | None) -> dict:
+    """``kl_floor`` (the teacher's own KL to the caches' samples, positions-weighted over
+    ``cache_dirs``) and ``kl_minus_floor``; None where a cache did not record it."""
+    from megatron_slkd.cache.reader import open_cache
+
+    total = weight = 0.0
+    for d in cache_dirs:
+        fig = open_cache(d).teacher_figures()
+        if fig is None or "sample_kl" not in fig:
+            return {"kl_floor": None, "kl_minus_floor": None}
+        total += fig["sample_kl"] * fig["positions"]
+        weight += fig["positions"]
+    floor = total / weight if weight else None
+    return {
+        "kl_floor": floor,
+        "kl_minus_floor": kl - floor if kl is not None and floor is not None else None,
+    }

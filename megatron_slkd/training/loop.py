@@ -216,7 +216,7 @@ def evaluate(run: _Run, chunks, valid, forward_backward, dp: int) -> dict | None
     from megatron.core import parallel_state as ps
 
     from megatron_slkd.training.data import make_loader
-    from megatron_slkd.training.evaluate import EvalSums
+    from megatron_slkd.training.evaluate import EvalSums, kl_floor
 
     cfg = run.cfg
     t = cfg.train
@@ -240,7 +240,10 @@ def evaluate(run: _Run, chunks, valid, forward_backward, dp: int) -> dict | None
     sums = run.eval_sums
     run.eval_sums = None
     sums.all_reduce()  # only last-stage TP-rank-0 processes added anything
-    return sums.summary()
+    summary = sums.summary()
+    if summary["kl"] is not None:
+        summary.update(kl_floor(cfg.kd.caches.values(), summary["kl"]))
+    return summary
 
 
 def _chunk_iterators(loader, n: int):
@@ -414,7 +417,11 @@ def _maybe_eval(run, chunks, valid_ds, forward_backward, dp):
 
 
 def _eval_line(step: int, m: dict) -> str:
-    kl = f" | KL to teacher {m['kl']:.4f}" if m["kl"] is not None else ""
+    kl = ""
+    if m["kl"] is not None:
+        kl = f" | KL to teacher samples {m['kl']:.4f}"
+        if m.get("kl_floor") is not None:
+            kl += f" (floor {m['kl_floor']:.4f}, above it {m['kl_minus_floor']:.4f})"
     return (
         f"eval @ {step} | LM loss {m['lm_loss']:.4f} | ECE {m['ece']:.4f} | "
         f"top-1 acc {m['accuracy']:.4f}{kl} | {m['tokens']} tokens"

@@ -79,7 +79,7 @@ def test_resume_drops_uncommitted_documents(tmp_path):
     w.close()
     w = ShardWriter.open(tmp_path / "s", **kw)
     assert w.next_document == 11 and w.num_tokens == 3
-    with pytest.raises(CacheMismatchError, match="other parameters"):
+    with pytest.raises(CacheMismatchError, match="other settings .doc_end: 13 here, 14 asked"):
         ShardWriter.open(tmp_path / "s", **{**kw, "doc_end": 14})
     w.add_document(*one)
     w.add_document(*one)

@@ -290,3 +290,57 @@ def test_cli_refuses_a_partial_shard_of_other_settings_before_loading_the_teache
     assert r.returncode == 2, r.stderr
     assert "unfinished shard" in r.stderr and "sampling.seed: 1234 here, 99 asked" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_teacher_figures_are_recorded_and_equal_a_float64_reference(dataset, tmp_path):
+    # Every 8th absolute position with a next token: the teacher's NLL, entropy and the
+    # KL of its own sparse targets to it (the floor of the evaluation's KL to the cache).
+    prefix, docs = dataset
+    build_cache(_cfg(prefix, tmp_path / "c", num_shards=2), PrefixTeacher())
+    cache = open_cache(tmp_path / "c")
+    got = cache.teacher_figures()
+    teacher, pos0 = PrefixTeacher(), 0
+    sums = dict(nll=0.0, entropy=0.0, sample_kl=0.0)
+    n = 0
+    for d, doc in enumerate(docs):
+        rows = cache.read(d, 0, len(doc))
+        for w in document_windows(len(doc), 16, 8):
+            logits = teacher.logits([torch.as_tensor(doc[w.start : w.end])])[0].double()
+            for p in range(w.score_from, w.end):
+                if p == len(doc) - 1 or (pos0 + p) % 8:
+                    continue
+                lp = torch.log_softmax(logits[p - w.start], -1)
+                k = rows.num_entries[p]
+                ids = torch.as_tensor(rows.ids[p, :k].astype(np.int64))
+                wt = torch.as_tensor(rows.weights[p, :k]).double()
+                wt = wt / wt.sum()
+                sums["nll"] -= float(lp[int(doc[p + 1])])
+                sums["entropy"] -= float((lp.exp() * lp).sum())
+                sums["sample_kl"] += float((wt * (wt.log() - lp[ids])).sum())
+                n += 1
+        pos0 += len(doc)
+    assert got["positions"] == n > 10
+    for k, v in sums.items():
+        assert got[k] == pytest.approx(v / n, rel=1e-4, abs=1e-4), k
+    assert got["sample_kl"] > 0.05  # N = 50 draws: a visible floor
+
+
+def test_kl_above_the_floor_estimates_the_true_kl():
+    # The evaluation's claim: E[KL(w || q)] - E[KL(w || p)] = KL(p || q) for RS targets
+    # w of a teacher p, whatever the floor itself is.
+    from megatron_slkd.sampling import sample_sparse_targets
+
+    g = torch.Generator().manual_seed(3)
+    rows, vocab = 4000, 200
+    zp = torch.randn(vocab, generator=g, dtype=torch.float64) * 2
+    zq = zp + torch.randn(vocab, generator=g, dtype=torch.float64) * 0.7
+    lp, lq = torch.log_softmax(zp, -1), torch.log_softmax(zq, -1)
+    t = sample_sparse_targets(zp.float().expand(rows, vocab), method="rs", seed=1,
+                              positions=torch.arange(rows), num_samples=50)  # fmt: skip
+    w = t.weights.double()
+    wlogw = torch.where(w > 0, w * w.clamp(min=1e-300).log(), 0.0).sum(-1)
+    kl_q = (wlogw - (w * lq[t.ids]).sum(-1)).mean()
+    floor = (wlogw - (w * lp[t.ids]).sum(-1)).mean()
+    true = float((lp.exp() * (lp - lq)).sum())
+    assert float(floor) > 0.3 * true  # the floor is not small next to the KL
+    assert float(kl_q - floor) == pytest.approx(true, rel=0.03)

@@ -105,7 +105,8 @@ def test_megatron_teacher_at_tp2_masks_the_padding_in_the_last_shard(padded, tmp
                   str(CONTEXT), "--stride", "128", "--no-progress")  # fmt: skip
     _check_cache(tmp_path / "c", prefix)
     slkd("build-cache", "--data-prefix", prefix, "--teacher", padded / "model", "--output",
-         tmp_path / "hf", "--context-length", str(CONTEXT), "--stride", "128", "--no-progress")  # fmt: skip
+         tmp_path / "hf", "--context-length", str(CONTEXT), "--stride", "128",
+         "--no-progress")  # fmt: skip
     a, b = open_cache(tmp_path / "c"), open_cache(tmp_path / "hf")
     ra, rb = a.read_tokens(0, a.num_tokens), b.read_tokens(0, b.num_tokens)
     same = [

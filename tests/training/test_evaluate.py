@@ -127,3 +127,27 @@ def test_reliability_diagram_and_last_eval(tmp_path):
     assert last_eval(run)["step"] == 2 and last_eval(run)["lm_loss"] == ev["lm_loss"]
     png = reliability_diagram({"a": ev, "b": ev}, tmp_path / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_kl_floor_is_the_positions_weighted_teacher_figure(tmp_path):
+    import json
+
+    from helpers import write_synthetic_cache
+
+    from megatron_slkd.training.evaluate import kl_floor
+
+    dirs = []
+    for name, figures in (("a", [(10, 0.5), (30, 0.9)]), ("b", [(60, 0.2), (0, 0.0)])):
+        c = write_synthetic_cache(tmp_path / name, [5, 7, 9, 4], num_shards=2)
+        m = json.loads((c.path / "manifest.json").read_text())
+        for rec, (n, kl) in zip(m["shards"], figures, strict=True):
+            rec["teacher_stats"] = {"positions": n, "sample_kl": kl * n, "entropy": 2.0 * n}
+        (c.path / "manifest.json").write_text(json.dumps(m))
+        dirs.append(c.path)
+    got = kl_floor(dirs, 1.0)
+    expect = (0.5 * 10 + 0.9 * 30 + 0.2 * 60) / 100
+    assert got["kl_floor"] == pytest.approx(expect)
+    assert got["kl_minus_floor"] == pytest.approx(1.0 - expect)
+    # A cache without the record (thinned, older): no floor rather than a wrong one.
+    plain = write_synthetic_cache(tmp_path / "plain", [5, 7], num_shards=1)
+    assert kl_floor([*dirs, plain.path], 1.0) == {"kl_floor": None, "kl_minus_floor": None}
