@@ -15,6 +15,7 @@ __all__ = [
     "CacheCoverageError",
     "CacheCapacityError",
     "DataPreparationError",
+    "DataMismatchError",
     "ConfigError",
 ]
 
@@ -41,6 +42,10 @@ class CacheCapacityError(SlkdError):
 
 class DataPreparationError(SlkdError):
     """Input text, tokenizer or output prefix given to ``prepare-data`` is unusable."""
+
+
+class DataMismatchError(SlkdError):
+    """A dataset does not fit its tokenizer, the teacher, or the split asked of it."""
 
 
 class ConfigError(SlkdError):

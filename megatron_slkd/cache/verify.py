@@ -133,17 +133,25 @@ def check_alignment(cache: SparseKDCache, ds, *, shards=None, tokens: bool = Tru
     return problems
 
 
-def tokenizer_problems(cache: SparseKDCache, prefix: str) -> list[str]:
-    """Differences between the cache's tokenizer and the one ``prefix`` was prepared with
-    (empty when they agree, or when the dataset has no ``.meta.json`` record)."""
+def tokenizer_problems(cache: SparseKDCache, prefix: str, record: dict | None = None) -> list[str]:
+    """Differences between the cache's tokenizer and the dataset's: ``record`` (its tokenizer
+    record) or, when None, ``PREFIX.meta.json`` (empty when they agree, or when there is no
+    record at all)."""
     from megatron_slkd.data.prepare import META_SUFFIX
 
     meta_path = Path(prefix + META_SUFFIX)
-    if not meta_path.exists():
-        return []
-    import json
+    if record is None:
+        if not meta_path.exists():
+            return []
+        import json
 
-    tok = json.loads(meta_path.read_text()).get("tokenizer", {})
+        try:
+            record = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            return [f"{meta_path}: unreadable dataset record ({exc})"]
+    else:
+        meta_path = "the tokenizer named for the dataset"
+    tok = record.get("tokenizer", {})
     mine = cache.manifest.tokenizer
     out = []
     for key in ("fingerprint", "vocab_size"):
@@ -155,7 +163,8 @@ def tokenizer_problems(cache: SparseKDCache, prefix: str) -> list[str]:
     return out
 
 
-def verify_cache(path, data_prefix: str | None = None, *, comm=None, tokens: bool = True) -> dict:
+def verify_cache(path, data_prefix: str | None = None, *, comm=None, tokens: bool = True,
+                 data_meta: dict | None = None) -> dict:  # fmt: skip
     """Check ``path`` fully; returns ``{"ok", "problems", ...}``.
 
     Args:
@@ -163,6 +172,7 @@ def verify_cache(path, data_prefix: str | None = None, *, comm=None, tokens: boo
         data_prefix: the IndexedDataset prefix to check alignment against.
         comm: an mpi4py communicator to split the work over (None: this process).
         tokens: compare token checksums (reads every dataset token).
+        data_meta: the dataset's tokenizer record (None: ``PREFIX.meta.json`` if any).
     """
     start = time.time()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
@@ -183,7 +193,7 @@ def verify_cache(path, data_prefix: str | None = None, *, comm=None, tokens: boo
         except SlkdError as exc:
             problems.append(str(exc))
         if rank == 0:
-            problems += tokenizer_problems(cache, data_prefix)
+            problems += tokenizer_problems(cache, data_prefix, data_meta)
     if comm is not None:
         gathered = comm.gather(problems, root=0)
         problems = sorted({p for ps in gathered for p in ps}) if rank == 0 else problems

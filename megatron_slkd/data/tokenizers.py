@@ -1,4 +1,4 @@
-"""Tokenizers for ``prepare-data``: SentencePiece models and Hugging Face tokenizers.
+"""Tokenizers: SentencePiece models, Hugging Face tokenizers, GPT-2 BPE files, NullTokenizer.
 
 Every tokenizer has a *fingerprint*: the SHA-256 of its vocabulary (the pieces
 in id order). Two tokenizers with the same fingerprint give ids the same
@@ -7,6 +7,11 @@ The end-of-document id is a choice of the dataset and is recorded beside it.
 A tokenizer is described by a JSON-ready *spec* (kind and path) from which
 :func:`load_tokenizer` rebuilds it, for example to decode ids in
 ``inspect-cache``.
+
+Datasets tokenized elsewhere name their tokenizer the Megatron way
+(:func:`megatron_tokenizer`: ``--tokenizer-type`` with ``--tokenizer-model``,
+``--vocab-file``/``--merge-file`` or ``--vocab-size``), with Megatron-LM's
+rules for the vocabulary size and the end-of-document id of each type.
 """
 
 from __future__ import annotations
@@ -20,7 +25,12 @@ from megatron_slkd.errors import DataPreparationError
 __all__ = [
     "Tokenizer",
     "SentencePieceTokenizer",
+    "MegatronSentencePieceTokenizer",
     "HFTokenizer",
+    "GPT2BPETokenizer",
+    "NullTokenizer",
+    "MEGATRON_TOKENIZER_TYPES",
+    "megatron_tokenizer",
     "load_tokenizer",
     "train_sentencepiece",
 ]
@@ -135,13 +145,166 @@ class HFTokenizer(Tokenizer):
         return [inv.get(i, "") for i in range(self.vocab_size)]
 
 
+class MegatronSentencePieceTokenizer(SentencePieceTokenizer):
+    """Megatron-LM's ``SentencePieceTokenizer`` type: the model's pieces, then the special
+    tokens it lacks appended in Megatron's order (``<CLS>``, ``<SEP>``, ``<EOD>``,
+    ``<MASK>``, then pad, BOS and EOS pieces); documents end with ``<EOD>``."""
+
+    def __init__(self, model_path):
+        super().__init__(model_path)
+        sp = self._sp
+        self._pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        index = {p: i for i, p in enumerate(self._pieces)}
+
+        def special(piece_id: int, fallback: str) -> str:
+            return sp.id_to_piece(piece_id) if 0 <= piece_id < len(self._pieces) else fallback
+
+        for t in ("<CLS>", "<SEP>", "<EOD>", "<MASK>", special(sp.pad_id(), "<PAD>"),
+                  special(sp.bos_id(), "<BOS>"), special(sp.eos_id(), "<EOS>")):  # fmt: skip
+            if t not in index:
+                index[t] = len(self._pieces)
+                self._pieces.append(t)
+        self.vocab_size = len(self._pieces)
+        self.eod = index["<EOD>"]
+        self.spec = {"kind": "megatron-sentencepiece", "path": str(self.path.resolve())}
+
+    def pieces(self) -> list[str]:
+        return list(self._pieces)
+
+
+class GPT2BPETokenizer(Tokenizer):
+    """Megatron-LM's ``GPT2BPETokenizer`` type: ``vocab.json`` and ``merges.txt`` files;
+    the vocabulary is the JSON's entries, documents end with ``<|endoftext|>``."""
+
+    def __init__(self, vocab_file, merge_file):
+        import json
+
+        self.vocab_path, self.merge_path = Path(vocab_file), Path(merge_file)
+        for f in (self.vocab_path, self.merge_path):
+            if not f.is_file():
+                raise DataPreparationError(f"{f}: GPT2BPETokenizer file not found")
+        try:
+            encoder = json.loads(self.vocab_path.read_text(encoding="utf-8"))
+            from transformers import GPT2TokenizerFast
+
+            self._tok = GPT2TokenizerFast(
+                vocab_file=str(self.vocab_path), merges_file=str(self.merge_path)
+            )
+        except (OSError, ValueError, TypeError) as exc:
+            raise DataPreparationError(
+                f"{self.vocab_path} / {self.merge_path}: not GPT-2 BPE vocab and merges ({exc})"
+            ) from exc
+        self._pieces = [""] * len(encoder)
+        for piece, i in encoder.items():
+            if not 0 <= int(i) < len(encoder):
+                raise DataPreparationError(f"{self.vocab_path}: id {i} of {piece!r} out of range")
+            self._pieces[int(i)] = piece
+        if "<|endoftext|>" not in encoder:
+            raise DataPreparationError(f"{self.vocab_path}: no <|endoftext|> token")
+        self.vocab_size = len(encoder)
+        self.eod = int(encoder["<|endoftext|>"])
+        self.spec = {
+            "kind": "gpt2bpe",
+            "path": str(self.vocab_path.resolve()),
+            "merge_file": str(self.merge_path.resolve()),
+        }
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def pieces(self) -> list[str]:
+        return list(self._pieces)
+
+
+class NullTokenizer(Tokenizer):
+    """Megatron's ``NullTokenizer`` (megatron-core's own): ids ``0..vocab_size-1`` are
+    themselves (text is the ids written out), and ``vocab_size`` is the end-of-document
+    id, so the vocabulary holds ``vocab_size + 1`` ids."""
+
+    def __init__(self, vocab_size: int):
+        from megatron.core.tokenizers.text.libraries.null_tokenizer import (
+            NullTokenizer as _CoreNull,
+        )
+
+        if int(vocab_size) < 1:
+            raise DataPreparationError(f"NullTokenizer needs --vocab-size >= 1, got {vocab_size}")
+        self._tok = _CoreNull(int(vocab_size))
+        self.vocab_size = int(self._tok.vocab_size)
+        self.eod = int(self._tok.eod)
+        # Not "vocab_size": a tokenizer record has that key for the whole vocabulary (+1).
+        self.spec = {"kind": "null", "ids_without_eod": int(vocab_size)}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.text_to_ids(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.ids_to_text([int(i) for i in ids])
+
+    def pieces(self) -> list[str]:
+        return [str(i) for i in range(self.vocab_size)]
+
+
+MEGATRON_TOKENIZER_TYPES = (
+    "HuggingFaceTokenizer",
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "Llama2Tokenizer",
+    "GPT2BPETokenizer",
+    "NullTokenizer",
+)
+
+
+def megatron_tokenizer(
+    tokenizer_type: str,
+    tokenizer_model: str | None = None,
+    *,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    vocab_size: int | None = None,
+) -> Tokenizer:
+    """The tokenizer Megatron-LM's ``--tokenizer-type`` names, with its arguments.
+
+    Raises:
+        DataPreparationError: an unknown type, or an argument the type needs is missing.
+    """
+
+    def need(value, flag):
+        if value is None:
+            raise DataPreparationError(f"--tokenizer-type {tokenizer_type} needs {flag}")
+        return value
+
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HFTokenizer(need(tokenizer_model, "--tokenizer-model (directory, name or .gguf)"))
+    if tokenizer_type == "SentencePieceTokenizer":
+        return MegatronSentencePieceTokenizer(need(tokenizer_model, "--tokenizer-model"))
+    if tokenizer_type in ("GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        return SentencePieceTokenizer(need(tokenizer_model, "--tokenizer-model"))
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(need(vocab_file, "--vocab-file"), need(merge_file, "--merge-file"))
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(need(vocab_size, "--vocab-size"))
+    raise DataPreparationError(
+        f"--tokenizer-type {tokenizer_type!r} is not supported; choose from "
+        f"{', '.join(MEGATRON_TOKENIZER_TYPES)}"
+    )
+
+
 def load_tokenizer(spec: dict) -> Tokenizer:
     """Rebuild a tokenizer from its ``spec`` (as recorded next to a dataset)."""
     kind = spec.get("kind")
     if kind == "sentencepiece":
         tok: Tokenizer = SentencePieceTokenizer(spec["path"])
+    elif kind == "megatron-sentencepiece":
+        tok = MegatronSentencePieceTokenizer(spec["path"])
     elif kind == "huggingface":
         tok = HFTokenizer(spec["path"])
+    elif kind == "gpt2bpe":
+        tok = GPT2BPETokenizer(spec["path"], spec["merge_file"])
+    elif kind == "null":
+        tok = NullTokenizer(spec["ids_without_eod"])
     else:
         raise DataPreparationError(f"unknown tokenizer kind {kind!r} in {spec}")
     if spec.get("eod_token"):

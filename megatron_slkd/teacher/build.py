@@ -36,6 +36,7 @@ __all__ = [
     "shard_file_name",
     "check_existing_shards",
     "finished_report",
+    "check_teacher_tokenizer",
 ]
 
 
@@ -71,6 +72,8 @@ class BuildConfig:
     """Commit the shard (a resume point) after about this many tokens."""
     progress: bool = True
     """Show a progress bar."""
+    data_meta: dict | None = None
+    """The dataset's tokenizer record (None: read PREFIX.meta.json)."""
 
 
 def shard_file_name(index: int, count: int) -> str:
@@ -439,7 +442,7 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(lengths, cfg.num_shards)
-    tokenizer = _tokenizer_record(cfg.data_prefix, teacher)
+    tokenizer = _tokenizer_record(cfg, teacher)
     # The cache's vocabulary is the tokenizer's: a teacher whose output layer is
     # wider (embeddings padded to a multiple) has its extra rows masked out.
     enc = encoding_for(
@@ -602,26 +605,37 @@ def _cache_summary(out: Path) -> dict:
     }
 
 
-def _tokenizer_record(prefix: str, teacher) -> dict:
-    """The dataset's tokenizer record, after checking that the teacher shares it."""
-    from megatron_slkd.data.prepare import read_meta
+def check_teacher_tokenizer(prefix: str, record: dict, teacher_tok) -> None:
+    """Refuse a teacher whose tokenizer is not the dataset's (``record``: its tokenizer record).
 
-    meta = read_meta(prefix)["tokenizer"]
+    Raises:
+        CacheMismatchError: naming how many ids differ and the first few.
+    """
+    meta = record["tokenizer"]
+    if teacher_tok.fingerprint() == meta["fingerprint"]:
+        return
+    from megatron_slkd.data.tokenizers import load_tokenizer
+
+    mine, data_pieces = teacher_tok.pieces(), load_tokenizer(meta).pieces()
+    diff = [i for i in range(min(len(mine), len(data_pieces))) if mine[i] != data_pieces[i]]
+    raise CacheMismatchError(
+        f"{prefix}: the dataset was tokenized with another vocabulary than the teacher's "
+        f"({len(diff)} ids differ, first {diff[:5]}; sizes {len(data_pieces)} vs {len(mine)}); "
+        "use the teacher's tokenizer for the data, or name the data's tokenizer correctly "
+        "(--tokenizer-type/--tokenizer-model)"
+    )
+
+
+def _tokenizer_record(cfg: BuildConfig, teacher) -> dict:
+    """The dataset's tokenizer record, after checking that the teacher shares it."""
+    from megatron_slkd.data.describe import resolve_meta
+
+    record = cfg.data_meta or resolve_meta(cfg.data_prefix)
+    meta = record["tokenizer"]
     if meta["vocab_size"] > teacher.vocab_size:
         raise CacheMismatchError(
-            f"{prefix}: the dataset's tokenizer has {meta['vocab_size']} ids, the teacher "
-            f"{teacher.vocab_size}; the teacher cannot score ids it does not have"
+            f"{cfg.data_prefix}: the dataset's tokenizer has {meta['vocab_size']} ids, the "
+            f"teacher {teacher.vocab_size}; the teacher cannot score ids it does not have"
         )
-    theirs = teacher.tokenizer()
-    if theirs.fingerprint() != meta["fingerprint"]:
-        mine = theirs.pieces()
-        from megatron_slkd.data.tokenizers import load_tokenizer
-
-        data_pieces = load_tokenizer(meta).pieces()
-        diff = [i for i in range(min(len(mine), len(data_pieces))) if mine[i] != data_pieces[i]]
-        raise CacheMismatchError(
-            f"{prefix}: the dataset was tokenized with another vocabulary than the teacher's "
-            f"({len(diff)} ids differ, first {diff[:5]}; sizes {len(data_pieces)} vs {len(mine)}); "
-            "re-run prepare-data with the teacher's tokenizer"
-        )
+    check_teacher_tokenizer(cfg.data_prefix, record, teacher.tokenizer())
     return meta

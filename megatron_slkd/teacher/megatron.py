@@ -43,6 +43,21 @@ def is_megatron_teacher(path) -> bool:
     return (Path(path) / SPEC_NAME).is_file()
 
 
+def teacher_tokenizer(path, megatron: bool):
+    """The tokenizer of the teacher at ``path``, loaded without the model."""
+    if not megatron:
+        from megatron_slkd.data.tokenizers import HFTokenizer
+
+        return HFTokenizer(str(path))
+    from megatron_slkd.data.tokenizers import load_tokenizer
+
+    try:
+        spec = json.loads((Path(path) / SPEC_NAME).read_text())
+        return load_tokenizer(spec["tokenizer"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise TeacherError(f"{Path(path) / SPEC_NAME}: unreadable teacher spec ({exc})") from exc
+
+
 def megatron_teacher_hash(path) -> str | None:
     """The source checkpoint's hash a converted teacher records (read without loading it)."""
     try:

@@ -110,6 +110,19 @@ class DataConfig:
     """DataLoader worker processes per data-loading rank (0 reads in the training process)."""
     seed: int = 1234
     """Seed of megatron-core's document and sample shuffles."""
+    tokenizer_type: str | None = None
+    """For data without a tokenizer record: Megatron's --tokenizer-type (HuggingFaceTokenizer,
+    SentencePieceTokenizer, GPTSentencePieceTokenizer, GPT2BPETokenizer, NullTokenizer)."""
+    tokenizer_model: str | None = None
+    """With tokenizer_type: the HF directory/name/.gguf or SentencePiece .model."""
+    vocab_file: str | None = None
+    """With tokenizer_type GPT2BPETokenizer: vocab.json."""
+    merge_file: str | None = None
+    """With tokenizer_type GPT2BPETokenizer: merges.txt."""
+    vocab_size: int | None = None
+    """With tokenizer_type NullTokenizer: ids below this; the EOD is this id."""
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Data prefix -> its record from `slkd describe-data --output` (read-only data dirs)."""
 
 
 @dataclasses.dataclass

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from megatron_slkd.data.batch import collate_kd
-from megatron_slkd.data.prepare import read_meta
 from megatron_slkd.errors import CacheMismatchError, ConfigError, SlkdError
 from megatron_slkd.training.config import TrainConfig
 
@@ -37,10 +36,12 @@ __all__ = [
 class DataTokenizer:
     """What megatron-core's GPTDataset asks of a tokenizer, from the prefix's meta.json."""
 
-    def __init__(self, meta: dict) -> None:
+    def __init__(self, meta: dict, records: dict[str, dict] | None = None) -> None:
         self.vocab_size = int(meta["vocab_size"])
         self.eod = int(meta["eod"])
         self.unique_identifiers = {"fingerprint": meta["fingerprint"]}
+        self.records = records or {}
+        """Data prefix -> its whole record (the caches' tokenizers are checked against it)."""
 
 
 def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
@@ -58,19 +59,28 @@ def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
 
 
 def read_tokenizer(cfg: TrainConfig) -> DataTokenizer:
-    """The tokenizer shared by every prefix of the blend; refuses a blend of vocabularies."""
+    """The tokenizer shared by every prefix of the blend, after the pre-model checks of each
+    prefix (files, token ids against the vocabulary, end-of-document id); refuses a blend of
+    vocabularies."""
+    from megatron_slkd.data.describe import check_dataset, resolve_meta
+
     prefixes, _ = data_prefixes(cfg)
-    metas = {}
+    unknown = sorted(set(cfg.data.meta) - set(prefixes))
+    if unknown:
+        raise ConfigError(f"data.meta names prefixes not in data.path: {unknown}")
+    metas, records = {}, {}
     for p in prefixes:
         if not Path(p + ".idx").is_file():
             raise ConfigError(f"data prefix {p}: no {p}.idx; prepare it with `slkd prepare-data`")
-        metas[p] = read_meta(p)["tokenizer"]
+        records[p] = resolve_meta(p, cfg.data, meta_path=cfg.data.meta.get(p))
+        check_dataset(p, records[p])
+        metas[p] = records[p]["tokenizer"]
     prints = {m["fingerprint"] for m in metas.values()}
     if len(prints) > 1:
         raise CacheMismatchError(
             f"the blend mixes tokenizers: {sorted(metas)} have {len(prints)} vocabularies"
         )
-    tok = DataTokenizer(next(iter(metas.values())))
+    tok = DataTokenizer(next(iter(metas.values())), records)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} but the data's tokenizer has "
@@ -92,6 +102,7 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    from megatron_slkd.data.describe import check_splits
     from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
 
     prefixes, weights = data_prefixes(cfg)
@@ -108,6 +119,8 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
         create_attention_mask=True,
         mid_level_dataset_surplus=0.005,
     )
+    # megatron-core's GPTDataset never returns on a split of no tokens: refuse it first.
+    check_splits(prefixes, cfg.data.split, cfg.model.seq_length, [train_samples, valid_samples, 0])
     if with_cache:
         caches = {str(k): str(v) for k, v in cfg.kd.caches.items()}
         missing = [p for p in prefixes if p not in caches]
@@ -120,7 +133,10 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
         cls, config = (
             SparseKDGPTDataset,
             SparseKDGPTDatasetConfig(
-                **common, kd_caches=caches, kd_check_tokens=cfg.kd.check_tokens
+                **common,
+                kd_caches=caches,
+                kd_check_tokens=cfg.kd.check_tokens,
+                kd_data_meta=tokenizer.records,
             ),
         )
     else:

@@ -159,3 +159,45 @@ def test_a_cache_of_other_tokens_with_the_same_lengths_is_refused_by_default(
         ).build()  # fmt: skip
     assert built[0] is not None
     assert any("NOT compared" in r.getMessage() for r in caplog.records)
+
+
+def test_sentence_split_dataset_rows_equal_the_cache_rows(tmp_path):
+    # preprocess_data.py --split-sentences: several sequences per document. megatron-core's
+    # GPTDataset splits and samples by sequence, and so does the cache (a sequence is a cache
+    # "document"): every row must still be the cache row of its token's position.
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        )
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 60, size=90)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    seqs = [BASES["a"] + np.arange(starts[i], starts[i + 1]) for i in range(len(lengths))]
+    prefix = str(tmp_path / "split")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for i, s in enumerate(seqs):
+        builder.add_item(torch.from_numpy(s.astype(np.int64)))
+        if i % 3 == 2 or i == len(seqs) - 1:  # three sentences per document
+            builder.end_document()
+    builder.finalize(prefix + ".idx")
+    from megatron_slkd.data import open_dataset
+
+    ds = open_dataset(prefix)
+    assert len(ds.document_indices) - 1 == 30 and len(ds.sequence_lengths) == 90
+    cache_dir = write_positional_cache(tmp_path / "cache", seqs, VOCAB)
+    cfg = dataclasses.replace(
+        _config(tmp_path, {"a": (prefix, cache_dir), "b": (prefix, cache_dir)}, 24, 3, "80,20,0",
+                True, caches={prefix: str(cache_dir)}),
+        blend=([prefix], None),
+    )  # fmt: skip
+    caches = {"a": open_cache(cache_dir)}
+    built = BlendedMegatronDatasetBuilder(SparseKDGPTDataset, [40, 10, 0], lambda: True,
+                                          cfg).build()  # fmt: skip
+    checked = 0
+    for d in built[:2]:
+        for i in range(len(d)):
+            checked += _check_sample(d[i], caches, 24)
+    assert checked > 100

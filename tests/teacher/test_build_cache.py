@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
 from megatron_slkd.errors import CacheMismatchError, ConfigError
+from megatron_slkd.sampling import sample_sparse_targets
 from megatron_slkd.teacher import BuildConfig, build_cache, document_windows, plan_shards
 from megatron_slkd.teacher.build import check_existing_shards, finished_report, shard_file_name
 
@@ -344,3 +345,42 @@ def test_kl_above_the_floor_estimates_the_true_kl():
     true = float((lp.exp() * (lp - lq)).sum())
     assert float(floor) > 0.3 * true  # the floor is not small next to the KL
     assert float(kl_q - floor) == pytest.approx(true, rel=0.03)
+
+
+def test_sentence_split_dataset_keys_rows_by_sequence(tmp_path):
+    # preprocess_data.py --split-sentences writes several sequences per document; the cache
+    # (like megatron-core's GPTDataset) treats each sequence as a document: the teacher sees
+    # the sequence's own prefix and the last position of each sequence has no entries.
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, VOCAB - 1, n) for n in (12, 30, 3, 25, 1, 18, 40)]
+    prefix = str(tmp_path / "split")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for i, s in enumerate(seqs):
+        builder.add_item(torch.as_tensor(s.astype(np.int64)))
+        if i in (2, 4, 6):  # documents of 3, 2 and 2 sequences
+            builder.end_document()
+    builder.finalize(prefix + ".idx")
+    meta = {"tokenizer": {"fingerprint": "test-vocab", "vocab_size": VOCAB, "eod": VOCAB - 1,
+                          "kind": "test"}}  # fmt: skip
+    (tmp_path / "split.meta.json").write_text(json.dumps(meta))
+    build_cache(_cfg(prefix, tmp_path / "c", num_shards=2), PrefixTeacher())
+    cache = open_cache(tmp_path / "c")
+    assert cache.num_documents == len(seqs)  # sequences, not the 3 documents
+    assert verify_cache(tmp_path / "c", prefix)["ok"]
+    teacher = PrefixTeacher()
+    for d, seq in enumerate(seqs):
+        rows = cache.read(d, 0, len(seq))
+        assert rows.num_entries[-1] == 0
+        for w in document_windows(len(seq), 16, 8):
+            logits = teacher.logits([torch.as_tensor(seq[w.start : w.end])])[0]
+            for p in range(w.score_from, min(w.end, len(seq) - 1)):
+                row = logits[p - w.start : p - w.start + 1]
+                pos = torch.tensor([sum(len(s) for s in seqs[:d]) + p])  # absolute position
+                expect = sample_sparse_targets(row, method="rs", seed=1234, num_samples=50,
+                                               positions=pos)  # fmt: skip
+                k = rows.num_entries[p]
+                assert sorted(rows.ids[p, :k].tolist()) == sorted(
+                    expect.ids[0, : int(expect.num_valid[0])].tolist()
+                ), (d, p)

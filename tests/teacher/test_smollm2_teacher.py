@@ -49,8 +49,8 @@ def test_real_teacher_cache_is_aligned_and_plausible(teacher, tmp_path):
     again = json.loads(slkd(*args).stdout.strip().splitlines()[-1])
     assert again["shards_built"] == 0 and again["complete"] and again["teacher_seconds"] == 0
     assert again["cache_unique_ids_per_position"] == report["cache_unique_ids_per_position"]
-    moved = slkd(*args[:-1], "--seed", "7", check=False)  # other settings: refused, as before
-    assert moved.returncode == 2 and "other parameters" in moved.stderr
+    moved = slkd(*args[:-1], "--seed", "7", check=False)  # other settings: refused, naming it
+    assert moved.returncode == 2 and "sampling.seed: 1234 here, 7 asked" in moved.stderr
 
 
 def test_refuses_a_dataset_with_another_vocabulary(teacher, tmp_path):

@@ -1,0 +1,109 @@
+"""Pre-training data checks on a large dataset: the token-id scan and the token checksums.
+
+    python benchmarks/data_checks.py [--tokens 1000000000] [--dir /tmp/slkd-bench] [--keep]
+        [--no-save]
+
+Writes a synthetic IndexedDataset of ``--tokens`` tokens (uint16 ids, document
+lengths 64..4095) with megatron-core's ``IndexedDatasetBuilder`` (says how
+large before writing it, refuses when the disk lacks room, deletes it after
+unless ``--keep``), then measures, from page cache, on this machine:
+
+- ``check_dataset``'s full scan for the largest token id and the ids the
+  documents end with (target: at least 100M tokens/s on one core);
+- ``token_checksums`` over 64 shard ranges, what opening a cache for training
+  costs with token checksums on (target: a few seconds for 1B tokens), with one
+  thread and with every CPU.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import record  # noqa: E402
+
+
+def write_dataset(prefix: str, tokens: int, seed: int = 0) -> None:
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    done, block = 0, 1 << 24
+    while done < tokens:
+        n = min(block, tokens - done)
+        lengths = rng.integers(64, 4096, size=n // 2000 + 2)
+        lengths = lengths[np.cumsum(lengths) <= n]
+        lengths = np.append(lengths, n - lengths.sum()) if lengths.sum() < n else lengths
+        ids = rng.integers(0, 49151, size=n, dtype=np.uint16)
+        ends = np.cumsum(lengths) - 1
+        ids[ends] = 49151  # every document ends with the EOD id
+        start = len(builder.sequence_lengths)
+        builder.add_document(torch.from_numpy(ids.astype(np.int32)), lengths.tolist())
+        # One document per sequence, as add_item + end_document would record them
+        # (a call per document would dominate the write time).
+        builder.document_indices[-1:] = range(start + 1, len(builder.sequence_lengths) + 1)
+        done += n
+    builder.finalize(prefix + ".idx")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--tokens", type=int, default=1_000_000_000)
+    p.add_argument("--dir", default="/tmp/slkd-bench")
+    p.add_argument("--keep", action="store_true", help="keep the dataset for a rerun")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args()
+    from megatron_slkd.cache.verify import token_checksums
+    from megatron_slkd.data.describe import scan_dataset
+    from megatron_slkd.data.indexed import open_dataset
+
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = str(out / f"synthetic-{args.tokens}")
+    need = args.tokens * 2 + args.tokens // 500
+    if not Path(prefix + ".idx").exists():
+        free = shutil.disk_usage(out).free
+        print(f"writing a {need / 1e9:.2f} GB dataset to {prefix} ({free / 1e9:.0f} GB free)")
+        if need > 0.9 * free:
+            sys.exit(f"not enough room in {out}: {need / 1e9:.2f} GB needed")
+        t = time.perf_counter()
+        write_dataset(prefix, args.tokens)
+        print(f"written in {time.perf_counter() - t:.1f} s")
+    # Page cache warm-up: the figures are for data already in memory.
+    with open(prefix + ".bin", "rb") as f:
+        while f.read(1 << 26):
+            pass
+    save = not args.no_save
+    t = time.perf_counter()
+    scan = scan_dataset(prefix, progress=False)
+    dt = time.perf_counter() - t
+    assert scan["max_token_id"] == 49151 and scan["documents_end_with"] == 49151
+    record("data_checks", "max_id_scan", save, tokens=args.tokens, seconds=round(dt, 3),
+           tokens_per_s=round(args.tokens / dt), documents=scan["num_documents"],
+           target_tokens_per_s=100_000_000)  # fmt: skip
+    ds = open_dataset(prefix)
+    n = len(ds.sequence_lengths)
+    cuts = np.linspace(0, n, 65).astype(int)
+    ranges = list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
+    for workers in (1, len(os.sched_getaffinity(0))):
+        t = time.perf_counter()
+        token_checksums(ds, ranges, workers=workers)
+        dt = time.perf_counter() - t
+        record("data_checks", "token_checksums", save, tokens=args.tokens, shards=64,
+               threads=workers, seconds=round(dt, 3),
+               tokens_per_s=round(args.tokens / dt))  # fmt: skip
+    if not args.keep:
+        for suffix in (".bin", ".idx"):
+            Path(prefix + suffix).unlink()
+
+
+if __name__ == "__main__":
+    main()

