@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["span_entry_starts", "decode_spans", "STATUS"]
+__all__ = ["span_entry_starts", "decode_spans", "unpack_count_range", "STATUS"]
 
 STATUS = {
     1: "an entry run goes past the end of the entry section",
@@ -99,3 +99,10 @@ def decode_spans(
             e += n
             row += 1
     return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def unpack_count_range(counts, bits, start, out):
+    """Entry counts of shard-local tokens ``start .. start + out.size - 1`` into ``out``."""
+    for i in range(out.size):
+        out[i] = _count(counts, start + i, bits)

@@ -290,6 +290,44 @@ class ShardWriter:
         elif st["token_crc"] is not None:
             st["token_crc"] = token_crc32(tokens, st["token_crc"])
 
+    def add_packed(self, tokens: np.ndarray, counts: np.ndarray, entries: np.ndarray) -> None:
+        """Append the next document from already-packed entries (copied from a shard of the
+        same encoding and vocabulary, as ``remap-cache`` does).
+
+        Args:
+            tokens: ``[L]`` the document's token ids (checksummed for alignment).
+            counts: ``[L]`` entries per position (0 at the last one).
+            entries: the document's packed entries, ``entry_bytes * counts.sum()`` bytes.
+        """
+        if self.next_document >= self.doc_end:
+            raise ValueError(f"{self.path}: all documents up to {self.doc_end} already written")
+        tokens, counts = np.asarray(tokens), np.asarray(counts, dtype=np.uint8)
+        entries = np.asarray(entries, dtype=np.uint8)
+        n = int(counts.sum(dtype=np.int64))
+        if len(counts) != len(tokens) or (len(counts) and counts[-1]):
+            raise ValueError(
+                f"document {self.next_document}: {len(tokens)} tokens need as many counts, "
+                "the last one 0"
+            )
+        if entries.size != n * self.encoding.entry_bytes:
+            raise ValueError(
+                f"document {self.next_document}: {n} entries need "
+                f"{n * self.encoding.entry_bytes} bytes, got {entries.size}"
+            )
+        if len(counts) and int(counts.max()) > self.encoding.max_entries:
+            raise CacheCapacityError(
+                f"document {self.next_document}: {int(counts.max())} entries at one position"
+            )
+        self._append("counts.bin", counts.tobytes())
+        self._append("entries.bin", entries.tobytes())
+        self._append("lengths.bin", np.array([len(tokens)], dtype="<u8").tobytes())
+        st = self._state
+        st["docs"] += 1
+        st["tokens"] += len(tokens)
+        st["entries"] += n
+        if st["token_crc"] is not None:
+            st["token_crc"] = token_crc32(tokens, st["token_crc"])
+
     def _append(self, name: str, data: bytes) -> None:
         self._files[name].write(data)
         self._state["sizes"][name] += len(data)

@@ -8,6 +8,7 @@
     slkd verify-cache  CACHE --data-prefix PREFIX        (also under mpirun -n K)
     slkd inspect-cache CACHE [--doc D --offset O] [--plot hist.png]
     slkd thin-cache    CACHE --num-samples 12 --output CACHE12
+    slkd remap-cache   CACHE... --data-prefix NEW --output OUT   (merged/re-ordered data)
     slkd train         --data-path PREFIX --kd-caches PREFIX=CACHE [--config student.yaml]
 
 Errors in the inputs end the command with a one-line message and exit status 2.
@@ -33,6 +34,7 @@ _COMMANDS = {
     "verify-cache": "verify_cache",
     "inspect-cache": "inspect_cache",
     "thin-cache": "thin_cache",
+    "remap-cache": "remap_cache",
     "train": "train",
 }
 

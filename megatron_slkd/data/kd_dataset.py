@@ -76,6 +76,15 @@ def _open_checked(prefix: str, cache_dir: str, ds, check_tokens: bool,
                     cache_dir,
                     prefix,
                 )
+            missing = int(cache.manifest.extra.get("missing_documents") or 0)
+            if missing:
+                _log.warning(
+                    "cache %s has empty rows for %d documents of %s (remapped with "
+                    "--allow-missing): those positions train with cross-entropy",
+                    cache_dir,
+                    missing,
+                    prefix,
+                )
             problems = check_alignment(cache, ds, tokens=check_tokens)
             problems += tokenizer_problems(cache, prefix, record)
             if problems:

@@ -1,0 +1,252 @@
+"""Re-key caches for a dataset holding the same documents in another arrangement
+(``slkd remap-cache``), without running the teacher.
+
+Megatron-LM's ``tools/merge_datasets.py`` concatenates prefixes, and corpora
+get subset, re-ordered or deduplicated; the document ids every cache is keyed
+by change, the documents do not. Each document of the new dataset is matched
+by content (its length and the CRC-32 of its tokens as int32) to a document
+of one of the source datasets, and the source's entries are copied byte for
+byte (same encoding, no re-sampling) into shards of the new dataset's order.
+The draws were keyed by the source positions (decision D2), so the result is
+the source's sample at each position: the same targets, not the ones
+``build-cache`` with the same seed would draw on the new dataset.
+
+Each source dataset is checked against its cache first (lengths and every
+shard's token checksum), so a match by content is a match of the tokens the
+teacher saw. A document with no match is an error listing its id, unless
+``allow_missing``: it then gets empty rows (training falls back to
+cross-entropy there) and the manifest counts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from megatron_slkd.cache import _decode
+from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
+from megatron_slkd.cache.merge import merge_cache
+from megatron_slkd.cache.reader import SparseKDCache, open_cache
+from megatron_slkd.cache.writer import ShardWriter, differences, write_sidecar
+from megatron_slkd.errors import CacheCoverageError, CacheFormatError, CacheMismatchError
+
+__all__ = ["document_keys", "remap_cache"]
+
+_COMMIT_TOKENS = 1 << 22
+
+
+def document_keys(ds, start: int = 0, end: int | None = None) -> np.ndarray:
+    """``[n]`` uint64 content keys of documents ``start..end-1``: length << 32 | CRC-32
+    of the tokens as little-endian int32 (the cache's token checksum rule)."""
+    from megatron_slkd.data.indexed import iter_token_blocks
+
+    lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+    end = len(lengths) if end is None else end
+    crcs = np.zeros(end - start, dtype=np.uint64)
+    d = start
+    for block in iter_token_blocks(ds, start, end):
+        data = np.ascontiguousarray(block, dtype="<i4")
+        view, at = memoryview(data).cast("B"), 0
+        while at < len(data):
+            n = int(lengths[d])
+            crcs[d - start] = zlib.crc32(view[4 * at : 4 * (at + n)])
+            at += n
+            d += 1
+    while d < end:  # empty documents at the end
+        crcs[d - start] = zlib.crc32(b"")
+        d += 1
+    return (lengths[start:end].astype(np.uint64) << np.uint64(32)) | crcs
+
+
+class _Source:
+    """A source cache read shard by shard as packed bytes (each shard's chunk CRCs checked
+    once, before any of its bytes are copied)."""
+
+    def __init__(self, cache: SparseKDCache):
+        self.cache = cache
+        self._shard: tuple[int, np.ndarray] | None = None
+
+    def _entry_starts(self, si: int) -> np.ndarray:
+        if self._shard is None or self._shard[0] != si:
+            sh = self.cache.shards[si]
+            if sh.header.num_chunks:
+                sh.verify_chunks(0, sh.header.num_chunks - 1)
+            offs = sh.doc_offsets.astype(np.int64)
+            starts = np.empty(len(offs), dtype=np.int64)
+            status = _decode.span_entry_starts(
+                sh.counts, sh.header.encoding.count_bits, sh.chunk_offsets,
+                sh.header.chunk_tokens, offs[:-1], np.diff(offs), starts[:-1],
+            )  # fmt: skip
+            if status < 0:
+                raise CacheFormatError(
+                    f"{sh.path}: {_decode.STATUS[-status]}; the shard is corrupt"
+                )
+            starts[-1] = sh.header.num_entries
+            self._shard = (si, starts)
+        return self._shard[1]
+
+    def packed(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
+        """(per-token entry counts ``[L]`` uint8, packed entry bytes) of ``doc``."""
+        si, a, n = self.cache._locate(doc)
+        sh = self.cache.shards[si]
+        starts = self._entry_starts(si)
+        local = doc - int(self.cache._doc_starts[si])
+        counts = np.empty(n, dtype=np.uint8)
+        _decode.unpack_count_range(sh.counts, sh.header.encoding.count_bits, a, counts)
+        eb = sh.header.encoding.entry_bytes
+        e0, e1 = int(starts[local]), int(starts[local + 1])
+        if int(counts.sum(dtype=np.int64)) != e1 - e0:
+            raise CacheFormatError(f"{sh.path}: entry counts of document {doc} disagree")
+        return counts, sh.entries[e0 * eb : e1 * eb]
+
+
+def _common_manifest(caches: list[SparseKDCache]) -> Manifest:
+    first = caches[0].manifest.compatibility_key()
+    first.pop("dataset")
+    for c in caches[1:]:
+        key = c.manifest.compatibility_key()
+        key.pop("dataset")
+        diff = differences(first, key)
+        if diff:
+            raise CacheMismatchError(
+                f"{c.path} and {caches[0].path} were built with other settings "
+                f"({'; '.join(diff[:6])}); only caches of one teacher run can be remapped together"
+            )
+    return caches[0].manifest
+
+
+def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | None = None,
+                allow_missing: bool = False, num_shards: int = 1,
+                shard_indices: list[int] | None = None, comm=None,
+                progress: bool = True) -> dict:  # fmt: skip
+    """Write the cache of ``data_prefix`` at ``output`` from the caches ``sources``.
+
+    Args:
+        sources: cache directories of the datasets the documents come from.
+        data_prefix: the new dataset.
+        output: the new cache directory.
+        source_prefixes: cache directory -> its dataset prefix, where the manifest's
+            recorded prefix has moved.
+        allow_missing: give documents without a match empty rows instead of failing.
+        num_shards: shards of the new cache; ``shard_indices`` those this process writes.
+        comm: an mpi4py communicator whose ranks split the shards (rank 0 merges).
+
+    Raises:
+        CacheMismatchError: the sources disagree in settings, or a source dataset does
+            not match its cache.
+        CacheCoverageError: documents without a match (listed), without ``allow_missing``.
+    """
+    from tqdm import tqdm
+
+    from megatron_slkd.cache.verify import check_alignment
+    from megatron_slkd.data.indexed import dataset_fingerprint, open_dataset
+    from megatron_slkd.teacher.build import plan_shards, shard_file_name
+
+    start = time.time()
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    caches = [open_cache(s) for s in sources]
+    m = _common_manifest(caches)
+    given = {str(Path(k).resolve()): v for k, v in (source_prefixes or {}).items()}
+    table: dict[int, tuple[int, int]] = {}
+    source_datasets = []
+    for i, c in enumerate(caches):
+        prefix = given.get(str(c.path.resolve()), c.manifest.dataset.get("prefix"))
+        try:
+            ds = open_dataset(prefix)
+        except CacheMismatchError as exc:
+            raise CacheMismatchError(
+                f"{c.path}: its dataset {prefix} is not there ({exc}); give it with "
+                f"--source-prefix {c.path}=PREFIX"
+            ) from exc
+        problems = check_alignment(c, ds)
+        if problems:
+            raise CacheMismatchError(
+                f"{c.path}: dataset {prefix} is not the one it was built on: {problems[0]}; "
+                f"give the right one with --source-prefix {c.path}=PREFIX"
+            )
+        source_datasets.append(ds)
+        for d, key in enumerate(document_keys(ds).tolist()):
+            table.setdefault(key, (i, d))  # a duplicated document: its first copy
+    new = open_dataset(data_prefix)
+    lengths = np.asarray(new.sequence_lengths, dtype=np.int64)
+    keys = document_keys(new).tolist()
+    match = [table.get(k) for k in keys]
+    missing = [d for d, x in enumerate(match) if x is None and lengths[d] > 0]
+    if missing and not allow_missing:
+        raise CacheCoverageError(
+            f"{data_prefix}: {len(missing)} of {len(keys)} documents are in none of the source "
+            f"datasets (ids {missing[:20]}{' ...' if len(missing) > 20 else ''}); add the caches "
+            "of their datasets, or pass --allow-missing to give them empty rows (cross-entropy)"
+        )
+    base = dataclasses.replace(
+        m,
+        dataset=dataset_fingerprint(data_prefix, new),
+        shards=[],
+        extra={
+            "remapped_from": [{"path": str(c.path), "dataset": c.manifest.dataset} for c in caches],
+            "missing_documents": len(missing),
+        },
+    )
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(lengths, num_shards)
+    mine = list(range(rank, num_shards, size)) if shard_indices is None else shard_indices
+    readers = [_Source(c) for c in caches]
+    total = sum(int(lengths[a:b].sum()) for a, b in (plan[i] for i in mine))
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="remap", disable=not progress)
+    copied = 0
+    for i in mine:
+        path = out / shard_file_name(i, num_shards)
+        if path.exists() and Path(str(path) + ".json").exists():
+            done = Manifest.load(str(path) + ".json")
+            diff = differences(done.compatibility_key(), base.compatibility_key())
+            if diff:
+                raise CacheMismatchError(
+                    f"{path}: a shard remapped from other caches or data is here "
+                    f"({'; '.join(diff[:4])}); use another --output"
+                )
+            bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
+            continue
+        w = ShardWriter.open(path, encoding=m.encoding, vocab_size=caches[0].vocab_size,
+                             doc_start=plan[i][0], doc_end=plan[i][1],
+                             chunk_tokens=caches[0].shards[0].header.chunk_tokens,
+                             key=base.compatibility_key())  # fmt: skip
+        bar.update(int(lengths[plan[i][0] : w.next_document].sum()))
+        since = 0
+        for d in range(w.next_document, plan[i][1]):
+            tokens = new.get(d)
+            if match[d] is None:
+                w.add_packed(tokens, np.zeros(len(tokens), np.uint8), np.zeros(0, np.uint8))
+            else:
+                w.add_packed(tokens, *readers[match[d][0]].packed(match[d][1]))
+            since += len(tokens)
+            copied += len(tokens)
+            bar.update(len(tokens))
+            if since >= _COMMIT_TOKENS:
+                w.commit()
+                since = 0
+        write_sidecar(path, base, w.finalize())
+    bar.close()
+    if comm is not None:
+        comm.Barrier()
+    names = [shard_file_name(i, num_shards) + ".json" for i in range(num_shards)]
+    complete = all((out / n).exists() for n in names)
+    if complete and rank == 0 and not (out / MANIFEST_NAME).exists():
+        merge_cache([out], out)
+    seconds = time.time() - start
+    return {
+        "output": str(out),
+        "documents": len(keys),
+        "tokens": int(lengths.sum()),
+        "missing_documents": missing,
+        "sources": [str(c.path) for c in caches],
+        "shards": num_shards,
+        "shard_indices": mine,
+        "complete": complete,
+        "tokens_copied": copied,
+        "seconds": round(seconds, 3),
+    }
