@@ -197,6 +197,7 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
     mine = list(range(rank, num_shards, size)) if shard_indices is None else shard_indices
     readers = [_Source(c) for c in caches]
     total = sum(int(lengths[a:b].sum()) for a, b in (plan[i] for i in mine))
+    copy_start = time.time()
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="remap", disable=not progress)
     copied = 0
     for i in mine:
@@ -231,6 +232,7 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
                 since = 0
         write_sidecar(path, base, w.finalize())
     bar.close()
+    copy_seconds = time.time() - copy_start
     if comm is not None:
         comm.Barrier()
     names = [shard_file_name(i, num_shards) + ".json" for i in range(num_shards)]
@@ -248,5 +250,6 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
         "shard_indices": mine,
         "complete": complete,
         "tokens_copied": copied,
+        "copy_seconds": round(copy_seconds, 3),
         "seconds": round(seconds, 3),
     }

@@ -318,8 +318,8 @@ class ShardWriter:
             raise CacheCapacityError(
                 f"document {self.next_document}: {int(counts.max())} entries at one position"
             )
-        self._append("counts.bin", counts.tobytes())
-        self._append("entries.bin", entries.tobytes())
+        self._append("counts.bin", memoryview(np.ascontiguousarray(counts)).cast("B"))
+        self._append("entries.bin", memoryview(np.ascontiguousarray(entries)).cast("B"))
         self._append("lengths.bin", np.array([len(tokens)], dtype="<u8").tobytes())
         st = self._state
         st["docs"] += 1
@@ -328,7 +328,7 @@ class ShardWriter:
         if st["token_crc"] is not None:
             st["token_crc"] = token_crc32(tokens, st["token_crc"])
 
-    def _append(self, name: str, data: bytes) -> None:
+    def _append(self, name: str, data) -> None:
         self._files[name].write(data)
         self._state["sizes"][name] += len(data)
 
