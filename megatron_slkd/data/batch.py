@@ -32,8 +32,8 @@ def collate_kd(samples: list[dict]) -> dict[str, torch.Tensor]:
             out[key] = torch.stack(
                 [torch.nn.functional.pad(s[key], (0, k - s[key].shape[-1])) for s in samples]
             )
-        else:
-            out[key] = torch.stack([s[key] for s in samples])
+        else:  # a blend's samples also carry numpy scalars (BlendedDataset's dataset_id)
+            out[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
     return out
 
 

