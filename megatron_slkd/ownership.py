@@ -1,0 +1,199 @@
+"""One writer per output: owner files with a heartbeat, safe on NFS and Lustre.
+
+A shard under construction, the output of ``merge-cache``, ``thin-cache`` and
+``remap-cache``, and a training run directory each have exactly one writer.
+``flock`` is unreliable on shared file systems, so ownership is a file:
+
+- *Claim*: create ``<target>.owner`` with ``O_CREAT | O_EXCL`` (atomic on
+  local file systems and on NFS v3+ and Lustre) and write a checksummed record
+  (:mod:`megatron_slkd.records`): host, pid, Slurm job and array task, start
+  time, and a random token.
+- *Heartbeat*: while working, the owner touches the file's modification time
+  every ``timeout / 4`` seconds (a daemon thread), and checks that the file still
+  holds its token; if it does not, the owner was taken over and stops at its
+  next commit (:meth:`OwnerLock.check`).
+- *Takeover*: a claim that finds an owner file takes it over when the owner is
+  gone: on the same host when its pid no longer runs, on any host when the
+  heartbeat is older than the timeout (clocks are assumed synchronized, as NTP
+  keeps them on clusters). The stale file is first renamed to a unique name
+  (atomic: of two processes taking over, one rename succeeds), then claimed as
+  above; the takeover is logged. A file that cannot be parsed (a crash between
+  create and write) counts as stale once older than the timeout.
+- Otherwise the claim fails with :class:`OwnershipError` naming the owner and
+  what to do; commands exit with status 2 before loading any model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from megatron_slkd.errors import SlkdError
+from megatron_slkd.records import dump_record, parse_record
+
+__all__ = ["OwnershipError", "OwnerLock", "claim", "DEFAULT_TIMEOUT_S"]
+
+DEFAULT_TIMEOUT_S = 300.0
+_log = logging.getLogger(__name__)
+
+
+class OwnershipError(SlkdError):
+    """Another live process writes this output, or this process lost its ownership."""
+
+
+def _identity() -> dict:
+    env = os.environ
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job": env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID"),
+        "slurm_array_task": env.get("SLURM_ARRAY_TASK_ID"),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "token": uuid.uuid4().hex,
+    }
+
+
+def _describe(owner: dict) -> str:
+    who = f"host {owner.get('host')} pid {owner.get('pid')}"
+    if owner.get("slurm_job"):
+        who += f", Slurm job {owner['slurm_job']}"
+        if owner.get("slurm_array_task") is not None:
+            who += f" array task {owner['slurm_array_task']}"
+    return f"{who}, since {owner.get('since')}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OwnerLock:
+    """Ownership of ``target`` (a path) through ``<target>.owner``; see the module docstring.
+
+    Use :func:`claim` (or ``with OwnerLock(...):``). :meth:`check` raises once the
+    ownership was lost; :meth:`release` removes the file if it is still ours.
+    """
+
+    def __init__(self, target, *, what: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.target = Path(target)
+        self.path = self.target.with_name(self.target.name + ".owner")
+        self.what = what
+        self.timeout_s = float(timeout_s)
+        self.me = _identity()
+        self._stop = threading.Event()
+        self._lost: str | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- claiming ---------------------------------------------------------
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(dump_record(self.me))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _stale(self) -> tuple[bool, str]:
+        """Whether the current owner file may be taken over, and why (or who holds it)."""
+        try:
+            text = self.path.read_text()
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return True, "gone"
+        try:
+            owner = parse_record(text, self.path, OwnershipError)
+        except OwnershipError:
+            owner = None
+        if owner is None or "pid" not in owner:
+            if age > self.timeout_s:
+                return True, f"an unreadable owner file {age:.0f} s old"
+            return False, f"an owner file being written ({age:.0f} s old)"
+        if owner.get("host") == self.me["host"] and not _pid_alive(int(owner["pid"])):
+            return True, f"{_describe(owner)}: that process has exited"
+        if age > self.timeout_s:
+            return True, f"{_describe(owner)}: no heartbeat for {age:.0f} s"
+        return False, f"{_describe(owner)} (heartbeat {age:.0f} s ago)"
+
+    def acquire(self) -> OwnerLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(8):  # a few rounds: another process may take over at the same moment
+            if self._create():
+                self._start_heartbeat()
+                return self
+            stale, why = self._stale()
+            if not stale:
+                raise OwnershipError(
+                    f"{self.target}: {self.what} is being written by {why}; wait for it to "
+                    f"finish, or stop it (a dead owner on another host is taken over after "
+                    f"--lock-timeout {self.timeout_s:.0f} s without heartbeat)"
+                )
+            aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                continue  # another process moved it first; try to create again
+            _log.warning("taking over %s (%s): owner was %s", self.target, self.what, why)
+            aside.unlink(missing_ok=True)
+        raise OwnershipError(f"{self.target}: could not claim {self.path}; too much contention")
+
+    # -- holding ----------------------------------------------------------
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="slkd-owner-heartbeat",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(max(self.timeout_s / 4, 0.05)):
+            try:
+                owner = parse_record(self.path.read_text(), self.path, OwnershipError)
+                if owner.get("token") != self.me["token"]:
+                    self._lost = f"taken over by {_describe(owner)}"
+                    return
+                os.utime(self.path)
+            except (OSError, OwnershipError) as exc:
+                self._lost = f"owner file gone or damaged ({exc})"
+                return
+
+    def check(self) -> None:
+        """Raise :class:`OwnershipError` if another process took this output over."""
+        if self._lost is not None:
+            raise OwnershipError(
+                f"{self.target}: {self.what}: this process lost its ownership "
+                f"({self._lost}); stopping without writing more"
+            )
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the owner file if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            owner = parse_record(self.path.read_text(), self.path, OwnershipError)
+            if owner.get("token") == self.me["token"]:
+                self.path.unlink()
+        except (OSError, OwnershipError):
+            pass
+
+    def __enter__(self) -> OwnerLock:
+        return self.acquire() if self._thread is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim(target, *, what: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> OwnerLock:
+    """Claim ``target``; raises :class:`OwnershipError` naming a live owner."""
+    return OwnerLock(target, what=what, timeout_s=timeout_s).acquire()
