@@ -36,7 +36,7 @@ from pathlib import Path
 from megatron_slkd.errors import SlkdError
 from megatron_slkd.records import dump_record, parse_record
 
-__all__ = ["OwnershipError", "OwnerLock", "claim", "DEFAULT_TIMEOUT_S"]
+__all__ = ["OwnershipError", "OwnerLock", "claim", "add_lock_argument", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 300.0
 _log = logging.getLogger(__name__)
@@ -197,3 +197,14 @@ class OwnerLock:
 def claim(target, *, what: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> OwnerLock:
     """Claim ``target``; raises :class:`OwnershipError` naming a live owner."""
     return OwnerLock(target, what=what, timeout_s=timeout_s).acquire()
+
+
+def add_lock_argument(p) -> None:
+    """``--lock-timeout`` of a command that writes an output with one owner."""
+    p.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds without heartbeat after which another host's claim on the output is "
+        "taken over (a dead owner on this host is taken over at once)",
+    )

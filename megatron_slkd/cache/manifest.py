@@ -8,12 +8,12 @@ manifests) into the ``manifest.json`` of a complete cache.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from megatron_slkd.cache.format import Encoding
 from megatron_slkd.errors import CacheFormatError
+from megatron_slkd.records import dump_record, load_record
 
 __all__ = ["Manifest", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME"]
 
@@ -72,7 +72,7 @@ class Manifest:
             "shards": self.shards,
             "extra": self.extra,
         }
-        return json.dumps(d, indent=1, sort_keys=True) + "\n"
+        return dump_record(d)
 
     def compatibility_key(self) -> dict[str, Any]:
         """What two shards must share to belong to one cache: everything but where files
@@ -100,14 +100,12 @@ class Manifest:
         """
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = load_record(path, CacheFormatError)
         except FileNotFoundError as exc:
             raise CacheFormatError(
                 f"{path}: no manifest; a cache directory needs {MANIFEST_NAME} "
                 "(run `slkd merge-cache` over the shard directories to write it)"
             ) from exc
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise CacheFormatError(f"{path}: unreadable manifest: {exc}") from exc
         try:
             if d.get("format") != FORMAT_NAME:
                 raise CacheFormatError(f"{path}: not a {FORMAT_NAME} manifest")

@@ -119,10 +119,52 @@ def _common_manifest(caches: list[SparseKDCache]) -> Manifest:
     return caches[0].manifest
 
 
+def _write_shards(locks, mine, out, num_shards, plan, lengths, base, m, caches, readers, new,
+                  match, bar) -> int:
+    """Write this process's shards of the new cache; returns the tokens copied."""
+    from megatron_slkd.teacher.build import shard_file_name
+
+    copied = 0
+    for i in mine:
+        path = out / shard_file_name(i, num_shards)
+        if path.exists() and Path(str(path) + ".json").exists():
+            done = Manifest.load(str(path) + ".json")
+            diff = differences(done.compatibility_key(), base.compatibility_key())
+            if diff:
+                raise CacheMismatchError(
+                    f"{path}: a shard remapped from other caches or data is here "
+                    f"({'; '.join(diff[:4])}); use another --output"
+                )
+            bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
+            continue
+        w = ShardWriter.open(path, encoding=m.encoding, vocab_size=caches[0].vocab_size,
+                             doc_start=plan[i][0], doc_end=plan[i][1],
+                             chunk_tokens=caches[0].shards[0].header.chunk_tokens,
+                             key=base.compatibility_key())  # fmt: skip
+        bar.update(int(lengths[plan[i][0] : w.next_document].sum()))
+        since = 0
+        for d in range(w.next_document, plan[i][1]):
+            tokens = new.get(d)
+            if match[d] is None:
+                w.add_packed(tokens, np.zeros(len(tokens), np.uint8), np.zeros(0, np.uint8))
+            else:
+                w.add_packed(tokens, *readers[match[d][0]].packed(match[d][1]))
+            since += len(tokens)
+            copied += len(tokens)
+            bar.update(len(tokens))
+            if since >= _COMMIT_TOKENS:
+                for lock in locks:
+                    lock.check()
+                w.commit()
+                since = 0
+        write_sidecar(path, base, w.finalize())
+    return copied
+
+
 def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | None = None,
                 allow_missing: bool = False, num_shards: int = 1,
                 shard_indices: list[int] | None = None, comm=None,
-                progress: bool = True) -> dict:  # fmt: skip
+                progress: bool = True, lock_timeout: float = 300.0) -> dict:  # fmt: skip
     """Write the cache of ``data_prefix`` at ``output`` from the caches ``sources``.
 
     Args:
@@ -199,38 +241,19 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
     total = sum(int(lengths[a:b].sum()) for a, b in (plan[i] for i in mine))
     copy_start = time.time()
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="remap", disable=not progress)
-    copied = 0
-    for i in mine:
-        path = out / shard_file_name(i, num_shards)
-        if path.exists() and Path(str(path) + ".json").exists():
-            done = Manifest.load(str(path) + ".json")
-            diff = differences(done.compatibility_key(), base.compatibility_key())
-            if diff:
-                raise CacheMismatchError(
-                    f"{path}: a shard remapped from other caches or data is here "
-                    f"({'; '.join(diff[:4])}); use another --output"
-                )
-            bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
-            continue
-        w = ShardWriter.open(path, encoding=m.encoding, vocab_size=caches[0].vocab_size,
-                             doc_start=plan[i][0], doc_end=plan[i][1],
-                             chunk_tokens=caches[0].shards[0].header.chunk_tokens,
-                             key=base.compatibility_key())  # fmt: skip
-        bar.update(int(lengths[plan[i][0] : w.next_document].sum()))
-        since = 0
-        for d in range(w.next_document, plan[i][1]):
-            tokens = new.get(d)
-            if match[d] is None:
-                w.add_packed(tokens, np.zeros(len(tokens), np.uint8), np.zeros(0, np.uint8))
-            else:
-                w.add_packed(tokens, *readers[match[d][0]].packed(match[d][1]))
-            since += len(tokens)
-            copied += len(tokens)
-            bar.update(len(tokens))
-            if since >= _COMMIT_TOKENS:
-                w.commit()
-                since = 0
-        write_sidecar(path, base, w.finalize())
+    from megatron_slkd.ownership import claim
+
+    locks = []
+    try:
+        for i in mine:  # one writer per shard, claimed before any is written
+            path = out / shard_file_name(i, num_shards)
+            if not Path(str(path) + ".json").exists():
+                locks.append(claim(path, what="remapped shard", timeout_s=lock_timeout))
+        copied = _write_shards(locks, mine, out, num_shards, plan, lengths, base, m, caches,
+                               readers, new, match, bar)  # fmt: skip
+    finally:
+        for lock in locks:
+            lock.release()
     bar.close()
     copy_seconds = time.time() - copy_start
     if comm is not None:

@@ -143,12 +143,12 @@ def tokenizer_problems(cache: SparseKDCache, prefix: str, record: dict | None = 
     if record is None:
         if not meta_path.exists():
             return []
-        import json
+        from megatron_slkd.records import load_record
 
         try:
-            record = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            return [f"{meta_path}: unreadable dataset record ({exc})"]
+            record = load_record(meta_path, SlkdError)
+        except SlkdError as exc:
+            return [str(exc)]
     else:
         meta_path = "the tokenizer named for the dataset"
     tok = record.get("tokenizer", {})

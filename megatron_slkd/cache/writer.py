@@ -14,7 +14,6 @@ fsyncs it and renames it into place, so a shard file that exists is complete.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -32,6 +31,7 @@ from megatron_slkd.cache.format import (
 )
 from megatron_slkd.cache.manifest import Manifest
 from megatron_slkd.errors import CacheCapacityError, CacheFormatError, CacheMismatchError
+from megatron_slkd.records import dump_record, load_record
 
 __all__ = ["ShardWriter", "write_sidecar", "atomic_write_text", "fsync_dir", "differences"]
 
@@ -136,10 +136,7 @@ class ShardWriter:
         )
         progress = partial / "progress.json"
         if progress.exists():
-            try:
-                state = json.loads(progress.read_text())
-            except (OSError, ValueError) as exc:
-                raise CacheFormatError(f"{progress}: unreadable progress record: {exc}") from exc
+            state = load_record(progress, CacheFormatError)
             if state.get("params") != params:
                 have = dict(state.get("params") or {})
                 diff = differences(have.pop("key", None) or {}, key or {})
@@ -179,11 +176,9 @@ class ShardWriter:
         Raises:
             CacheFormatError: the progress record is unreadable.
         """
-        try:
-            state = json.loads(Path(progress_path).read_text())
-            return (state.get("params") or {}).get("key")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise CacheFormatError(f"{progress_path}: unreadable progress record: {exc}") from exc
+        state = load_record(progress_path, CacheFormatError)
+        params = state.get("params")
+        return params.get("key") if isinstance(params, dict) else None
 
     # -- properties -------------------------------------------------------
     @property
@@ -338,7 +333,7 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         partial = self.path.with_name(self.path.name + ".partial")
-        atomic_write_text(partial / "progress.json", json.dumps(self._state))
+        atomic_write_text(partial / "progress.json", dump_record(self._state, indent=None))
 
     def finalize(self, token_crc32: int | None = None) -> dict:
         """Write the shard file atomically, remove the partial state, return its manifest record.

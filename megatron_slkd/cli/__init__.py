@@ -12,6 +12,8 @@
     slkd train         --data-path PREFIX --kd-caches PREFIX=CACHE [--config student.yaml]
 
 Errors in the inputs end the command with a one-line message and exit status 2.
+SIGTERM or SIGUSR1 (Slurm's preemption and time-limit signals) end build-cache
+and train at a resumable point with one line and exit status 75.
 """
 
 from __future__ import annotations
@@ -90,8 +92,10 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
     try:
         return int(_module(name).run(args) or 0)
     except SlkdError as exc:
-        print(f"slkd {name}: error: {exc}", file=sys.stderr)
-        return 2
+        status = getattr(exc, "exit_status", 2)  # 75: preempted, progress durable
+        kind = "stopped" if status != 2 else "error"
+        print(f"slkd {name}: {kind}: {exc}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

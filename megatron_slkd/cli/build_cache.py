@@ -77,6 +77,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_tokenizer_arguments(p)
+    p.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=300.0,
+        help="seconds without heartbeat after which another host's claim on a shard is taken "
+        "over (a dead owner on this host is taken over at once)",
+    )
+
+
+def _claim(cfg, timeout_s: float, megatron: bool) -> list:
+    """Claim this process's unfinished shards before the teacher loads. With a megatron-core
+    teacher the writing rank of each model-parallel group claims, and every rank agrees on
+    whether all claims held (no rank waits for a teacher that will not run)."""
+    from megatron_slkd.ownership import OwnershipError
+    from megatron_slkd.teacher.build import claim_shards
+
+    if not megatron:
+        return claim_shards(cfg, timeout_s)
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    locks, error = [], None
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        try:
+            locks = claim_shards(cfg, timeout_s)
+        except OwnershipError as exc:
+            error = exc
+    failed = torch.tensor([1.0 if error else 0.0])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        for lock in locks:
+            lock.release()
+        raise OwnershipError("another rank of this launch found its shards owned by another "
+                             "process (see its message)")  # fmt: skip
+    return locks
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_slkd.data.describe import check_dataset, resolve_meta
     from megatron_slkd.data.indexed import open_dataset
     from megatron_slkd.launch import launch_rank, share
+    from megatron_slkd.preempt import PreemptionWatch
     from megatron_slkd.teacher.build import check_existing_shards, check_teacher_tokenizer
     from megatron_slkd.teacher.hf import HFTeacher, TeacherError, checkpoint_hash, smollm2_gguf
     from megatron_slkd.teacher.megatron import (
@@ -104,7 +143,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         record = resolve_meta(args.data_prefix, args)
         check_dataset(args.data_prefix, record, progress=not args.no_progress)
-        check_teacher_tokenizer(args.data_prefix, record, teacher_tokenizer(path, megatron))
     if megatron and not args.dry_run:
         from megatron.core import parallel_state as ps
 
@@ -167,12 +205,19 @@ def run(args: argparse.Namespace) -> int:
     teacher_hash = megatron_teacher_hash(path) if megatron else checkpoint_hash(path)
     check_existing_shards(cfg, teacher_hash)
     report = finished_report(cfg, teacher_hash)
-    if report is None:
-        if megatron:
-            teacher = MegatronTeacher(path, dtype=args.dtype)
-        else:
-            teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
-        report = build_cache(cfg, teacher)
+    locks = [] if report is not None else _claim(cfg, args.lock_timeout, megatron)
+    try:
+        check_teacher_tokenizer(args.data_prefix, record, teacher_tokenizer(path, megatron))
+        if report is None:
+            if megatron:
+                teacher = MegatronTeacher(path, dtype=args.dtype)
+            else:
+                teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
+            with PreemptionWatch() as watch:
+                report = build_cache(cfg, teacher, locks=locks, watch=watch)
+    finally:
+        for lock in locks:
+            lock.release()
     if megatron and not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
         return 0  # the writing rank of each model-parallel group reports
 

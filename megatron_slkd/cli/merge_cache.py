@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_slkd.cache.merge import merge_cache
+from megatron_slkd.ownership import add_lock_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,12 +23,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output", required=True, help="the merged cache directory")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_lock_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slkd.cli import emit
+    from pathlib import Path
 
-    report = merge_cache(args.inputs, args.output)
+    from megatron_slkd.cache.manifest import MANIFEST_NAME
+    from megatron_slkd.cli import emit
+    from megatron_slkd.ownership import claim
+
+    with claim(Path(args.output) / MANIFEST_NAME, what="merged cache", timeout_s=args.lock_timeout):
+        report = merge_cache(args.inputs, args.output)
     emit(
         report,
         args.json,

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_slkd.ownership import add_lock_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("caches", nargs="+", help="source cache directories")
@@ -34,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mpi", action="store_true", help="ignore an MPI launcher")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_lock_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         args.caches, args.data_prefix, args.output, source_prefixes=dict(pairs),
         allow_missing=args.allow_missing, num_shards=args.num_shards or size, comm=comm,
         progress=not args.no_progress and (comm is None or comm.Get_rank() == 0),
+        lock_timeout=args.lock_timeout,
     )  # fmt: skip
     if comm is not None and comm.Get_rank() != 0:
         return 0

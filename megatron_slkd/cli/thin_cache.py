@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_slkd.cache.thin import thin_cache
+from megatron_slkd.ownership import add_lock_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,12 +20,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="the new cache directory")
     p.add_argument("--seed", type=int, default=0, help="thinning seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_lock_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slkd.cli import emit
+    from pathlib import Path
 
-    report = thin_cache(args.cache, args.output, args.num_samples, seed=args.seed)
+    from megatron_slkd.cache.manifest import MANIFEST_NAME
+    from megatron_slkd.cli import emit
+    from megatron_slkd.ownership import claim
+
+    with claim(
+        Path(args.output) / MANIFEST_NAME, what="thinned cache", timeout_s=args.lock_timeout
+    ):
+        report = thin_cache(args.cache, args.output, args.num_samples, seed=args.seed)
     emit(
         report,
         args.json,

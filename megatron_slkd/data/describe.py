@@ -26,7 +26,6 @@ dataset (several sequences per document) is read sequence by sequence.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import zlib
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 
 from megatron_slkd.data.tokenizers import MEGATRON_TOKENIZER_TYPES, Tokenizer, megatron_tokenizer
 from megatron_slkd.errors import DataMismatchError, DataPreparationError
+from megatron_slkd.records import dump_record, load_record
 
 __all__ = [
     "add_tokenizer_arguments",
@@ -184,16 +184,16 @@ def describe_data(prefix: str, tok: Tokenizer, output: str | None = None, *,
     check_dataset(prefix, record, progress=progress)
     path = Path(output) if output else Path(prefix + META_SUFFIX)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(path, dump_record(record))
     return {**record, "written": str(path)}
 
 
 def _read_record(path: Path, prefix: str) -> dict:
     try:
-        record = json.loads(path.read_text())
+        record = load_record(path, DataMismatchError)
         if not isinstance(record.get("tokenizer"), dict):
             raise ValueError("no tokenizer section")
-        for key in ("fingerprint", "vocab_size", "eod"):
+        for key in ("fingerprint", "vocab_size"):
             if key not in record["tokenizer"]:
                 raise ValueError(f"tokenizer.{key} missing")
     except (OSError, ValueError, AttributeError) as exc:
@@ -273,10 +273,11 @@ def check_dataset(prefix: str, record: dict, *, teacher_vocab: int | None = None
             f"{teacher_vocab} ids; use a teacher of the dataset's vocabulary (--teacher)"
         )
     ends = scan.get("documents_end_with")
-    if ends is not None and scan["num_documents"] > 1 and ends != tok["eod"]:
+    eod = tok.get("eod")
+    if ends is not None and eod is not None and scan["num_documents"] > 1 and ends != eod:
         raise DataMismatchError(
             f"{prefix}: every document ends with id {ends}, but the {how} says the "
-            f"end-of-document id is {tok['eod']}; name the tokenizer the data was made with "
+            f"end-of-document id is {eod}; name the tokenizer the data was made with "
             "(--tokenizer-type, e.g. SentencePieceTokenizer appends <EOD>, "
             "GPTSentencePieceTokenizer the EOS piece)"
         )

@@ -31,6 +31,7 @@ from megatron_slkd.data.tokenizers import (
     train_sentencepiece,
 )
 from megatron_slkd.errors import DataPreparationError
+from megatron_slkd.records import dump_record, load_record
 
 __all__ = ["PrepareConfig", "prepare_data", "iter_documents", "read_meta", "META_SUFFIX"]
 
@@ -168,14 +169,12 @@ def read_meta(prefix: str) -> dict:
     """The ``PREFIX.meta.json`` sidecar of a prepared dataset."""
     path = Path(prefix + META_SUFFIX)
     try:
-        return json.loads(path.read_text())
+        return load_record(path, DataPreparationError)
     except FileNotFoundError as exc:
         raise DataPreparationError(
             f"{path}: no tokenizer record next to the dataset; prepare it with "
-            "`slkd prepare-data`, or pass the tokenizer explicitly"
+            "`slkd prepare-data`, or name its tokenizer (`slkd describe-data`)"
         ) from exc
-    except ValueError as exc:
-        raise DataPreparationError(f"{path}: unreadable ({exc})") from exc
 
 
 def prepare_data(cfg: PrepareConfig) -> dict:
@@ -241,6 +240,6 @@ def prepare_data(cfg: PrepareConfig) -> dict:
     from megatron_slkd.data.describe import scan_dataset
 
     meta["scan"] = scan_dataset(prefix, progress=False)  # later checks need not read it again
-    atomic_write_text(Path(prefix + META_SUFFIX), json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(Path(prefix + META_SUFFIX), dump_record(meta))
     meta["seconds"] = round(time.time() - start, 2)
     return meta

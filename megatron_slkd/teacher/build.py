@@ -37,6 +37,7 @@ __all__ = [
     "check_existing_shards",
     "finished_report",
     "check_teacher_tokenizer",
+    "claim_shards",
 ]
 
 
@@ -295,7 +296,8 @@ class _Parallel:
         return box[0]
 
 
-def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar, stats):
+def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar, stats, locks,
+                 watch=None):  # fmt: skip
     """Build one shard: all model-parallel ranks run the teacher; the writer returns its record."""
     vocab = base.tokenizer["vocab_size"]
     writer = None
@@ -381,9 +383,13 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
             next_doc += 1
             if since_commit >= cfg.commit_tokens:
                 if writer is not None:
+                    for lock in locks:
+                        lock.check()
                     writer.commit()
                 since_commit = 0
         stats.write_s += time.perf_counter() - t2
+        if par.agree(watch is not None and watch.requested):  # the writer's decision
+            _stop(writer, path, next_doc, doc_range, watch)
     if writer is None:
         return None
     t3 = time.perf_counter()
@@ -393,6 +399,20 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
     stats.entries += record["num_entries"]
     stats.documents += record["doc_end"] - record["doc_start"]
     return record
+
+
+def _stop(writer, path, next_doc: int, doc_range, watch) -> None:
+    """End the build on a preemption signal with the shard's progress durable."""
+    from megatron_slkd.preempt import Preempted
+
+    if writer is not None:
+        writer.commit()
+        writer.close()
+    raise Preempted(
+        f"preempted by {(watch and watch.signal) or 'a signal'}: {path.name} committed through "
+        f"document {next_doc - 1} (documents {doc_range[0]}..{doc_range[1] - 1}); rerun the "
+        "same command to resume"
+    )
 
 
 def _sampling_record(cfg: BuildConfig) -> dict:
@@ -420,8 +440,15 @@ def _all_finished(out: Path, num_shards: int) -> bool:
     )
 
 
-def build_cache(cfg: BuildConfig, teacher) -> dict:
-    """Build the shards of ``cfg`` with ``teacher``; returns a summary."""
+def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None) -> dict:
+    """Build the shards of ``cfg`` with ``teacher``; returns a summary.
+
+    ``locks`` (from :func:`claim_shards`) are checked at every commit: a process
+    whose shard was taken over stops instead of writing more. With ``watch`` (a
+    :class:`~megatron_slkd.preempt.PreemptionWatch`), a preemption signal ends the
+    build after the current teacher batch: the shard is committed and
+    :class:`~megatron_slkd.preempt.Preempted` raised; rerunning resumes.
+    """
     from tqdm import tqdm
 
     if not 0 < cfg.stride <= cfg.context_length:
@@ -485,7 +512,8 @@ def build_cache(cfg: BuildConfig, teacher) -> dict:
                 )
             bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
             continue
-        record = _build_shard(cfg, teacher, par, ds, doc_tokens0, path, plan[i], base, bar, stats)
+        record = _build_shard(cfg, teacher, par, ds, doc_tokens0, path, plan[i], base, bar,
+                              stats, locks, watch)  # fmt: skip
         if par.writes:
             write_sidecar(path, base, record)
         built += 1
@@ -551,6 +579,29 @@ def check_existing_shards(cfg: BuildConfig, teacher_hash: str | None) -> None:
                 f"{what} was built with other settings ({'; '.join(diff[:6])}); rerun with "
                 "those settings, or remove it (or use another --output) to start over"
             )
+
+
+def claim_shards(cfg: BuildConfig, timeout_s: float) -> list:
+    """Claim every unfinished shard ``cfg`` asks for (one writer per shard), before a teacher
+    loads; returns the locks (release them when done).
+
+    Raises:
+        OwnershipError: a live process writes one of them (named with its host, pid,
+            Slurm job and array task).
+    """
+    from megatron_slkd.ownership import claim
+
+    locks = []
+    try:
+        for i in _my_shards(cfg):
+            path = Path(cfg.output) / shard_file_name(i, cfg.num_shards)
+            if not (path.exists() and Path(str(path) + ".json").exists()):
+                locks.append(claim(path, what="cache shard", timeout_s=timeout_s))
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
 
 
 def finished_report(cfg: BuildConfig, teacher_hash: str | None) -> dict | None:

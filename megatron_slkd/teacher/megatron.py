@@ -23,12 +23,12 @@ rank ever holds full-vocabulary logits.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from megatron_slkd.records import dump_record
 from megatron_slkd.teacher.hf import TeacherError, checkpoint_hash
 from megatron_slkd.teacher.windows import pad_windows
 
@@ -51,18 +51,32 @@ def teacher_tokenizer(path, megatron: bool):
         return HFTokenizer(str(path))
     from megatron_slkd.data.tokenizers import load_tokenizer
 
+    spec = read_spec(path)
     try:
-        spec = json.loads((Path(path) / SPEC_NAME).read_text())
         return load_tokenizer(spec["tokenizer"])
-    except (OSError, ValueError, KeyError) as exc:
+    except KeyError as exc:
+        raise TeacherError(f"{Path(path) / SPEC_NAME}: unreadable teacher spec ({exc})") from exc
+
+
+def read_spec(path) -> dict:
+    """The checked teacher spec of a converted teacher directory.
+
+    Raises:
+        TeacherError: missing, unreadable or damaged (checksum).
+    """
+    from megatron_slkd.records import load_record
+
+    try:
+        return load_record(Path(path) / SPEC_NAME, TeacherError)
+    except OSError as exc:
         raise TeacherError(f"{Path(path) / SPEC_NAME}: unreadable teacher spec ({exc})") from exc
 
 
 def megatron_teacher_hash(path) -> str | None:
     """The source checkpoint's hash a converted teacher records (read without loading it)."""
     try:
-        spec = json.loads((Path(path) / SPEC_NAME).read_text())
-    except (OSError, ValueError):
+        spec = read_spec(path)
+    except TeacherError:
         return None  # unreadable: loading the teacher reports it
     return (spec.get("source") or {}).get("checkpoint_hash")
 
@@ -226,7 +240,7 @@ def convert_teacher(hf_path: str, out_dir) -> dict:
     out = Path(out_dir)
     (out / "model").mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(out / "model"))
-    (out / SPEC_NAME).write_text(json.dumps(spec, indent=1) + "\n")
+    (out / SPEC_NAME).write_text(dump_record(spec))
     return spec
 
 
@@ -246,10 +260,7 @@ class MegatronTeacher:
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
         self.path = Path(path)
-        try:
-            self.spec = json.loads((self.path / SPEC_NAME).read_text())
-        except (OSError, ValueError) as exc:
-            raise TeacherError(f"{self.path / SPEC_NAME}: unreadable teacher spec ({exc})") from exc
+        self.spec = read_spec(self.path)
         self.model = _build_model(self.spec, getattr(torch, dtype))
         try:
             state = dist_checkpointing.load(

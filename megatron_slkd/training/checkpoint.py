@@ -4,7 +4,8 @@ A checkpoint ``<dir>/checkpoints/iter_0000100`` holds the model chunks, the
 optimizer (sharded over data parallel with the distributed optimizer), the
 learning-rate scheduler, the step, the consumed samples and every rank's RNG
 state. It is written to ``iter_...tmp`` and renamed when all ranks are done;
-``<dir>/checkpoints/latest`` names the newest complete one, so a run killed
+``<dir>/checkpoints/latest`` (a checksummed JSON record) names the newest
+complete one, so a run killed
 while saving resumes from the previous checkpoint. Loading reshards model and
 optimizer to the run's layout; RNG state is restored when the layout matches.
 """
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_slkd.errors import SlkdError
+from megatron_slkd.records import dump_record, parse_record
 
 __all__ = ["CheckpointError", "latest_checkpoint", "save_checkpoint", "load_checkpoint"]
 
@@ -39,7 +41,14 @@ def latest_checkpoint(run_dir) -> Path | None:
     marker = _root(run_dir) / LATEST
     if not marker.is_file():
         return None
-    path = _root(run_dir) / marker.read_text().strip()
+    text = marker.read_text()
+    if text.lstrip().startswith("{"):
+        name = parse_record(text, marker, CheckpointError).get("checkpoint")
+        if not isinstance(name, str):
+            raise CheckpointError(f"{marker}: no checkpoint name in the record; remove {marker}")
+    else:  # a marker written before records carried checksums: the bare name
+        name = text.strip()
+    path = _root(run_dir) / name
     if not path.is_dir():
         raise CheckpointError(f"{marker} names {path.name}, which is missing; remove {marker}")
     return path
@@ -132,7 +141,7 @@ def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: 
 
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        atomic_write_text(root / LATEST, name + "\n")
+        atomic_write_text(root / LATEST, dump_record({"checkpoint": name, "step": step}))
         done = sorted(p for p in root.glob("iter_*") if not p.name.endswith(".tmp"))
         for old in done[: max(len(done) - max(keep, 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)

@@ -211,6 +211,9 @@ class CheckpointConfig:
     """Continue from the latest checkpoint in dir when there is one."""
     keep: int = 2
     """Checkpoints to keep (older ones are deleted after a save succeeds)."""
+    lock_timeout: float = 300.0
+    """Seconds without heartbeat after which another host's claim on the run directory is
+    taken over (one run per directory; a dead owner on this host is taken over at once)."""
     reshardable: bool = False
     """Save the distributed optimizer so a run with another TP/PP layout can resume it
     (gathers its state per data-parallel group; needs Transformer Engine or Apex Adam with

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_slkd.errors import ConfigError, SlkdError
+from megatron_slkd.preempt import Preempted, PreemptionWatch
 from megatron_slkd.training.config import TrainConfig, config_to_dict
 
 __all__ = ["train"]
@@ -258,6 +259,25 @@ def _chunk_iterators(loader, n: int):
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Run ``cfg`` (see :func:`_train`); the run directory has one owner while it runs, and
+    SIGTERM / SIGUSR1 end it after the current step with a checkpoint (exit status 75)."""
+    owner: list = []
+    try:
+        with PreemptionWatch() as watch:
+            return _train(cfg, owner, watch)
+    finally:
+        for lock in owner:
+            lock.release()
+
+
+def _preempted(watch) -> bool:
+    """Whether any rank got a preemption signal (one MAX all-reduce of a flag)."""
+    flag = torch.tensor([1.0 if watch.requested else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _train(cfg: TrainConfig, owner: list, watch) -> dict:
     """Run (or resume) the student pretraining of ``cfg``; returns the final metrics (all ranks)."""
     import yaml
     from megatron.core import parallel_state as ps
@@ -287,6 +307,12 @@ def train(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.checkpoint.dir)
     kd_train = not cfg.kd.ce_only
     with _checked():
+        if dist.get_rank() == 0:  # one run per directory: claimed before any model is built
+            from megatron_slkd.ownership import claim
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            owner.append(claim(run_dir / "run", what="training run",
+                               timeout_s=cfg.checkpoint.lock_timeout))  # fmt: skip
         if kd_train and not cfg.kd.caches:
             raise ConfigError(
                 "no sparse-logit caches: give --kd-caches PREFIX=DIR, or --kd-ce-only"
@@ -397,11 +423,18 @@ def train(cfg: TrainConfig) -> dict:
                 _log0(_eval_line(step, metrics))
                 final["eval"] = metrics
         due = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-        if due or step == t.steps:
+        stop = _preempted(watch) and step < t.steps  # every rank agrees, each step
+        if due or step == t.steps or stop:
             path = save_checkpoint(run_dir, step, chunks, optimizer, scheduler, consumed,
                                    keep=cfg.checkpoint.keep,
                                    reshardable=cfg.checkpoint.reshardable)  # fmt: skip
             _log0(f"saved {path}")
+        if stop:
+            logger.close()
+            raise Preempted(
+                f"preempted by {watch.signal or 'a signal'} after step {step}/{t.steps}: "
+                f"checkpoint {path} saved; rerun the same command to resume"
+            )
     logger.close()
     final["step"] = step
     return final

@@ -22,6 +22,7 @@ from megatron_slkd.errors import (
     CacheMismatchError,
     SlkdError,
 )
+from megatron_slkd.records import dump_record
 
 _CHILD = textwrap.dedent(
     """
@@ -139,11 +140,11 @@ def test_missing_shard_and_coverage(synthetic_cache):
     with pytest.raises(CacheFormatError, match=r"missing shard for documents 4\.\.7"):
         open_cache(synthetic_cache.path)
     d["shards"][1]["doc_start"] = 3
-    manifest.write_text(json.dumps(d))
+    manifest.write_text(dump_record(d))  # a consistent record of an inconsistent cache
     with pytest.raises(CacheCoverageError, match=r"overlap at documents 3\.\.3"):
         open_cache(synthetic_cache.path)
     d["shards"] = d["shards"][:1]
-    manifest.write_text(json.dumps(d))
+    manifest.write_text(dump_record(d))  # a consistent record of an inconsistent cache
     with pytest.raises(CacheCoverageError, match=r"documents 4\.\.7 have no shard"):
         open_cache(synthetic_cache.path)
 
@@ -184,3 +185,33 @@ def test_fuzzed_bytes_raise_only_library_errors(tmp_path_factory, data):
     clean = write_synthetic_cache(base / "ref", [9, 1, 30, 4, 70], num_shards=2, chunk_tokens=16)
     ref = open_cache(clean.path).read_tokens(0, reader.num_tokens)
     assert np.array_equal(full.ids, ref.ids) and np.array_equal(full.weights, ref.weights)
+
+
+def test_damaged_records_are_typed_errors_naming_the_file(synthetic_cache, tmp_path):
+    # Every JSON record the tools write carries a checksum: an edit that stays valid JSON,
+    # a flipped byte and a truncation are each a CacheFormatError naming the file.
+    manifest = synthetic_cache.path / "manifest.json"
+    good = manifest.read_text()
+    d = json.loads(good)
+    d["teacher"]["name"] = "another teacher"  # free-form: no structural check would see it
+    manifest.write_text(json.dumps(d))
+    with pytest.raises(CacheFormatError, match=r"manifest\.json: checksum mismatch"):
+        open_cache(synthetic_cache.path)
+    manifest.write_text(good[: len(good) // 2])
+    with pytest.raises(CacheFormatError, match=r"manifest\.json: damaged or truncated record"):
+        open_cache(synthetic_cache.path)
+    manifest.write_text(good)
+    open_cache(synthetic_cache.path)
+    # The writer's progress record.
+    from megatron_slkd.cache import ShardWriter, encoding_for
+
+    kw = dict(encoding=encoding_for("rs", 300, num_samples=50), vocab_size=300, doc_start=0,
+              doc_end=2)  # fmt: skip
+    w = ShardWriter.open(tmp_path / "s", **kw)
+    w.close()
+    progress = tmp_path / "s.partial" / "progress.json"
+    raw = bytearray(progress.read_bytes())
+    raw[raw.index(b'"docs": 0') + 8] = ord("5")
+    progress.write_bytes(bytes(raw))
+    with pytest.raises(CacheFormatError, match=r"progress\.json: checksum mismatch"):
+        ShardWriter.open(tmp_path / "s", **kw)

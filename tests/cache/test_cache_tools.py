@@ -17,6 +17,7 @@ from megatron_slkd.cache.stats import cache_stats
 from megatron_slkd.cache.thin import thin_cache, thin_counts
 from megatron_slkd.cache.verify import assign_shards, verify_cache
 from megatron_slkd.errors import CacheCoverageError, CacheMismatchError
+from megatron_slkd.records import dump_record
 
 LENGTHS = [5, 1, 40, 17, 3, 90, 2, 33, 8, 12]
 
@@ -62,7 +63,7 @@ def test_merge_reports_overlaps(tmp_path):
     )
     side = json.loads((a.path / "shard-00001.slkd.json").read_text())
     side["shards"][0]["doc_start"] = 3
-    (a.path / "shard-00001.slkd.json").write_text(json.dumps(side))
+    (a.path / "shard-00001.slkd.json").write_text(dump_record(side))
     with pytest.raises(CacheCoverageError, match=r"overlap: documents 3\.\.4"):
         merge_cache([a.path], tmp_path / "out")
 
@@ -213,3 +214,20 @@ def test_cli_round_trip(parts, tmp_path):
     (out / "shard-00001.slkd").unlink()
     r = _slkd("verify-cache", out)
     assert r.returncode == 1 and "missing shard for documents 3..5" in r.stdout
+
+
+def test_merge_and_thin_outputs_have_one_owner(tmp_path):
+    from helpers import slkd
+
+    a = write_synthetic_cache(tmp_path / "a", LENGTHS, num_shards=2, write_manifest=False,
+                              sidecars=True)  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    record = {"host": "node-5", "pid": 12, "slurm_job": None, "slurm_array_task": None,
+              "since": "2026-11-29T01:00:00+0000", "token": "x"}  # fmt: skip
+    (out / "manifest.json.owner").write_text(dump_record(record))
+    r = slkd("merge-cache", a.path, "--output", out, check=False)
+    assert r.returncode == 2 and "merged cache is being written by host node-5 pid 12" in r.stderr
+    assert not (out / "manifest.json").exists()
+    r = slkd("thin-cache", a.path, "--num-samples", "10", "--output", out, check=False)
+    assert r.returncode == 2 and "is being written by host node-5" in r.stderr, r.stderr

@@ -19,6 +19,7 @@ from helpers import prepare_hf_dataset
 from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
 from megatron_slkd.teacher import smollm2_gguf
+from megatron_slkd.training.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "slurm"
@@ -121,7 +122,7 @@ def test_cache_array_then_mpi_merge_then_pretraining(slurm_cluster, tmp_path):
     assert "slkd-train: done" in trained and "TP=2 PP=1 DP=1" in trained, trained[-3000:]
     assert "step 3/3" in trained
     student = tmp_path / "student"
-    assert (student / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+    assert latest_checkpoint(student).name == "iter_0000003"
     steps = [json.loads(x)["step"] for x in (student / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert shutil.which("sbatch")

@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
 from megatron_slkd.errors import CacheMismatchError, ConfigError
+from megatron_slkd.records import dump_record
 from megatron_slkd.sampling import sample_sparse_targets
 from megatron_slkd.teacher import BuildConfig, build_cache, document_windows, plan_shards
 from megatron_slkd.teacher.build import check_existing_shards, finished_report, shard_file_name
@@ -160,7 +163,7 @@ def test_refuses_other_parameters_and_other_vocabulary(dataset, tmp_path):
         build_cache(_cfg(prefix, tmp_path / "c", num_shards=2, seed=7), PrefixTeacher())
     meta = json.loads((tmp_path / "ds.meta.json").read_text())
     meta["tokenizer"]["vocab_size"] = VOCAB + 1
-    (tmp_path / "ds.meta.json").write_text(json.dumps(meta))
+    (tmp_path / "ds.meta.json").write_text(dump_record(meta))
     with pytest.raises(CacheMismatchError, match="cannot score ids"):
         build_cache(_cfg(prefix, tmp_path / "d"), PrefixTeacher())
 
@@ -384,3 +387,66 @@ def test_sentence_split_dataset_keys_rows_by_sequence(tmp_path):
                 assert sorted(rows.ids[p, :k].tolist()) == sorted(
                     expect.ids[0, : int(expect.num_valid[0])].tolist()
                 ), (d, p)
+
+
+def _live_owner(target):
+    """An owner file of a live process on another host (fresh heartbeat)."""
+    record = {"host": "node-17", "pid": 4321, "slurm_job": "880", "slurm_array_task": "2",
+              "since": "2026-11-29T01:00:00+0000", "token": "x"}  # fmt: skip
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.with_name(target.name + ".owner").write_text(dump_record(record))
+
+
+def test_a_second_writer_of_a_shard_stops_before_loading_the_teacher(dataset, tmp_path):
+    from helpers import slkd
+
+    prefix, _ = dataset
+    out = tmp_path / "c"
+    _live_owner(out / shard_file_name(1, 2))
+    junk = tmp_path / "teacher"  # would fail to load: the refusal must come first
+    junk.mkdir()
+    args = ["build-cache", "--data-prefix", prefix, "--teacher", junk, "--output", out,
+            "--num-shards", "2", "--context-length", "16", "--stride", "8"]  # fmt: skip
+    r = slkd(*args, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "is being written by host node-17 pid 4321, Slurm job 880 array task 2" in r.stderr
+    assert not (out / (shard_file_name(0, 2) + ".owner")).exists()  # shard 0's claim released
+    # Only shard 0 is ours: the other writer's shard is not touched.
+    r = slkd(*args, "--shard-index", "0", check=False)
+    assert "is being written" not in r.stderr and "cannot load" in r.stderr, r.stderr
+    # A dead owner (no heartbeat for longer than --lock-timeout) is taken over.
+    old = time.time() - 30
+    os.utime(out / (shard_file_name(1, 2) + ".owner"), (old, old))
+    r = slkd(*args, "--lock-timeout", "10", check=False)
+    assert "is being written" not in r.stderr and "cannot load" in r.stderr, r.stderr
+
+
+class _WatchAfter:
+    """A preemption watch that fires on its ``n``-th look (as if the signal came then)."""
+
+    def __init__(self, n):
+        self.n, self.signal = n, None
+
+    @property
+    def requested(self):
+        self.n -= 1
+        if self.n <= 0:
+            self.signal = "SIGUSR1"
+        return self.signal is not None
+
+
+def test_preemption_commits_and_resumes_byte_identical(dataset, tmp_path):
+    from megatron_slkd.preempt import Preempted
+
+    prefix, _ = dataset
+    build_cache(_cfg(prefix, tmp_path / "clean", num_shards=2), PrefixTeacher())
+    for n in (1, 3, 6):
+        out = tmp_path / f"p{n}"
+        with pytest.raises(Preempted, match=r"preempted by SIGUSR1: shard-00000-of-00002\.slkd "
+                                            r"committed through document"):  # fmt: skip
+            build_cache(_cfg(prefix, out, num_shards=2), PrefixTeacher(), watch=_WatchAfter(n))
+        assert (out / (shard_file_name(0, 2) + ".partial") / "progress.json").exists()
+        build_cache(_cfg(prefix, out, num_shards=2), PrefixTeacher())
+        for i in range(2):
+            name = shard_file_name(i, 2)
+            assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()

@@ -115,3 +115,26 @@ def test_missing_dataset_is_refused_before_any_work(tmp_path):
     )
     assert r.returncode == 2 and "nothing.bin: dataset file not found" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_preemption_signal_commits_exits_75_and_resumes_byte_identical(tiny, tmp_path):
+    # What Slurm sends at preemption (SIGTERM) and ahead of the time limit (SIGUSR1).
+    clean = tmp_path / "clean"
+    assert _build(tiny, clean).returncode == 0
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        out = tmp_path / sig.name
+        proc = _build(tiny, out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        progress = out / "shard-00000-of-00002.slkd.partial" / "progress.json"
+        deadline = time.time() + 300
+        while time.time() < deadline and not progress.exists():
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 75, err[-2000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"slkd build-cache: stopped: preempted by {sig.name}: shard-"), last
+        assert "rerun the same command to resume" in last and "Traceback" not in err
+        assert not list(out.glob("*.owner"))  # the claims were released
+        assert _build(tiny, out).returncode == 0
+        for name in sorted(p.name for p in clean.iterdir()):
+            assert (out / name).read_bytes() == (clean / name).read_bytes(), name

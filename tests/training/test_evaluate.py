@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_slkd.records import dump_record
 from megatron_slkd.testing import run_distributed
 from megatron_slkd.training.evaluate import EvalSums, calibration_terms
 
@@ -142,7 +143,7 @@ def test_kl_floor_is_the_positions_weighted_teacher_figure(tmp_path):
         m = json.loads((c.path / "manifest.json").read_text())
         for rec, (n, kl) in zip(m["shards"], figures, strict=True):
             rec["teacher_stats"] = {"positions": n, "sample_kl": kl * n, "entropy": 2.0 * n}
-        (c.path / "manifest.json").write_text(json.dumps(m))
+        (c.path / "manifest.json").write_text(dump_record(m))
         dirs.append(c.path)
     got = kl_floor(dirs, 1.0)
     expect = (0.5 * 10 + 0.9 * 30 + 0.2 * 60) / 100

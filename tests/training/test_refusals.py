@@ -6,6 +6,8 @@ import shutil
 import pytest
 from helpers import slkd
 
+from megatron_slkd.records import dump_record
+
 
 def _base(prefix, run_dir, *extra):
     return [
@@ -44,7 +46,7 @@ def test_cache_of_another_tokenizer(markov, tmp_path):
         shutil.copy(prefix + ext, other + ext)
     meta = json.loads(open(prefix + ".meta.json").read())
     meta["tokenizer"]["fingerprint"] = "another-tokenizer"
-    open(other + ".meta.json", "w").write(json.dumps(meta))
+    open(other + ".meta.json", "w").write(dump_record(meta))
     _refused(_base(other, tmp_path / "r", "--kd-caches", f"{other}={cache}"),
              "does not match data prefix", "fingerprint")  # fmt: skip
     _refused(_base(prefix, tmp_path / "v", "--kd-caches", f"{prefix}={cache}",
@@ -129,3 +131,14 @@ def test_weighted_blend_trains_with_a_cache_per_prefix(markov, tmp_path):
     slkd(*base, "--kd-caches", f"{prefix}={cache}", f"{other}={cache}")
     log = [json.loads(x) for x in open(tmp_path / "r" / "train_log.jsonl")]
     assert any(x.get("kind") == "eval" and x["kl"] is not None for x in log)
+
+
+def test_a_run_directory_has_one_owner(markov, tmp_path):
+    prefix, cache = markov
+    run = tmp_path / "r"
+    run.mkdir()
+    record = {"host": "node-3", "pid": 77, "slurm_job": "9001", "slurm_array_task": None,
+              "since": "2026-11-29T01:00:00+0000", "token": "x"}  # fmt: skip
+    (run / "run.owner").write_text(dump_record(record))
+    _refused(_base(prefix, run, "--kd-caches", f"{prefix}={cache}"),
+             "training run is being written by host node-3 pid 77, Slurm job 9001")  # fmt: skip

@@ -15,6 +15,7 @@ import subprocess
 from helpers import SLKD
 from test_layouts import run_layout, train_log
 
+from megatron_slkd.training.checkpoint import latest_checkpoint
 from megatron_slkd.training.config import load_config
 
 
@@ -52,7 +53,7 @@ def test_sigkill_and_resume_is_bitwise(markov, tmp_path):
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
-    assert (killed / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+    assert latest_checkpoint(killed).name == "iter_0000004"
     assert max(_losses(killed)) < 12
 
     r = subprocess.run([*SLKD, *_cli_args(prefix, cache, killed)], env=env, text=True,
@@ -65,6 +66,29 @@ def test_sigkill_and_resume_is_bitwise(markov, tmp_path):
     assert saved.model.num_layers == 2 and saved.checkpoint.dir == str(killed)
     evals = lambda d: [(e["step"], e["lm_loss"], e["ece"], e["kl"]) for e in train_log(d, "eval")]  # noqa: E731
     assert evals(killed) == evals(whole)
+
+    # Preemption: SIGUSR1 (Slurm's time-limit warning) to the whole process group, loader
+    # workers included: the step finishes, a checkpoint is saved, exit status 75.
+    preempted = tmp_path / "preempted"
+    proc = subprocess.Popen([*SLKD, *_cli_args(prefix, cache, preempted)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("step 5/12"):
+            os.killpg(proc.pid, signal.SIGUSR1)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("slkd train: stopped: preempted by SIGUSR1 after step"), last
+    step = int(last.split("after step ")[1].split("/")[0])
+    assert 5 <= step < 12 and latest_checkpoint(preempted).name == f"iter_{step:07d}"
+    assert not (preempted / "run.owner").exists()
+    r = subprocess.run([*SLKD, *_cli_args(prefix, cache, preempted)], env=env, text=True,
+                       capture_output=True)  # fmt: skip
+    assert r.returncode == 0 and f"at step {step}" in r.stdout, r.stderr[-3000:]
+    assert _losses(preempted) == _losses(whole)
+    assert evals(preempted) == evals(whole)
 
 
 def test_resume_at_tp2_is_bitwise(markov, tmp_path):

@@ -1,0 +1,85 @@
+"""Graceful preemption: SIGTERM and SIGUSR1 end long commands at a resumable point.
+
+Slurm sends SIGTERM at preemption and ``scancel``, and SIGUSR1 (or any signal
+asked with ``--signal=B:USR1@SECONDS``) ahead of the time limit. A command
+that watches for them (:class:`PreemptionWatch`) finishes what it is doing,
+makes its progress durable (``build-cache`` and ``remap-cache`` commit the
+shard, ``slkd train`` finishes the step and saves a checkpoint), says so in
+one log line, and exits with status :data:`EXIT_PREEMPTED` (75, EX_TEMPFAIL),
+which the sbatch scripts answer with ``scontrol requeue``. Rerunning the same
+command resumes.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from megatron_slkd.errors import SlkdError
+
+__all__ = ["EXIT_PREEMPTED", "Preempted", "PreemptionWatch"]
+
+EXIT_PREEMPTED = 75
+_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SlkdError):
+    """The command stopped on a preemption signal with its progress durable."""
+
+    exit_status = EXIT_PREEMPTED
+
+
+class PreemptionWatch:
+    """Records SIGTERM / SIGUSR1 instead of dying on them (while installed).
+
+    ``signal`` is the name of the first signal received (None before any).
+    Install from the main thread; elsewhere it is a no-op watch that never fires.
+
+    Slurm signals every process of a job step, and the helpers a run starts
+    (data-loader workers, megatron-core's checkpoint writer processes) would die
+    of them mid-save. So the watch also *blocks* the two signals in the main
+    thread: processes and threads started from it inherit the block, and the
+    signal stays pending there while this process finishes its step; it is read
+    with ``sigpending``. A signal delivered to another thread runs the handler.
+    """
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict = {}
+        self._mask: set | None = None
+
+    def install(self) -> PreemptionWatch:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in _SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        if self.signal is None and self._mask is not None:
+            pending = signal.sigpending() & set(_SIGNALS)
+            if pending:
+                info = signal.sigtimedwait(pending, 0)  # take it: it is handled here
+                if info is not None:
+                    self._handle(info.si_signo, None)
+        return self.signal is not None
+
+    def restore(self) -> None:
+        if self._mask is not None:  # a signal still pending reaches the handler, not a default
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            self._mask = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> PreemptionWatch:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
