@@ -157,6 +157,20 @@ def slkd(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     return r
 
 
+def same_rows_fraction(a_dir, b_dir) -> float:
+    """Share of positions whose entry ids agree between two caches of one dataset."""
+    from megatron_slkd.cache import open_cache
+
+    a, b = open_cache(a_dir), open_cache(b_dir)
+    ra, rb = a.read_tokens(0, a.num_tokens), b.read_tokens(0, b.num_tokens)
+    same = [
+        ra.num_entries[i] == rb.num_entries[i]
+        and np.array_equal(ra.ids[i, : ra.num_entries[i]], rb.ids[i, : rb.num_entries[i]])
+        for i in range(a.num_tokens)
+    ]
+    return float(np.mean(same))
+
+
 def torchrun_slkd(nproc: int, *args) -> subprocess.CompletedProcess:
     """Run ``slkd`` under torchrun with ``nproc`` local processes; asserts success."""
     import os

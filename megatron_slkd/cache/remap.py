@@ -31,7 +31,12 @@ from megatron_slkd.cache import _decode
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
 from megatron_slkd.cache.reader import SparseKDCache, open_cache
-from megatron_slkd.cache.writer import ShardWriter, differences, write_sidecar
+from megatron_slkd.cache.writer import (
+    ShardWriter,
+    check_finished_shard,
+    differences,
+    write_sidecar,
+)
 from megatron_slkd.errors import CacheCoverageError, CacheFormatError, CacheMismatchError
 
 __all__ = ["document_keys", "remap_cache"]
@@ -128,13 +133,7 @@ def _write_shards(locks, mine, out, num_shards, plan, lengths, base, m, caches, 
     for i in mine:
         path = out / shard_file_name(i, num_shards)
         if path.exists() and Path(str(path) + ".json").exists():
-            done = Manifest.load(str(path) + ".json")
-            diff = differences(done.compatibility_key(), base.compatibility_key())
-            if diff:
-                raise CacheMismatchError(
-                    f"{path}: a shard remapped from other caches or data is here "
-                    f"({'; '.join(diff[:4])}); use another --output"
-                )
+            check_finished_shard(path, base)
             bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
             continue
         w = ShardWriter.open(path, encoding=m.encoding, vocab_size=caches[0].vocab_size,

@@ -18,9 +18,14 @@ import numpy as np
 import torch
 
 from megatron_slkd.cache.format import ValueKind, encoding_for
-from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
+from megatron_slkd.cache.manifest import MANIFEST_NAME
 from megatron_slkd.cache.reader import open_cache
-from megatron_slkd.cache.writer import ShardWriter, atomic_write_text, write_sidecar
+from megatron_slkd.cache.writer import (
+    ShardWriter,
+    atomic_write_text,
+    check_finished_shard,
+    write_sidecar,
+)
 from megatron_slkd.errors import CacheMismatchError
 from megatron_slkd.sampling import counter_uniform
 
@@ -82,12 +87,7 @@ def thin_cache(source, output, num_samples: int, *, seed: int = 0) -> dict:
     for sh, rec in zip(src.shards, m.shards, strict=True):
         path = out / rec["file"]
         if path.exists():  # finished by an earlier, interrupted run of the same command
-            done = Manifest.load(str(path) + ".json")
-            if done.compatibility_key() != base.compatibility_key():
-                raise CacheMismatchError(
-                    f"{path}: a shard thinned with other parameters is here; use another --output"
-                )
-            records.append(done.shards[0])
+            records.append(check_finished_shard(path, base).shards[0])
             pos += rec["num_tokens"]
             continue
         w = ShardWriter.open(

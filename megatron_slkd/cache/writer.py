@@ -33,7 +33,14 @@ from megatron_slkd.cache.manifest import Manifest
 from megatron_slkd.errors import CacheCapacityError, CacheFormatError, CacheMismatchError
 from megatron_slkd.records import dump_record, load_record
 
-__all__ = ["ShardWriter", "write_sidecar", "atomic_write_text", "fsync_dir", "differences"]
+__all__ = [
+    "ShardWriter",
+    "write_sidecar",
+    "check_finished_shard",
+    "atomic_write_text",
+    "fsync_dir",
+    "differences",
+]
 
 DEFAULT_CHUNK_TOKENS = 4096
 _PARTS = ("counts.bin", "entries.bin", "lengths.bin")
@@ -50,6 +57,24 @@ def differences(have: dict, want: dict, where: str = "") -> list[str]:
         elif a != b:
             out.append(f"{name}: {a!r} here, {b!r} asked")
     return out
+
+
+def check_finished_shard(shard_path, base: Manifest) -> Manifest:
+    """The sidecar of a finished shard, refused when it was written under settings other
+    than ``base``'s (its compatibility key: sampling, teacher, dataset, tokenizer, encoding).
+
+    Raises:
+        CacheMismatchError: naming the sidecar and each setting that differs.
+    """
+    sidecar = Path(str(shard_path) + ".json")
+    done = Manifest.load(sidecar)
+    diff = differences(done.compatibility_key(), base.compatibility_key())
+    if diff:
+        raise CacheMismatchError(
+            f"{sidecar}: a finished shard built with other parameters is here "
+            f"({'; '.join(diff[:6])}); use another --output or remove it"
+        )
+    return done
 
 
 def write_sidecar(shard_path, base: Manifest, record: dict) -> Path:

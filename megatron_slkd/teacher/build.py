@@ -23,7 +23,12 @@ import torch.distributed as dist
 from megatron_slkd.cache.format import encoding_for
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
-from megatron_slkd.cache.writer import ShardWriter, differences, write_sidecar
+from megatron_slkd.cache.writer import (
+    ShardWriter,
+    check_finished_shard,
+    differences,
+    write_sidecar,
+)
 from megatron_slkd.data.indexed import dataset_fingerprint, open_dataset
 from megatron_slkd.errors import CacheMismatchError, ConfigError
 from megatron_slkd.sampling import sample_sparse_targets
@@ -503,13 +508,7 @@ def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None) -> dict:
         path = out / shard_file_name(i, cfg.num_shards)
         sidecar = Path(str(path) + ".json")
         if par.agree(path.exists() and sidecar.exists()):
-            done = Manifest.load(sidecar)
-            diff = differences(done.compatibility_key(), base.compatibility_key())
-            if diff:
-                raise CacheMismatchError(
-                    f"{sidecar}: a finished shard built with other parameters is here "
-                    f"({'; '.join(diff[:6])}); use another --output or remove it"
-                )
+            check_finished_shard(path, base)
             bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
             continue
         record = _build_shard(cfg, teacher, par, ds, doc_tokens0, path, plan[i], base, bar,

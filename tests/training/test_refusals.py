@@ -100,12 +100,17 @@ def test_damaged_cache_stops_with_the_stores_error(markov, tmp_path):
     assert "DataLoader" not in last
 
 
+def _copy_prefix(prefix: str, to) -> str:
+    """A second data prefix holding the same documents (and record)."""
+    for ext in (".bin", ".idx", ".meta.json"):
+        shutil.copy(prefix + ext, str(to) + ext)
+    return str(to)
+
+
 def test_per_split_blends_map_to_their_caches_by_prefix(markov, tmp_path):
     # Megatron's --train-data-path / --valid-data-path: each blend's prefixes need a cache.
     prefix, cache = markov
-    other = str(tmp_path / "copy")
-    for ext in (".bin", ".idx", ".meta.json"):
-        shutil.copy(prefix + ext, other + ext)
+    other = _copy_prefix(prefix, tmp_path / "copy")
     base = _base(prefix, tmp_path / "r")
     i = base.index("--data-path")
     del base[i : i + 4]  # no --data-path / --data-split
@@ -121,9 +126,7 @@ def test_per_split_blends_map_to_their_caches_by_prefix(markov, tmp_path):
 def test_weighted_blend_trains_with_a_cache_per_prefix(markov, tmp_path):
     # --data-path 0.5 A 0.5 B (BlendedDataset samples carry a numpy dataset_id).
     prefix, cache = markov
-    other = str(tmp_path / "copy")
-    for ext in (".bin", ".idx", ".meta.json"):
-        shutil.copy(prefix + ext, other + ext)
+    other = _copy_prefix(prefix, tmp_path / "copy")
     base = _base(prefix, tmp_path / "r")
     i = base.index("--data-path")
     base[i + 1 : i + 2] = ["0.5", prefix, "0.5", other]
