@@ -130,6 +130,13 @@ class SparseKDCache:
     """A cache directory opened for reading. Construct with :func:`open_cache`."""
 
     def __init__(self, path, *, verify_reads: bool = True):
+        from megatron_slkd.urls import is_url
+
+        if is_url(str(path)):
+            raise CacheFormatError(
+                f"{path}: object-storage URLs are not supported yet; copy the cache to a local "
+                "or shared POSIX file system"
+            )
         self.path = Path(path)
         if not self.path.is_dir():
             raise CacheFormatError(f"{self.path}: not a cache directory")

@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
     args = parser.parse_args(argv)
     name = command or args.command
     try:
+        from megatron_slkd.urls import refuse_urls
+
+        refuse_urls({"--" + k.removeprefix("cfg__").replace("__", "-").replace("_", "-"): v
+                     for k, v in vars(args).items()})  # fmt: skip
         return int(_module(name).run(args) or 0)
     except SlkdError as exc:
         status = getattr(exc, "exit_status", 2)  # 75: preempted, progress durable

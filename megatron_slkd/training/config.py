@@ -255,6 +255,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse settings that cannot run, with what to change."""
+        from megatron_slkd.urls import refuse_urls
+
+        refuse_urls(
+            {f"{k}.{f}": v for k, sec in config_to_dict(self).items() for f, v in sec.items()},
+            "config ",
+        )
         m, p, t = self.model, self.parallel, self.train
         if not self.data.path and not self.data.train_path:
             raise ConfigError(
