@@ -330,6 +330,10 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
 
     next_doc = first
     for batch in _batches(windows(), cfg.tokens_per_batch):
+        # Every rank of the model-parallel group asks here (earlier pipeline stages skip the
+        # rest of the loop body); the writer's decision holds for all.
+        if par.agree(watch is not None and watch.requested):
+            _stop(writer, path, next_doc, doc_range, watch)
         t0 = time.perf_counter()
         outs = teacher.logits([tok[w.start : w.end] for _, w, tok in batch])
         t1 = time.perf_counter()
@@ -393,8 +397,6 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
                     writer.commit()
                 since_commit = 0
         stats.write_s += time.perf_counter() - t2
-        if par.agree(watch is not None and watch.requested):  # the writer's decision
-            _stop(writer, path, next_doc, doc_range, watch)
     if writer is None:
         return None
     t3 = time.perf_counter()
@@ -413,10 +415,12 @@ def _stop(writer, path, next_doc: int, doc_range, watch) -> None:
     if writer is not None:
         writer.commit()
         writer.close()
+    done = "before its first document"
+    if next_doc > doc_range[0]:
+        done = f"through document {next_doc - 1}"
     raise Preempted(
-        f"preempted by {(watch and watch.signal) or 'a signal'}: {path.name} committed through "
-        f"document {next_doc - 1} (documents {doc_range[0]}..{doc_range[1] - 1}); rerun the "
-        "same command to resume"
+        f"preempted by {(watch and watch.signal) or 'a signal'}: {path.name} committed {done} "
+        f"(documents {doc_range[0]}..{doc_range[1] - 1}); rerun the same command to resume"
     )
 
 

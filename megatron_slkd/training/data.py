@@ -219,7 +219,19 @@ def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
         collate_fn=functools.partial(_collate, keep_kd=keep_kd),
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
+        worker_init_fn=_worker_signals if num_workers else None,
     )
+
+
+def _worker_signals(_worker_id: int) -> None:
+    """Loader workers ignore SIGUSR1 (Slurm's time-limit warning reaches every process of a
+    step; the training process answers it) and keep SIGTERM's default, which is how the
+    loader shuts them down; the training process's blocked mask is lifted here."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGUSR1))
 
 
 class TimedIterator:
