@@ -34,7 +34,7 @@ from model_provider import model_provider
 
 from megatron_slkd.cache import open_cache
 from megatron_slkd.data.batch import get_kd_batch
-from megatron_slkd.data.describe import check_splits
+from megatron_slkd.data.describe import check_blend_splits
 from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
 from megatron_slkd.errors import CacheMismatchError
 from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
@@ -94,15 +94,9 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         **fields, kd_caches=caches, kd_check_tokens=args.slkd_check_tokens, kd_pad_to=pad_to
     )
     # megatron-core's GPTDataset never returns on a split of no tokens: refuse it by name.
-    extra = config.add_extra_token_to_sequence
-    if config.blend is not None:
-        check_splits(config.blend[0], config.split, config.sequence_length,
-                     train_val_test_num_samples, extra_token=extra)  # fmt: skip
-    for i, blend in enumerate(config.blend_per_split or []):
-        if blend is not None:  # each prefix of a per-split blend serves that split whole
-            sizes = [0, 0, 0]
-            sizes[0] = train_val_test_num_samples[i]
-            check_splits(blend[0], "100,0,0", config.sequence_length, sizes, extra_token=extra)
+    check_blend_splits(config.blend, config.blend_per_split, config.split,
+                       config.sequence_length, train_val_test_num_samples,
+                       extra_token=config.add_extra_token_to_sequence)  # fmt: skip
     print_rank_0(f"> building sparse-KD GPT datasets ({pad_to} teacher entries per position) ...")
     return BlendedMegatronDatasetBuilder(
         SparseKDGPTDataset,

@@ -74,6 +74,24 @@ class Manifest:
         }
         return dump_record(d)
 
+    def teacher_figures(self) -> dict[str, float] | None:
+        """The teacher's mean figures recorded at build, over a sample of positions
+        (every 8th): ``nll`` of the next token, ``entropy``, ``sample_kl`` (the floor
+        of the KL to this cache: a student equal to the teacher scores it) and
+        ``positions``. None when a shard has no record of them (a cache thinned,
+        remapped or written by an older version)."""
+        totals: dict[str, float] = {}
+        for rec in self.shards:
+            st = rec.get("teacher_stats")
+            if not isinstance(st, dict) or "positions" not in st:
+                return None
+            for k, v in st.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        n = totals.pop("positions", 0.0)
+        if not n:
+            return None
+        return {"positions": int(n), **{k: v / n for k, v in totals.items()}}
+
     def compatibility_key(self) -> dict[str, Any]:
         """What two shards must share to belong to one cache: everything but where files
         were (paths differ between machines, clones and moved directories; hashes and

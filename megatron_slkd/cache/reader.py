@@ -183,22 +183,8 @@ class SparseKDCache:
         return int(self._token_starts[-1])
 
     def teacher_figures(self) -> dict[str, float] | None:
-        """The teacher's mean figures recorded at build, over a sample of positions
-        (every 8th): ``nll`` of the next token, ``entropy``, ``sample_kl`` (the floor
-        of the KL to this cache: a student equal to the teacher scores it) and
-        ``positions``. None when a shard has no record of them (a cache thinned,
-        remapped or written by an older version)."""
-        totals: dict[str, float] = {}
-        for rec in self.manifest.shards:
-            st = rec.get("teacher_stats")
-            if not isinstance(st, dict) or "positions" not in st:
-                return None
-            for k, v in st.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        n = totals.pop("positions", 0.0)
-        if not n:
-            return None
-        return {"positions": int(n), **{k: v / n for k, v in totals.items()}}
+        """See :meth:`~megatron_slkd.cache.manifest.Manifest.teacher_figures`."""
+        return self.manifest.teacher_figures()
 
     def document_lengths(self) -> np.ndarray:
         """``[num_documents]`` int64 token counts (reads every shard's index)."""

@@ -294,21 +294,8 @@ class ShardWriter:
             )
         per_token = np.zeros(length, dtype=np.uint8)
         per_token[:rows] = num_valid
-        self._append("counts.bin", per_token.tobytes())
-        self._append("entries.bin", pack_entries(flat_ids, values, self.encoding))
-        self._append("lengths.bin", np.array([length], dtype="<u8").tobytes())
-        st = self._state
-        st["docs"] += 1
-        st["tokens"] += length
-        st["entries"] += int(flat_ids.size)
-        if stats:
-            totals = st.setdefault("stats", {})
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        if tokens is None:
-            st["token_crc"] = None
-        elif st["token_crc"] is not None:
-            st["token_crc"] = token_crc32(tokens, st["token_crc"])
+        packed = np.frombuffer(pack_entries(flat_ids, values, self.encoding), np.uint8)
+        self._append_document(length, per_token, packed, int(flat_ids.size), tokens, stats)
 
     def add_packed(self, tokens: np.ndarray, counts: np.ndarray, entries: np.ndarray) -> None:
         """Append the next document from already-packed entries (copied from a shard of the
@@ -338,14 +325,24 @@ class ShardWriter:
             raise CacheCapacityError(
                 f"document {self.next_document}: {int(counts.max())} entries at one position"
             )
-        self._append("counts.bin", memoryview(np.ascontiguousarray(counts)).cast("B"))
-        self._append("entries.bin", memoryview(np.ascontiguousarray(entries)).cast("B"))
-        self._append("lengths.bin", np.array([len(tokens)], dtype="<u8").tobytes())
+        self._append_document(len(tokens), counts, entries, n, tokens)
+
+    def _append_document(self, length, per_token, packed, num_entries, tokens, stats=None):
+        """Append one document's parts and account for it (``tokens`` None: length only)."""
+        self._append("counts.bin", memoryview(np.ascontiguousarray(per_token)).cast("B"))
+        self._append("entries.bin", memoryview(np.ascontiguousarray(packed)).cast("B"))
+        self._append("lengths.bin", np.array([length], dtype="<u8").tobytes())
         st = self._state
         st["docs"] += 1
-        st["tokens"] += len(tokens)
-        st["entries"] += n
-        if st["token_crc"] is not None:
+        st["tokens"] += length
+        st["entries"] += num_entries
+        if stats:
+            totals = st.setdefault("stats", {})
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        if tokens is None:
+            st["token_crc"] = None
+        elif st["token_crc"] is not None:
             st["token_crc"] = token_crc32(tokens, st["token_crc"])
 
     def _append(self, name: str, data) -> None:

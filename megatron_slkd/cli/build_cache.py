@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_slkd.data.describe import add_tokenizer_arguments
+from megatron_slkd.ownership import add_lock_argument
 from megatron_slkd.teacher.build import BuildConfig, build_cache, finished_report, plan_shards
 
 
@@ -77,13 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_tokenizer_arguments(p)
-    p.add_argument(
-        "--lock-timeout",
-        type=float,
-        default=300.0,
-        help="seconds without heartbeat after which another host's claim on a shard is taken "
-        "over (a dead owner on this host is taken over at once)",
-    )
+    add_lock_argument(p)
 
 
 def _claim(cfg, timeout_s: float, megatron: bool) -> list:
@@ -207,14 +202,16 @@ def run(args: argparse.Namespace) -> int:
     report = finished_report(cfg, teacher_hash)
     locks = [] if report is not None else _claim(cfg, args.lock_timeout, megatron)
     try:
-        check_teacher_tokenizer(args.data_prefix, record, teacher_tokenizer(path, megatron))
+        teacher_tok = teacher_tokenizer(path, megatron)
+        check_teacher_tokenizer(args.data_prefix, record, teacher_tok)
         if report is None:
             if megatron:
                 teacher = MegatronTeacher(path, dtype=args.dtype)
             else:
                 teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
             with PreemptionWatch() as watch:
-                report = build_cache(cfg, teacher, locks=locks, watch=watch)
+                report = build_cache(cfg, teacher, locks=locks, watch=watch,
+                                     teacher_tokenizer=teacher_tok)  # fmt: skip
     finally:
         for lock in locks:
             lock.release()

@@ -45,6 +45,7 @@ __all__ = [
     "resolve_meta",
     "check_dataset",
     "check_splits",
+    "check_blend_splits",
 ]
 
 META_SUFFIX = ".meta.json"
@@ -181,7 +182,7 @@ def describe_data(prefix: str, tok: Tokenizer, output: str | None = None, *,
     record["scan"] = scan_dataset(prefix, progress=progress)
     record["num_documents"] = record["scan"]["num_sequences"]
     record["num_tokens"] = record["scan"]["num_tokens"]
-    check_dataset(prefix, record, progress=progress)
+    _check_scan(prefix, record["tokenizer"], record["scan"])
     path = Path(output) if output else Path(prefix + META_SUFFIX)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, dump_record(record))
@@ -240,9 +241,8 @@ def resolve_meta(prefix: str, args=None, *, meta_path: str | None = None) -> dic
     )
 
 
-def check_dataset(prefix: str, record: dict, *, teacher_vocab: int | None = None,
-                  progress: bool = True) -> dict:  # fmt: skip
-    """Check ``prefix`` against its tokenizer ``record`` (and a teacher's vocabulary).
+def check_dataset(prefix: str, record: dict, *, progress: bool = True) -> dict:
+    """Check ``prefix`` against its tokenizer ``record``; returns the dataset's scan.
 
     Uses the record's ``scan`` when it still matches the files, else scans.
 
@@ -250,27 +250,29 @@ def check_dataset(prefix: str, record: dict, *, teacher_vocab: int | None = None
         DataMismatchError: naming the prefix, the two values, and the flag to change.
     """
     scan = record.get("scan")
-    if (
-        not scan
-        or scan.get("bin_bytes") != _size(prefix + ".bin")
-        or (
-            scan.get("idx_crc32")
-            != (_index_crc(prefix) if Path(prefix + ".idx").is_file() else None)
-        )
-    ):
+    if not (scan and _same_files(prefix, scan)):
         scan = scan_dataset(prefix, progress=progress)
-    tok = record["tokenizer"]
+    _check_scan(prefix, record["tokenizer"], scan)
+    return scan
+
+
+def _same_files(prefix: str, scan: dict) -> bool:
+    """Whether ``scan`` was taken of the dataset files now at ``prefix``."""
+    try:
+        key = _file_key(prefix)
+    except FileNotFoundError:
+        return False
+    return all(scan.get(k) == v for k, v in key.items())
+
+
+def _check_scan(prefix: str, tok: dict, scan: dict) -> None:
+    """The checks of :func:`check_dataset` on a scan of ``prefix``."""
     how = f"{tok.get('kind', '?')} tokenizer {tok.get('path', '')}".rstrip()
     if scan["max_token_id"] >= tok["vocab_size"]:
         raise DataMismatchError(
             f"{prefix}: token id {scan['max_token_id']} in the data, but the {how} has "
             f"{tok['vocab_size']} ids; the dataset was made with another tokenizer: "
             "pass the right --tokenizer-type/--tokenizer-model (or --data-meta)"
-        )
-    if teacher_vocab is not None and scan["max_token_id"] >= teacher_vocab:
-        raise DataMismatchError(
-            f"{prefix}: token id {scan['max_token_id']} in the data, but the teacher has "
-            f"{teacher_vocab} ids; use a teacher of the dataset's vocabulary (--teacher)"
         )
     ends = scan.get("documents_end_with")
     eod = tok.get("eod")
@@ -281,11 +283,6 @@ def check_dataset(prefix: str, record: dict, *, teacher_vocab: int | None = None
             "(--tokenizer-type, e.g. SentencePieceTokenizer appends <EOD>, "
             "GPTSentencePieceTokenizer the EOS piece)"
         )
-    return scan
-
-
-def _size(path: str) -> int | None:
-    return os.path.getsize(path) if os.path.isfile(path) else None
 
 
 def check_splits(prefixes, split: str, seq_length: int, sizes, *, extra_token: bool = True) -> None:
@@ -333,3 +330,16 @@ def check_splits(prefixes, split: str, seq_length: int, sizes, *, extra_token: b
                     + ("turn evaluation off (--eval-batches 0), " if name != "train" else "")
                     + "or use more data"
                 )
+
+
+def check_blend_splits(blend, blend_per_split, split: str | None, seq_length: int, sizes, *,
+                       extra_token: bool = True) -> None:  # fmt: skip
+    """:func:`check_splits` for megatron-core's two ways of naming data: one ``blend``
+    (prefixes, weights) cut by ``split``, or ``blend_per_split`` (train, valid, test
+    blends or None), each of whose prefixes serves its split whole."""
+    if blend is not None:
+        check_splits(blend[0], split, seq_length, sizes, extra_token=extra_token)
+    for i, per_split in enumerate(blend_per_split or []):
+        if per_split is not None:
+            check_splits(per_split[0], "100,0,0", seq_length, [sizes[i], 0, 0],
+                         extra_token=extra_token)  # fmt: skip

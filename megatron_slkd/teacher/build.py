@@ -449,7 +449,8 @@ def _all_finished(out: Path, num_shards: int) -> bool:
     )
 
 
-def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None) -> dict:
+def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None,
+                teacher_tokenizer=None) -> dict:  # fmt: skip
     """Build the shards of ``cfg`` with ``teacher``; returns a summary.
 
     ``locks`` (from :func:`claim_shards`) are checked at every commit: a process
@@ -457,6 +458,8 @@ def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None) -> dict:
     :class:`~megatron_slkd.preempt.PreemptionWatch`), a preemption signal ends the
     build after the current teacher batch: the shard is committed and
     :class:`~megatron_slkd.preempt.Preempted` raised; rerunning resumes.
+    ``teacher_tokenizer``: the teacher's tokenizer when the caller already loaded it
+    (``teacher.tokenizer()`` otherwise; from a GGUF file that takes seconds).
     """
     from tqdm import tqdm
 
@@ -478,7 +481,7 @@ def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(lengths, cfg.num_shards)
-    tokenizer = _tokenizer_record(cfg, teacher)
+    tokenizer = _tokenizer_record(cfg, teacher, teacher_tokenizer)
     # The cache's vocabulary is the tokenizer's: a teacher whose output layer is
     # wider (embeddings padded to a multiple) has its extra rows masked out.
     enc = encoding_for(
@@ -680,7 +683,7 @@ def check_teacher_tokenizer(prefix: str, record: dict, teacher_tok) -> None:
     )
 
 
-def _tokenizer_record(cfg: BuildConfig, teacher) -> dict:
+def _tokenizer_record(cfg: BuildConfig, teacher, teacher_tok=None) -> dict:
     """The dataset's tokenizer record, after checking that the teacher shares it."""
     from megatron_slkd.data.describe import resolve_meta
 
@@ -691,5 +694,5 @@ def _tokenizer_record(cfg: BuildConfig, teacher) -> dict:
             f"{cfg.data_prefix}: the dataset's tokenizer has {meta['vocab_size']} ids, the "
             f"teacher {teacher.vocab_size}; the teacher cannot score ids it does not have"
         )
-    check_teacher_tokenizer(cfg.data_prefix, record, teacher.tokenizer())
+    check_teacher_tokenizer(cfg.data_prefix, record, teacher_tok or teacher.tokenizer())
     return meta

@@ -79,10 +79,10 @@ def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
     return list(dict.fromkeys(prefixes)), None
 
 
-def read_tokenizer(cfg: TrainConfig) -> DataTokenizer:
+def read_tokenizer(cfg: TrainConfig, *, check: bool = True) -> DataTokenizer:
     """The tokenizer shared by every prefix of the blend, after the pre-model checks of each
-    prefix (files, token ids against the vocabulary, end-of-document id); refuses a blend of
-    vocabularies."""
+    prefix (files, token ids against the vocabulary, end-of-document id; with ``check``:
+    one rank of a run is enough, the files are the same); refuses a blend of vocabularies."""
     from megatron_slkd.data.describe import check_dataset, resolve_meta
 
     prefixes, _ = data_prefixes(cfg)
@@ -94,7 +94,8 @@ def read_tokenizer(cfg: TrainConfig) -> DataTokenizer:
         if not Path(p + ".idx").is_file():
             raise ConfigError(f"data prefix {p}: no {p}.idx; prepare it with `slkd prepare-data`")
         records[p] = resolve_meta(p, cfg.data, meta_path=cfg.data.meta.get(p))
-        check_dataset(p, records[p])
+        if check:
+            check_dataset(p, records[p])
         metas[p] = records[p]["tokenizer"]
     prints = {m["fingerprint"] for m in metas.values()}
     if len(prints) > 1:
@@ -123,7 +124,7 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from megatron_slkd.data.describe import check_splits
+    from megatron_slkd.data.describe import check_blend_splits
     from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
 
     prefixes, weights = data_prefixes(cfg)
@@ -143,13 +144,8 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
         mid_level_dataset_surplus=0.005,
     )
     # megatron-core's GPTDataset never returns on a split of no tokens: refuse it first.
-    if blends is None:
-        check_splits(prefixes, cfg.data.split, cfg.model.seq_length,
-                     [train_samples, valid_samples, 0])  # fmt: skip
-    else:  # each prefix of a per-split blend serves that split whole
-        for blend, size in zip(blends, (train_samples, valid_samples, 0), strict=True):
-            if blend is not None:
-                check_splits(blend[0], "100,0,0", cfg.model.seq_length, [size, 0, 0])
+    check_blend_splits(common["blend"], blends, cfg.data.split, cfg.model.seq_length,
+                       [train_samples, valid_samples, 0])  # fmt: skip
     if with_cache:
         caches = {str(k): str(v) for k, v in cfg.kd.caches.items()}
         missing = [p for p in prefixes if p not in caches]

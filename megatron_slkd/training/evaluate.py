@@ -139,12 +139,15 @@ def expected_calibration_error(count, confidence_sum, correct_sum) -> float | No
 
 def kl_floor(cache_dirs, kl: float | None) -> dict:
     """``kl_floor`` (the teacher's own KL to the caches' samples, positions-weighted over
-    ``cache_dirs``) and ``kl_minus_floor``; None where a cache did not record it."""
-    from megatron_slkd.cache.reader import open_cache
+    ``cache_dirs``) and ``kl_minus_floor``; None where a cache did not record it. Only the
+    manifests are read (each evaluation calls this)."""
+    from pathlib import Path
+
+    from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 
     total = weight = 0.0
     for d in cache_dirs:
-        fig = open_cache(d).teacher_figures()
+        fig = Manifest.load(Path(d) / MANIFEST_NAME).teacher_figures()
         if fig is None or "sample_kl" not in fig:
             return {"kl_floor": None, "kl_minus_floor": None}
         total += fig["sample_kl"] * fig["positions"]

@@ -317,7 +317,7 @@ def _train(cfg: TrainConfig, owner: list, watch) -> dict:
             raise ConfigError(
                 "no sparse-logit caches: give --kd-caches PREFIX=DIR, or --kd-ce-only"
             )
-        tokenizer = read_tokenizer(cfg)
+        tokenizer = read_tokenizer(cfg, check=dist.get_rank() == 0)  # _checked shares the verdict
         if cfg.checkpoint.resume:
             _check_saved_config(run_dir, cfg)
         if cfg.checkpoint.reshardable and cfg.parallel.distributed_optimizer:
