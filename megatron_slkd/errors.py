@@ -8,6 +8,8 @@ non-zero exit status instead of tracebacks.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "SlkdError",
     "CacheFormatError",
@@ -17,6 +19,7 @@ __all__ = [
     "DataPreparationError",
     "DataMismatchError",
     "ConfigError",
+    "StorageError",
 ]
 
 
@@ -50,3 +53,31 @@ class DataMismatchError(SlkdError):
 
 class ConfigError(SlkdError):
     """An option value cannot work with the data or the launch (say which and why)."""
+
+
+class StorageError(SlkdError):
+    """The file system refused a read or write: out of space, read-only, no permission.
+
+    The commands write so that whatever was committed before the failure stays usable:
+    free space (or fix the mount) and rerun the same command to go on from there.
+    """
+
+    _HINTS = {
+        errno.ENOSPC: "free space or write elsewhere",
+        errno.EDQUOT: "free space under your quota or write elsewhere",
+        errno.EROFS: "the file system is mounted read-only; write elsewhere",
+        errno.EACCES: "check the permissions, or write elsewhere",
+        errno.EPERM: "check the permissions, or write elsewhere",
+    }
+
+    @classmethod
+    def from_os_error(cls, exc: OSError) -> StorageError:
+        where = exc.filename or "?"
+        if exc.filename2:
+            where = f"{where} -> {exc.filename2}"
+        what = exc.strerror or str(exc)
+        hint = cls._HINTS.get(exc.errno, "fix the storage")
+        return cls(
+            f"{where}: {what} (errno {exc.errno}); {hint}, then rerun the same command "
+            "(work committed before the failure is kept)"
+        )

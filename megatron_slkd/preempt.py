@@ -3,11 +3,12 @@
 Slurm sends SIGTERM at preemption and ``scancel``, and SIGUSR1 (or any signal
 asked with ``--signal=B:USR1@SECONDS``) ahead of the time limit. A command
 that watches for them (:class:`PreemptionWatch`) finishes what it is doing,
-makes its progress durable (``build-cache`` and ``remap-cache`` commit the
-shard, ``slkd train`` finishes the step and saves a checkpoint), says so in
-one log line, and exits with status :data:`EXIT_PREEMPTED` (75, EX_TEMPFAIL),
-which the sbatch scripts answer with ``scontrol requeue``. Rerunning the same
-command resumes.
+makes its progress durable (``build-cache`` commits the shard, ``slkd train``
+finishes the step and saves a checkpoint), says so in one log line, and exits
+with status :data:`EXIT_PREEMPTED` (75, EX_TEMPFAIL), which the sbatch scripts
+answer with ``scontrol requeue`` (:mod:`megatron_slkd.slurm`). Rerunning the
+same command resumes. The ``slkd`` entry point installs a watch for those two
+commands before anything heavy is imported, so an early signal is not fatal.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class PreemptionWatch:
     def install(self) -> PreemptionWatch:
         if threading.current_thread() is not threading.main_thread():
             return self
+        outer = getattr(signal.getsignal(_SIGNALS[0]), "__self__", None)
+        if isinstance(outer, PreemptionWatch) and self.signal is None:
+            self.signal = outer.signal  # a watch from the start of the command saw it first
         for sig in _SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)

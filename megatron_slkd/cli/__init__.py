@@ -23,7 +23,7 @@ import json
 import sys
 import warnings
 
-from megatron_slkd.errors import SlkdError
+from megatron_slkd.errors import SlkdError, StorageError
 
 __all__ = ["main", "build_parser"]
 
@@ -82,6 +82,10 @@ def emit(result: dict, as_json: bool, human) -> None:
         human(result)
 
 
+# Commands that stop at a resumable point on SIGTERM / SIGUSR1 (exit status 75).
+_PREEMPTIBLE = ("build-cache", "train")
+
+
 def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
     """Entry point of ``slkd`` (and, with ``command``, of one ``tools/*.py`` script)."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
@@ -89,13 +93,19 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
     parser = build_parser(command)
     args = parser.parse_args(argv)
     name = command or args.command
+    if name in _PREEMPTIBLE:  # from the start: a signal during the imports is not fatal
+        from megatron_slkd.preempt import PreemptionWatch
+
+        PreemptionWatch().install()
     try:
         from megatron_slkd.urls import refuse_urls
 
         refuse_urls({"--" + k.removeprefix("cfg__").replace("__", "-").replace("_", "-"): v
                      for k, v in vars(args).items()})  # fmt: skip
         return int(_module(name).run(args) or 0)
-    except SlkdError as exc:
+    except (SlkdError, OSError) as exc:
+        if isinstance(exc, OSError):  # disk full, read-only, permissions: one line as well
+            exc = StorageError.from_os_error(exc)
         status = getattr(exc, "exit_status", 2)  # 75: preempted, progress durable
         kind = "stopped" if status != 2 else "error"
         print(f"slkd {name}: {kind}: {exc}", file=sys.stderr)

