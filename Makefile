@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.slkd-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-gpu lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ lint: venv
 
 test: venv lint
 	$(BIN)/python -m pytest -q
+
+# The GPU tier: tests marked gpu (they skip, saying why, without a CUDA device).
+# benchmarks/gpu_check.sh runs them with the GPU figures.
+test-gpu: venv
+	$(BIN)/python -m pytest -q -m gpu -rs
 
 clean:
 	rm -rf $(VENV) runs

@@ -81,6 +81,9 @@ class Tally:
     notes: list = field(default_factory=list)
 
     def add(self, ok: bool, silent: int, lost: int, untyped: int, note: str = "") -> None:
+        verdict = "ok" if ok and not (silent or lost or untyped) else "FAILED"
+        print(f"  trial {self.trials + 1}: {verdict}{': ' + str(note) if note else ''}",
+              flush=True)  # fmt: skip
         self.trials += 1
         self.survived += int(ok and not silent and not lost and not untyped)
         self.silent += silent
@@ -181,35 +184,68 @@ def _files(root: Path) -> dict[str, Path]:
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _contents(files: dict[str, Path]) -> dict[str, bytes]:
-    return {name: p.read_bytes() for name, p in files.items()}
-
-
 def _train_rows(run: Path) -> list:
     rows = map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
     return [(r["step"], r["loss"], r["ce"], r["kl"], r["grad_norm"]) for r in rows]
 
 
-def _checkpoint_files(run: Path, name: str | None = None) -> dict[str, Path]:
+def _checkpoint_state(run: Path, name: str | None = None) -> dict | None:
+    """Every value a checkpoint holds (weights, optimizer, scheduler, RNG states), flattened,
+    or None without one. (Its files are not compared as bytes: the storage metadata
+    differs from save to save.)"""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     from megatron_slkd.training.checkpoint import latest_checkpoint
 
     ckpt = run / "checkpoints" / name if name else latest_checkpoint(run)
-    return {} if ckpt is None or not ckpt.exists() else _files(ckpt)
+    if ckpt is None or not ckpt.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(ckpt, Path(tmp) / "state.pt")
+        state = torch.load(Path(tmp) / "state.pt", weights_only=False)
+
+    def flat(x, key=""):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield from flat(v, f"{key}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                yield from flat(v, f"{key}/{i}")
+        elif isinstance(x, torch.Tensor):
+            yield key, x.numpy().tobytes() + str((x.dtype, tuple(x.shape))).encode()
+        elif isinstance(x, np.ndarray):
+            yield key, x.tobytes() + str((x.dtype, x.shape)).encode()
+        else:
+            yield key, repr(x).encode()
+
+    return dict(flat(state))
 
 
-def compare(w: Writer, out: Path) -> tuple[int, int, str]:
-    """(silent difference 0/1, bytes lost, note) of a finished output against the clean one."""
+def _state_lost(have: dict | None, want: dict | None) -> int:
+    """Bytes of ``want``'s values that ``have`` does not hold equal."""
+    if want is None:
+        return 0
+    have = have or {}
+    return sum(len(v) for k, v in want.items() if have.get(k) != v)
+
+
+def compare(w: Writer, out: Path, *, owned: bool = False) -> tuple[int, int, str]:
+    """(silent difference 0/1, bytes lost, note) of a finished output against the clean one
+    (``owned``: a dead writer's claim may remain, as after a kill)."""
     ref = w.reference
     if w.kind == "train":
         if not (out / "train_log.jsonl").exists() or _train_rows(out) != _train_rows(ref):
             return 1, 0, "training log differs from the clean run"
-        have, want = _checkpoint_files(out), _checkpoint_files(ref)
-    else:
-        have, want = _files(out), _files(ref)
-        stray = [n for n in have if n.endswith(STRAY) or ".tmp" in n or ".partial" in n]
-        if stray:
-            return 1, 0, f"stray files left: {stray[:3]}"
-    lost = 0
+        lost = _state_lost(_checkpoint_state(out), _checkpoint_state(ref))
+        return int(lost > 0), lost, f"final checkpoint differs ({lost} bytes)" if lost else ""
+    have, want = _files(out), _files(ref)
+    if owned:
+        have = {n: p for n, p in have.items() if not n.endswith(".owner")}
+    stray = [n for n in have if n.endswith(STRAY) or ".tmp" in n or ".partial" in n]
+    if stray:
+        return 1, 0, f"stray files left: {stray[:3]}"
+    lost, differ = 0, []
     for name, p in want.items():
         q = have.get(name)
         if q is None:
@@ -218,9 +254,13 @@ def compare(w: Writer, out: Path) -> tuple[int, int, str]:
             a, b = np.frombuffer(p.read_bytes(), np.uint8), np.frombuffer(q.read_bytes(), np.uint8)
             n = min(len(a), len(b))
             lost += int((a[:n] != b[:n]).sum()) + abs(len(a) - len(b))
+        else:
+            continue
+        differ.append(name)
     extra = sorted(set(have) - set(want))
     if lost or extra:
-        return 1, lost, f"differs from the clean output ({lost} bytes, extra {extra[:3]})"
+        return 1, lost, f"{lost} bytes differ in {differ[:3]}; extra files {extra[:3]}"
+
     return 0, 0, ""
 
 
@@ -243,8 +283,8 @@ def faulted_state(w: Writer, out: Path) -> tuple[int, int, str]:
             return 0, 1, f"latest: {type(exc).__name__}: {exc}"
         if ckpt is None:
             return 0, 0, ""
-        have, want = _files(ckpt), _checkpoint_files(w.reference, ckpt.name)
-        if _contents(have) != _contents(want):
+        lost = _state_lost(_checkpoint_state(out), _checkpoint_state(w.reference, ckpt.name))
+        if lost:
             return 1, 0, f"latest names {ckpt.name}, which differs from the clean run's"
         return 0, 0, ""
     from megatron_slkd.cache import open_cache
@@ -256,7 +296,7 @@ def faulted_state(w: Writer, out: Path) -> tuple[int, int, str]:
         return 0, 0, ""  # refused, with a typed error
     except Exception as exc:  # noqa: BLE001
         return 0, 1, f"open_cache: {type(exc).__name__}: {exc}"
-    silent, _, note = compare(w, out)
+    silent, _, note = compare(w, out, owned=True)  # it opens: it must be the clean output
     return silent, 0, note and f"opens as finished while faulted: {note}"
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "share",
     "init_distributed",
     "free_port",
+    "host_all_reduce",
 ]
 
 _PAIRS = (
@@ -113,3 +114,20 @@ def init_distributed(
             pipeline_model_parallel_size=pipeline_parallel,
             virtual_pipeline_model_parallel_size=virtual_pipeline,
         )
+
+
+def host_all_reduce(t, op=None, group=None):
+    """All-reduce a small CPU tensor of host-side figures (flags, loss sums, timings)
+    whatever the backend: NCCL reduces only CUDA tensors, so there it goes through the
+    current device and back. Returns the reduced CPU tensor (``t`` itself on gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    op = dist.ReduceOp.SUM if op is None else op
+    if dist.get_backend(group) != "nccl":
+        dist.all_reduce(t, op=op, group=group)
+        return t
+    x = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(x, op=op, group=group)
+    t.copy_(x.cpu())
+    return t

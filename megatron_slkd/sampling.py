@@ -137,8 +137,24 @@ def _global_max(z: torch.Tensor, tp_group) -> torch.Tensor:
 
 
 def _torch_masses(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Integer masses floor(exp(z - m) * 2**32) as int64 (the non-CPU path)."""
-    return torch.exp(z - m.unsqueeze(-1)).mul_(_QUANT_SCALE).floor_().to(torch.int64)
+    """Integer masses floor(exp(z - m) * 2**32) as int64 (the non-CPU path).
+
+    The CPU kernels' exp polynomial (:mod:`megatron_slkd._sampling_cpu`) as float32
+    tensor operations, each rounded once as there, so masses on a GPU equal the CPU
+    ones bit for bit (a library exp differs in the last bits from device to device).
+    """
+    c = _sampling_cpu
+    x = z - m.unsqueeze(-1)
+    xc = x.clamp(min=float(c._FLOOR_X))
+    n = torch.floor(xc * float(c._LOG2E) + float(c._HALF))
+    r = xc - n * float(c._LN2_HI)
+    r = r - n * float(c._LN2_LO)
+    p = r * float(c._C7) + float(c._C6)
+    for coef in (c._C5, c._C4, c._C3, c._C2, c._ONE, c._ONE):
+        p = p * r + float(coef)
+    pow2 = torch.as_tensor(c._POW2, device=z.device)
+    q = torch.floor(p * pow2[n.to(torch.int64) + 34]).to(torch.int64)
+    return torch.where(x > float(c._FLOOR_X), q, 0)
 
 
 def _torch_block_masses(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -164,7 +180,7 @@ def _torch_resolve(z, m, blocks, targets):
     in_row = cols < width
     zb = z.gather(1, cols.clamp(max=width - 1).flatten(1)).view_as(cols)
     q = torch.where(in_row, _torch_masses(zb.flatten(1), m).view_as(cols), 0)
-    j = (q.cumsum(-1) <= (t - before).unsqueeze(-1)).sum(-1)
+    j = (q.cumsum(-1) <= (t - before).unsqueeze(-1)).sum(-1).clamp_(max=_BLOCK - 1)
     ids = (b * _BLOCK + j).clamp_(max=width - 1)
     return torch.where(targets >= 0, ids, -1)
 

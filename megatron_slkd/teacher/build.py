@@ -110,8 +110,11 @@ def _batches(windows, budget: int):
     """Padded batches of at most ``budget`` tokens, grouping windows of similar length.
 
     Windows are taken ``_LOOKAHEAD`` budgets at a time and sorted by length, so
-    short documents share a batch with short ones; the draws do not depend on
-    the batch a window lands in (decision D2), only the padding does.
+    short documents share a batch with short ones. The sampler's draws do not
+    depend on the batch (decision D2), but the teacher's logits may, in their last
+    bits (other matrix shapes, other kernels): so a shard is always planned from
+    its first window, and a resumed build runs the very batches of an
+    uninterrupted one.
     """
     buffer, held = [], 0
 
@@ -321,9 +324,13 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
     since_commit = 0
 
     def windows():
-        for d in range(first, doc_range[1]):
+        # From the shard's first document, whatever was committed: the batches, and so the
+        # teacher's arithmetic to the last bit, are those of an uninterrupted build. A
+        # resume skips the batches of committed documents and drops their rows elsewhere.
+        for d in range(doc_range[0], doc_range[1]):
             doc = ds.get(d).astype(np.int64)  # a copy: outlives the dataset's memory map
-            pending[d] = _DocumentRows(doc)
+            if d >= first:
+                pending[d] = _DocumentRows(doc)
             tokens = torch.from_numpy(doc)
             for w in document_windows(len(tokens), cfg.context_length, cfg.stride):
                 yield d, w, tokens
@@ -334,6 +341,8 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
         # rest of the loop body); the writer's decision holds for all.
         if par.agree(watch is not None and watch.requested):
             _stop(writer, path, next_doc, doc_range, watch)
+        if all(d < first for d, _, _ in batch):
+            continue
         t0 = time.perf_counter()
         outs = teacher.logits([tok[w.start : w.end] for _, w, tok in batch])
         t1 = time.perf_counter()
@@ -373,6 +382,9 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
         for d, w, _ in batch:
             n = w.end - w.score_from
             sl = slice(i, i + n)
+            i += n
+            if d < first:
+                continue
             pending[d].add(
                 w.score_from,
                 t.ids[sl].numpy(),
@@ -381,7 +393,6 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
                 None if t.counts is None else t.counts[sl].numpy(),
                 figures[:, sl].sum(-1).tolist(),
             )
-            i += n
         while next_doc in pending and pending[next_doc].rows == pending[next_doc].length:
             doc = pending.pop(next_doc)
             if writer is not None:

@@ -108,7 +108,9 @@ class EvalSums:
     def all_reduce(self, group=None) -> None:
         """Sum over the processes of ``group`` (None: the world)."""
         if dist.is_initialized():
-            dist.all_reduce(self.values, group=group)
+            from megatron_slkd.launch import host_all_reduce
+
+            host_all_reduce(self.values, group=group)
 
     def summary(self) -> dict:
         """LM loss, ECE, KL to the cached targets (None without them), accuracy and the

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_slkd.errors import ConfigError, SlkdError
+from megatron_slkd.launch import host_all_reduce
 from megatron_slkd.preempt import Preempted, PreemptionWatch
 from megatron_slkd.training.config import TrainConfig, config_to_dict
 
@@ -43,8 +44,7 @@ def _log0(*args) -> None:
 
 def _agree(error: BaseException | None) -> None:
     """Raise everywhere when any rank failed a setup check (so no rank waits in a collective)."""
-    flag = torch.tensor([0.0 if error is None else 1.0])
-    dist.all_reduce(flag)
+    flag = host_all_reduce(torch.tensor([0.0 if error is None else 1.0]))
     if error is not None:
         raise error
     if flag.item():
@@ -207,9 +207,7 @@ def _new_window() -> dict:
 
 
 def _world_sums(sums: torch.Tensor, contribute: bool) -> torch.Tensor:
-    out = sums.clone() if contribute else torch.zeros_like(sums)
-    dist.all_reduce(out)
-    return out
+    return host_all_reduce(sums.clone() if contribute else torch.zeros_like(sums))
 
 
 def evaluate(run: _Run, chunks, valid, forward_backward, dp: int) -> dict | None:
@@ -272,8 +270,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def _preempted(watch) -> bool:
     """Whether any rank got a preemption signal (one MAX all-reduce of a flag)."""
-    flag = torch.tensor([1.0 if watch.requested else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    flag = host_all_reduce(torch.tensor([1.0 if watch.requested else 0.0]), dist.ReduceOp.MAX)
     return bool(flag.item())
 
 
@@ -390,7 +387,7 @@ def _train(cfg: TrainConfig, owner: list, watch) -> dict:
         window["sums"] += _world_sums(sums, last_stage_tp0)
         window["time"] += time.perf_counter() - start
         wait = torch.tensor([sum(i.wait for i in timed) - waited], dtype=torch.float64)
-        dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+        host_all_reduce(wait, dist.ReduceOp.MAX)
         window["wait"] += float(wait)
         window["steps"] += 1
         if step % cfg.log.interval == 0 or step == t.steps:
@@ -442,8 +439,7 @@ def _train(cfg: TrainConfig, owner: list, watch) -> dict:
 
 def _maybe_eval(run, chunks, valid_ds, forward_backward, dp):
     """Evaluate when the run has validation data (every rank agrees on whether it does)."""
-    has = torch.tensor([1.0 if valid_ds is not None else 0.0])
-    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    has = host_all_reduce(torch.tensor([1.0 if valid_ds is not None else 0.0]), dist.ReduceOp.MAX)
     if not has.item():
         return None
     return evaluate(run, chunks, valid_ds, forward_backward, dp)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -144,6 +146,11 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: str, dtype: torch.dty
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    # Every generator whose state a checkpoint saves is seeded, as Megatron-LM does, so a
+    # checkpoint depends on nothing but the run's settings (the weights draw from their own).
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed % 2**32)
+    torch.manual_seed(cfg.train.seed)
     model_parallel_cuda_manual_seed(cfg.train.seed)
     tconf = transformer_config(cfg, dtype, device)
     spec = layer_spec(cfg.model, device, cfg.parallel.sequence_parallel)

@@ -110,9 +110,10 @@ def _random_dataset(root: Path, tokens: int, eod: int) -> str:
 def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_cluster, tmp_path):
     """The cache array (2 tasks) -> MPI merge -> TP2 pretraining chain of submit_cache.sh
     with a one-minute time limit on the build and training jobs and the warning 45 s
-    ahead (Slurm checks every 30 s): every job gets SIGUSR1 while it works, stops at a resumable point, requeues
-    itself and finishes; the shards equal byte for byte those of a build run straight
-    through, and the training log equals bitwise that of an uninterrupted run."""
+    ahead (Slurm checks every 30 s): every job gets SIGUSR1 while it works, stops at a
+    resumable point, requeues itself and finishes; the shards equal byte for byte those
+    of a build run straight through, and the training log equals bitwise that of an
+    uninterrupted run."""
     from megatron_slkd.data.tokenizers import HFTokenizer
     from megatron_slkd.testing import write_tiny_teacher
 

@@ -450,3 +450,36 @@ def test_preemption_commits_and_resumes_byte_identical(dataset, tmp_path):
         for i in range(2):
             name = shard_file_name(i, 2)
             assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+class BatchShapeTeacher(PrefixTeacher):
+    """Logits that also depend on the batch a window is in (its padded shape), as a real
+    teacher's do in their last bits; exaggerated here so that draws move with it."""
+
+    def logits(self, windows):
+        batch = tuple(len(w) for w in windows)
+        out = []
+        for i, o in enumerate(super().logits(windows)):
+            g = torch.Generator().manual_seed(hash((batch, i)) % 2**31)
+            out.append(o + torch.randn(o.shape, generator=g))
+        return out
+
+
+def test_a_resumed_build_runs_the_batches_of_an_uninterrupted_one(tmp_path):
+    # Out of disk space, preempted or killed at any document: the resumed build must see
+    # the teacher's logits of the clean build, so it batches from the shard's start.
+    from megatron_slkd.preempt import Preempted
+
+    rng = np.random.default_rng(1)
+    prefix = write_dataset(tmp_path / "ds", [rng.integers(0, VOCAB, n)
+                                             for n in rng.integers(2, 60, 40)])  # fmt: skip
+    meta = {"tokenizer": {"fingerprint": "test-vocab", "vocab_size": VOCAB, "kind": "test"}}
+    (tmp_path / "ds.meta.json").write_text(json.dumps(meta))
+    build_cache(_cfg(prefix, tmp_path / "clean"), BatchShapeTeacher())
+    clean = {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
+    for n in (3, 8, 13, 21):
+        out = tmp_path / f"p{n}"
+        with pytest.raises(Preempted):
+            build_cache(_cfg(prefix, out), BatchShapeTeacher(), watch=_WatchAfter(n))
+        build_cache(_cfg(prefix, out), BatchShapeTeacher())
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == clean, n
