@@ -149,6 +149,14 @@ class OwnerLock:
             aside.unlink(missing_ok=True)
         raise OwnershipError(f"{self.target}: could not claim {self.path}; too much contention")
 
+    def acquire_if_stale(self) -> bool:
+        """Take the claim over only from a dead owner (or none); False while one lives."""
+        try:
+            self.acquire()
+        except OwnershipError:
+            return False
+        return True
+
     # -- holding ----------------------------------------------------------
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="slkd-owner-heartbeat",
@@ -192,6 +200,14 @@ class OwnerLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def clear_dead_owner(target, *, what: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Remove the owner file a dead writer left on ``target`` (finished, so nobody claims it
+    again); a live owner's file stays."""
+    lock = OwnerLock(target, what=what, timeout_s=timeout_s)
+    if lock.path.exists() and lock.acquire_if_stale():
+        lock.release()
 
 
 def claim(target, *, what: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> OwnerLock:

@@ -98,15 +98,15 @@ def merge_cache(inputs: list, output) -> dict:
     for d, s in found:
         ShardFile(d, s, base)  # header, size and index are checked before linking
         src, dst = d / s["file"], out / s["file"]
-        if dst.exists() and os.path.samefile(src, dst):
-            continue
+        if dst.exists() and (os.path.samefile(src, dst) or _same_bytes(src, dst)):
+            continue  # linked or copied by an earlier, interrupted merge
         if dst.exists():
             raise CacheMismatchError(f"{dst}: a different file of that name is already there")
         try:
             os.link(src, dst)
             linked += 1
         except OSError:
-            shutil.copy2(src, dst)
+            _copy(src, dst)
             copied += 1
     manifest = dataclasses.replace(base, shards=records)
     atomic_write_text(out / MANIFEST_NAME, manifest.to_json())
@@ -119,3 +119,29 @@ def merge_cache(inputs: list, output) -> dict:
         "linked": linked,
         "copied": copied,
     }
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy under a temporary name, then rename: a shard file is whole or absent. (One
+    name: the output has one owner, and a retry overwrites what a killed one left.)"""
+    tmp = dst.with_name(dst.name + ".tmp")
+    try:
+        shutil.copy2(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dst)
+
+
+def _same_bytes(a: Path, b: Path, block: int = 1 << 24) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x = fa.read(block)
+            if x != fb.read(block):
+                return False
+            if not x:
+                return True

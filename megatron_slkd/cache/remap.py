@@ -35,7 +35,6 @@ from megatron_slkd.cache.writer import (
     ShardWriter,
     check_finished_shard,
     differences,
-    write_sidecar,
 )
 from megatron_slkd.errors import CacheCoverageError, CacheFormatError, CacheMismatchError
 
@@ -156,7 +155,7 @@ def _write_shards(locks, mine, out, num_shards, plan, lengths, base, m, caches, 
                     lock.check()
                 w.commit()
                 since = 0
-        write_sidecar(path, base, w.finalize())
+        w.finalize(sidecar=base)
     return copied
 
 
@@ -240,13 +239,15 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
     total = sum(int(lengths[a:b].sum()) for a, b in (plan[i] for i in mine))
     copy_start = time.time()
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="remap", disable=not progress)
-    from megatron_slkd.ownership import claim
+    from megatron_slkd.ownership import claim, clear_dead_owner
 
     locks = []
     try:
         for i in mine:  # one writer per shard, claimed before any is written
             path = out / shard_file_name(i, num_shards)
-            if not Path(str(path) + ".json").exists():
+            if path.exists() and Path(str(path) + ".json").exists():
+                clear_dead_owner(path, what="remapped shard", timeout_s=lock_timeout)
+            else:
                 locks.append(claim(path, what="remapped shard", timeout_s=lock_timeout))
         copied = _write_shards(locks, mine, out, num_shards, plan, lengths, base, m, caches,
                                readers, new, match, bar)  # fmt: skip

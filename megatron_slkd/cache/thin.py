@@ -24,7 +24,6 @@ from megatron_slkd.cache.writer import (
     ShardWriter,
     atomic_write_text,
     check_finished_shard,
-    write_sidecar,
 )
 from megatron_slkd.errors import CacheMismatchError
 from megatron_slkd.sampling import counter_uniform
@@ -111,8 +110,7 @@ def thin_cache(source, output, num_samples: int, *, seed: int = 0) -> dict:
             pos += length
             if d % 256 == 255:
                 w.commit()
-        records.append(w.finalize(token_crc32=rec["token_crc32"]))
-        write_sidecar(path, base, records[-1])
+        records.append(w.finalize(token_crc32=rec["token_crc32"], sidecar=base))
     atomic_write_text(out / MANIFEST_NAME, dataclasses.replace(base, shards=records).to_json())
     return {"output": str(out), "num_samples": num_samples, "from": n, "shards": len(records)}
 

@@ -101,10 +101,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # out of space, or interrupted: leave nothing half-written behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -357,12 +361,15 @@ class ShardWriter:
         partial = self.path.with_name(self.path.name + ".partial")
         atomic_write_text(partial / "progress.json", dump_record(self._state, indent=None))
 
-    def finalize(self, token_crc32: int | None = None) -> dict:
+    def finalize(self, token_crc32: int | None = None, *, sidecar: Manifest | None = None) -> dict:
         """Write the shard file atomically, remove the partial state, return its manifest record.
 
         Args:
             token_crc32: the shard's token checksum, required when documents were
                 added by length only.
+            sidecar: a manifest without shards: ``<shard>.json`` (this shard's record
+                under it, what ``merge-cache`` collects) is written before the shard
+                file takes its final name, so a finished shard always has its sidecar.
         """
         if token_crc32 is not None:
             self._state["token_crc"] = token_crc32
@@ -414,9 +421,6 @@ class ShardWriter:
         for fh in self._files.values():
             fh.close()
         del entries
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
-        shutil.rmtree(partial)
         record = dict(
             file=self.path.name,
             doc_start=p["doc_start"],
@@ -430,6 +434,11 @@ class ShardWriter:
         )
         if st.get("stats"):
             record["teacher_stats"] = st["stats"]
+        if sidecar is not None:
+            write_sidecar(self.path, sidecar, record)
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+        shutil.rmtree(partial)
         return record
 
     def close(self) -> None:

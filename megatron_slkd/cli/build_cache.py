@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     teacher_hash = megatron_teacher_hash(path) if megatron else checkpoint_hash(path)
     check_existing_shards(cfg, teacher_hash)
     report = finished_report(cfg, teacher_hash)
-    locks = [] if report is not None else _claim(cfg, args.lock_timeout, megatron)
+    locks = _claim(cfg, args.lock_timeout, megatron)  # also clears dead writers' claims
     # Watched from before the teacher loads: a signal during the load ends the build
     # before its first batch (exit status 75) instead of killing the process.
     watch = PreemptionWatch().install()

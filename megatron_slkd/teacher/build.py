@@ -27,7 +27,6 @@ from megatron_slkd.cache.writer import (
     ShardWriter,
     check_finished_shard,
     differences,
-    write_sidecar,
 )
 from megatron_slkd.data.indexed import dataset_fingerprint, open_dataset
 from megatron_slkd.errors import CacheMismatchError, ConfigError
@@ -411,7 +410,7 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
     if writer is None:
         return None
     t3 = time.perf_counter()
-    record = writer.finalize()
+    record = writer.finalize(sidecar=base)
     stats.write_s += time.perf_counter() - t3
     stats.tokens += record["num_tokens"]
     stats.entries += record["num_entries"]
@@ -529,10 +528,11 @@ def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None,
             check_finished_shard(path, base)
             bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
             continue
-        record = _build_shard(cfg, teacher, par, ds, doc_tokens0, path, plan[i], base, bar,
-                              stats, locks, watch)  # fmt: skip
-        if par.writes:
-            write_sidecar(path, base, record)
+        _build_shard(cfg, teacher, par, ds, doc_tokens0, path, plan[i], base, bar, stats, locks,
+                     watch)  # fmt: skip
+        for lock in locks:  # finished: nobody need wait for this shard any more
+            if lock.target == path:
+                lock.release()
         built += 1
     bar.close()
     complete = par.agree(_all_finished(out, cfg.num_shards))
@@ -606,13 +606,15 @@ def claim_shards(cfg: BuildConfig, timeout_s: float) -> list:
         OwnershipError: a live process writes one of them (named with its host, pid,
             Slurm job and array task).
     """
-    from megatron_slkd.ownership import claim
+    from megatron_slkd.ownership import claim, clear_dead_owner
 
     locks = []
     try:
         for i in _my_shards(cfg):
             path = Path(cfg.output) / shard_file_name(i, cfg.num_shards)
-            if not (path.exists() and Path(str(path) + ".json").exists()):
+            if path.exists() and Path(str(path) + ".json").exists():
+                clear_dead_owner(path, what="cache shard", timeout_s=timeout_s)
+            else:
                 locks.append(claim(path, what="cache shard", timeout_s=timeout_s))
     except BaseException:
         for lock in locks:

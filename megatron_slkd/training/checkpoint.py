@@ -120,23 +120,25 @@ def _sharded_state(chunks, optimizer, *, loading: bool, rng: dict | None,
 
 def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: int,
                     keep: int = 2, reshardable: bool = False) -> Path:  # fmt: skip
-    """Save step ``step`` (all ranks call this); returns the checkpoint directory."""
+    """Save step ``step`` (all ranks call this); returns the checkpoint directory.
+
+    Raises:
+        CheckpointError: on every rank when any could not write (a full or read-only
+            file system, a dead writer process); the partial directory is removed and
+            ``latest`` still names the previous checkpoint.
+    """
     from megatron.core import dist_checkpointing
 
     root = _root(run_dir)
     name = f"iter_{step:07d}"
     final, tmp = root / name, root / (name + ".tmp")
     rank = dist.get_rank()
-    if rank == 0:
+
+    def prepare():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    sd = _sharded_state(chunks, optimizer, loading=False, rng=_rng_state(), reshardable=reshardable)
-    sd.update(step=step, consumed_samples=consumed, scheduler=scheduler.state_dict(),
-              layout=list(_layout()[0]), reshardable=reshardable)  # fmt: skip
-    dist_checkpointing.save(sd, str(tmp))
-    dist.barrier()
-    if rank == 0:
+
+    def publish():
         from megatron_slkd.cache.writer import atomic_write_text
 
         shutil.rmtree(final, ignore_errors=True)
@@ -145,8 +147,48 @@ def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: 
         done = sorted(p for p in root.glob("iter_*") if not p.name.endswith(".tmp"))
         for old in done[: max(len(done) - max(keep, 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    _together(prepare if rank == 0 else None, tmp, step)
+    sd = _sharded_state(chunks, optimizer, loading=False, rng=_rng_state(), reshardable=reshardable)
+    sd.update(step=step, consumed_samples=consumed, scheduler=scheduler.state_dict(),
+              layout=list(_layout()[0]), reshardable=reshardable)  # fmt: skip
+    _together(lambda: dist_checkpointing.save(sd, str(tmp)), tmp, step)
+    _together(publish if rank == 0 else None, tmp, step)
     return final
+
+
+def _together(fn, tmp: Path, step: int) -> None:
+    """Run ``fn`` (None: nothing on this rank), then agree: if it failed anywhere, every
+    rank raises (none is left waiting in a collective) and the partial save is removed."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    from megatron_slkd.launch import host_all_reduce
+
+    error = None
+    try:
+        if fn is not None:
+            fn()
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - reported, on every rank
+        error = exc
+    failed = host_all_reduce(torch.tensor([0.0 if error is None else 1.0]), dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        raise CheckpointError(f"{tmp}: another rank could not write the checkpoint of step "
+                              f"{step} (see its message)")  # fmt: skip
+    lines = str(error).strip().splitlines()  # a CheckpointException holds tracebacks
+    why = lines[-1] if lines else type(error).__name__
+    try:
+        free = f"{shutil.disk_usage(tmp.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "its file system is unreadable"
+    raise CheckpointError(
+        f"{tmp}: the checkpoint of step {step} could not be written ({why}; {free}); free "
+        "space or fix the file system, then rerun the same command: it resumes from the "
+        "last complete checkpoint"
+    ) from error
 
 
 def _materialize_optimizer_state(optimizer) -> None:

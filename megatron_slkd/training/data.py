@@ -216,6 +216,10 @@ def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
         worker_init_fn=_worker_signals if num_workers else None,
+        # The workers' seeds come from here, not from torch's global generator: a run that
+        # resumes (and makes its loader after restoring that generator) draws as one that
+        # did not stop. The samples are not random: nothing else depends on these seeds.
+        generator=torch.Generator().manual_seed(consumed),
     )
 
 
