@@ -445,12 +445,40 @@ def can_mount(work: Path) -> str | None:
     return None
 
 
-def campaign(work: Path, kills: dict[str, int], races: int, fractions=(0.25, 0.5, 0.9), *,
-             seed: int = 0, tokens: int = 12000, save: bool = True,
+@dataclass
+class Plan:
+    """How many trials of each kind, by writer name."""
+
+    kills: dict[str, int]
+    races: dict[str, int]
+    space: dict[str, tuple]  # room left, as fractions of the clean output
+    readonly: tuple[str, ...]
+
+
+_CACHES = ("build-cache", "merge-cache", "thin-cache", "remap-cache")
+_ALL = (*_CACHES, "train", "describe-data")
+
+
+def full_plan(build_kills: int = 50, trials: int = 20) -> Plan:
+    """The campaign: ``build_kills`` kills of build-cache, ``trials`` of every other writer,
+    ``trials`` races over the five writers, ENOSPC at 25/50/90% and read-only for all."""
+    return Plan(kills={"build-cache": build_kills, **{w: trials for w in (*_CACHES[1:], "train")}},
+                races={w: max(1, trials // 5) for w in (*_CACHES, "train")},
+                space={w: (0.25, 0.5, 0.9) for w in _ALL}, readonly=_ALL)  # fmt: skip
+
+
+def quick_plan() -> Plan:
+    """The suite's share: a few trials of each kind."""
+    return Plan(kills={w: 1 for w in (*_CACHES, "train")},
+                races={"build-cache": 1, "train": 1},
+                space={"build-cache": (0.5,), "merge-cache": (0.5,), "train": (0.5,),
+                       "describe-data": (0.0,)},
+                readonly=_ALL)  # fmt: skip
+
+
+def campaign(work: Path, plan: Plan, *, seed: int = 0, tokens: int = 12000, save: bool = True,
              log=print) -> dict[str, Tally]:  # fmt: skip
-    """Run the trials; ``kills`` maps a writer to its SIGKILL trials, ``races`` is the
-    concurrent-writer trials of each cache writer and of training. Returns the tallies
-    by "<kind> <writer>"."""
+    """Run ``plan``'s trials in ``work``; returns the tallies by "<kind> <writer>"."""
     rng = random.Random(seed)
     s = setup(work, tokens)
     ws = writers(work, s)
@@ -460,19 +488,19 @@ def campaign(work: Path, kills: dict[str, int], races: int, fractions=(0.25, 0.5
     tallies: dict[str, Tally] = {}
     scratch = work / "trial"
     for w in ws:
-        for _ in range(kills.get(w.name, 0)):
+        for _ in range(plan.kills.get(w.name, 0)):
             kill_trial(w, scratch, rng, tallies.setdefault(f"kill {w.name}", Tally()))
-        if w.kind != "file":
-            for _ in range(races):
-                race_trial(w, scratch, tallies.setdefault(f"race {w.name}", Tally()))
+        for _ in range(plan.races.get(w.name, 0)):
+            race_trial(w, scratch, tallies.setdefault(f"race {w.name}", Tally()))
     why = can_mount(work)
     if why is None:
         mount = Mount(work / "mnt")
         try:
             for w in ws:
-                for fraction in fractions:
+                for fraction in plan.space.get(w.name, ()):
                     space_trial(w, mount, fraction, tallies.setdefault(f"enospc {w.name}", Tally()))
-                readonly_trial(w, mount, tallies.setdefault(f"ro {w.name}", Tally()))
+                if w.name in plan.readonly:
+                    readonly_trial(w, mount, tallies.setdefault(f"ro {w.name}", Tally()))
         finally:
             mount.umount()
     else:
@@ -491,20 +519,13 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=20,
                    help="SIGKILL trials of every other writer, and concurrent-writer trials "
                    "in all")  # fmt: skip
-    p.add_argument("--quick", action="store_true",
-                   help="3 build kills, 2 of each other writer, one race of each, "
-                   "ENOSPC at 50%% only")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="a few trials of each kind (the suite's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--no-save", action="store_true", help="do not append to results/faults.jsonl")
     args = p.parse_args()
-    others = ("merge-cache", "thin-cache", "remap-cache", "train")
-    kills = {"build-cache": args.build_kills, **{w: args.trials for w in others}}
-    races, fractions = max(1, args.trials // 5), (0.25, 0.5, 0.9)
-    if args.quick:
-        kills, races, fractions = {"build-cache": 3, **{w: 2 for w in others}}, 1, (0.5,)
+    plan = quick_plan() if args.quick else full_plan(args.build_kills, args.trials)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        tallies = campaign(Path(tmp), kills, races, fractions, seed=args.seed,
-                           save=not args.no_save)  # fmt: skip
+        tallies = campaign(Path(tmp), plan, seed=args.seed, save=not args.no_save)
     sys.exit(1 if any(t.survived < t.trials for t in tallies.values()) else 0)
 
 

@@ -71,8 +71,9 @@ class StorageError(SlkdError):
     }
 
     @classmethod
-    def from_os_error(cls, exc: OSError) -> StorageError:
-        where = exc.filename or "?"
+    def from_os_error(cls, exc: OSError, output: str | None = None) -> StorageError:
+        """From ``exc``; ``output`` names the place when the error does not (a write)."""
+        where = exc.filename or (f"writing under {output}" if output else "?")
         if exc.filename2:
             where = f"{where} -> {exc.filename2}"
         what = exc.strerror or str(exc)

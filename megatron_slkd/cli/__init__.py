@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
         return int(_module(name).run(args) or 0)
     except (SlkdError, OSError) as exc:
         if isinstance(exc, OSError):  # disk full, read-only, permissions: one line as well
-            exc = StorageError.from_os_error(exc)
+            where = [getattr(args, k, None) for k in ("output", "cfg__checkpoint__dir")]
+            exc = StorageError.from_os_error(exc, next((w for w in where if w), None))
         status = getattr(exc, "exit_status", 2)  # 75: preempted, progress durable
         kind = "stopped" if status != 2 else "error"
         print(f"slkd {name}: {kind}: {exc}", file=sys.stderr)
