@@ -67,15 +67,16 @@ def test_dead_owners_are_taken_over_and_logged(tmp_path, caplog):
 
 def test_heartbeat_keeps_the_claim_fresh_and_detects_a_takeover(tmp_path):
     target = tmp_path / "shard"
-    lock = claim(target, what="cache shard", timeout_s=0.4)
-    time.sleep(0.8)
+    # Heartbeat every timeout/4 = 0.5 s; generous margins, as the machine may be busy.
+    lock = claim(target, what="cache shard", timeout_s=2.0)
+    time.sleep(2.5)
     age = time.time() - lock.path.stat().st_mtime
-    assert age < 0.4  # refreshed by the heartbeat, so nobody may take it over
+    assert age < 2.0  # refreshed by the heartbeat, so nobody may take it over
     with pytest.raises(OwnershipError):
-        claim(target, what="cache shard", timeout_s=0.4)
+        claim(target, what="cache shard", timeout_s=2.0)
     lock.check()
     _owner_file(target, token="someone-else")  # what a takeover leaves behind
-    time.sleep(0.4)
+    time.sleep(1.5)
     with pytest.raises(OwnershipError, match="lost its ownership .*taken over by host other-host"):
         lock.check()
     lock.release()
