@@ -470,9 +470,8 @@ def full_plan(build_kills: int = 50, trials: int = 20) -> Plan:
 def quick_plan() -> Plan:
     """The suite's share: a few trials of each kind."""
     return Plan(kills={w: 1 for w in (*_CACHES, "train")},
-                races={"build-cache": 1, "train": 1},
-                space={"build-cache": (0.5,), "merge-cache": (0.5,), "train": (0.5,),
-                       "describe-data": (0.0,)},
+                races={"build-cache": 1, "merge-cache": 1},
+                space={"build-cache": (0.5,), "merge-cache": (0.5,), "describe-data": (0.0,)},
                 readonly=_ALL)  # fmt: skip
 
 

@@ -143,6 +143,7 @@ def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_clu
         "TEACHER": str(teacher), "PYTHON": sys.executable, "ARRAY": "0-1", "MERGE_TASKS": "2",
         "LOG_DIR": str(tmp_path), "SLKD_BUILD_ARGS": build_args, "BUILD_SBATCH_ARGS": limited,
         "RUN_DIR": str(tmp_path / "student"), "TRAIN_TASKS": "2", "TRAIN_SBATCH_ARGS": limited,
+        "MAX_REQUEUES": "50",  # a busy machine makes more, shorter runs
         "SLKD_TRAIN_ARGS": train_args})  # fmt: skip
     words = r.stdout.replace(",", "").split()
     build, merge, train = words[2], words[5], words[8]
