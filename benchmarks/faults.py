@@ -173,9 +173,9 @@ def _run(argv, check=False, **kw) -> subprocess.CompletedProcess:
     return r
 
 
-def _untyped(r_returncode: int, stderr: str) -> int:
+def _untyped(returncode: int, stderr: str) -> int:
     """1 when a failed command did not end with one typed line."""
-    if r_returncode == 0:
+    if returncode == 0:
         return 0
     lines = stderr.strip().splitlines()
     return int("Traceback" in stderr or not lines or not TYPED.match(lines[-1]))
@@ -306,8 +306,7 @@ def faulted_state(w: Writer, out: Path) -> tuple[int, int, str]:
 
 def clean_run(w: Writer, work: Path) -> None:
     out = work / "ref" / w.name
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True) if w.kind == "file" else None
+    _fresh(w, out)
     start = time.perf_counter()
     proc = subprocess.Popen([*SLKD, *w.argv(out)], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip

@@ -19,6 +19,7 @@ __all__ = [
     "init_distributed",
     "free_port",
     "host_all_reduce",
+    "any_rank",
 ]
 
 _PAIRS = (
@@ -131,3 +132,12 @@ def host_all_reduce(t, op=None, group=None):
     dist.all_reduce(x, op=op, group=group)
     t.copy_(x.cpu())
     return t
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """Whether ``flag`` holds on any rank of ``group`` (every rank must ask): how ranks
+    agree that one of them failed or was signalled, so none waits in a collective."""
+    import torch
+    import torch.distributed as dist
+
+    return bool(host_all_reduce(torch.tensor([float(flag)]), dist.ReduceOp.MAX, group).item())

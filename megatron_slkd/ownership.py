@@ -149,14 +149,6 @@ class OwnerLock:
             aside.unlink(missing_ok=True)
         raise OwnershipError(f"{self.target}: could not claim {self.path}; too much contention")
 
-    def acquire_if_stale(self) -> bool:
-        """Take the claim over only from a dead owner (or none); False while one lives."""
-        try:
-            self.acquire()
-        except OwnershipError:
-            return False
-        return True
-
     # -- holding ----------------------------------------------------------
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="slkd-owner-heartbeat",
@@ -206,8 +198,13 @@ def clear_dead_owner(target, *, what: str, timeout_s: float = DEFAULT_TIMEOUT_S)
     """Remove the owner file a dead writer left on ``target`` (finished, so nobody claims it
     again); a live owner's file stays."""
     lock = OwnerLock(target, what=what, timeout_s=timeout_s)
-    if lock.path.exists() and lock.acquire_if_stale():
-        lock.release()
+    if not lock.path.exists():
+        return
+    try:
+        lock.acquire()  # takes over a dead owner only
+    except OwnershipError:
+        return  # a live one: its file stays
+    lock.release()
 
 
 def claim(target, *, what: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> OwnerLock:

@@ -90,9 +90,9 @@ def _claim(cfg, timeout_s: float, megatron: bool) -> list:
 
     if not megatron:
         return claim_shards(cfg, timeout_s)
-    import torch
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
+    from megatron_slkd.launch import any_rank
 
     locks, error = [], None
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
@@ -100,11 +100,10 @@ def _claim(cfg, timeout_s: float, megatron: bool) -> list:
             locks = claim_shards(cfg, timeout_s)
         except OwnershipError as exc:
             error = exc
-    failed = torch.tensor([1.0 if error else 0.0])
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    failed = any_rank(error is not None)  # through the device under NCCL (a GPU teacher)
     if error is not None:
         raise error
-    if failed.item():
+    if failed:
         for lock in locks:
             lock.release()
         raise OwnershipError("another rank of this launch found its shards owned by another "

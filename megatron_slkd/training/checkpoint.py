@@ -162,7 +162,7 @@ def _together(fn, tmp: Path, step: int) -> None:
     rank raises (none is left waiting in a collective) and the partial save is removed."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    from megatron_slkd.launch import host_all_reduce
+    from megatron_slkd.launch import any_rank
 
     error = None
     try:
@@ -170,8 +170,7 @@ def _together(fn, tmp: Path, step: int) -> None:
             fn()
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - reported, on every rank
         error = exc
-    failed = host_all_reduce(torch.tensor([0.0 if error is None else 1.0]), dist.ReduceOp.MAX)
-    if not failed.item():
+    if not any_rank(error is not None):
         return
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_slkd.errors import ConfigError, SlkdError
-from megatron_slkd.launch import host_all_reduce
+from megatron_slkd.launch import any_rank, host_all_reduce
 from megatron_slkd.preempt import Preempted, PreemptionWatch
 from megatron_slkd.training.config import TrainConfig, config_to_dict
 
@@ -44,10 +44,10 @@ def _log0(*args) -> None:
 
 def _agree(error: BaseException | None) -> None:
     """Raise everywhere when any rank failed a setup check (so no rank waits in a collective)."""
-    flag = host_all_reduce(torch.tensor([0.0 if error is None else 1.0]))
+    failed = any_rank(error is not None)
     if error is not None:
         raise error
-    if flag.item():
+    if failed:
         raise ConfigError("another rank refused the run during setup; see its error above")
 
 
@@ -268,12 +268,6 @@ def train(cfg: TrainConfig) -> dict:
             lock.release()
 
 
-def _preempted(watch) -> bool:
-    """Whether any rank got a preemption signal (one MAX all-reduce of a flag)."""
-    flag = host_all_reduce(torch.tensor([1.0 if watch.requested else 0.0]), dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def _train(cfg: TrainConfig, owner: list, watch) -> dict:
     """Run (or resume) the student pretraining of ``cfg``; returns the final metrics (all ranks)."""
     import yaml
@@ -420,7 +414,7 @@ def _train(cfg: TrainConfig, owner: list, watch) -> dict:
                 _log0(_eval_line(step, metrics))
                 final["eval"] = metrics
         due = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-        stop = _preempted(watch) and step < t.steps  # every rank agrees, each step
+        stop = any_rank(watch.requested) and step < t.steps  # every rank agrees, each step
         if due or step == t.steps or stop:
             path = save_checkpoint(run_dir, step, chunks, optimizer, scheduler, consumed,
                                    keep=cfg.checkpoint.keep,
@@ -439,8 +433,7 @@ def _train(cfg: TrainConfig, owner: list, watch) -> dict:
 
 def _maybe_eval(run, chunks, valid_ds, forward_backward, dp):
     """Evaluate when the run has validation data (every rank agrees on whether it does)."""
-    has = host_all_reduce(torch.tensor([1.0 if valid_ds is not None else 0.0]), dist.ReduceOp.MAX)
-    if not has.item():
+    if not any_rank(valid_ds is not None):
         return None
     return evaluate(run, chunks, valid_ds, forward_backward, dp)
 
