@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import record  # noqa: E402
 
 from megatron_slkd.cache import Manifest, ShardWriter, encoding_for, open_cache  # noqa: E402
-from megatron_slkd.cache.format import crc32, pack_entries, shard_head  # noqa: E402
+from megatron_slkd.cache.format import pack_entries  # noqa: E402
 from megatron_slkd.cache.manifest import MANIFEST_NAME  # noqa: E402
+from megatron_slkd.cache.writer import write_shard_file  # noqa: E402
 from megatron_slkd.sampling import sample_sparse_targets  # noqa: E402
 
 VOCAB = 131072
@@ -92,35 +93,15 @@ def storage(tmp: Path, tokens: int, save: bool) -> None:
 def _pack_shard(
     path: Path, doc_start: int, lengths: np.ndarray, counts: np.ndarray, enc, rng
 ) -> dict:
-    """A shard straight from numpy arrays, through the format module (not the writer)."""
+    """A shard straight from numpy arrays (not through the per-document writer)."""
     nent = int(counts.sum())
     entries = np.frombuffer(
         pack_entries(rng.integers(0, VOCAB, nent), rng.integers(1, enc.num_samples + 1, nent), enc),
         np.uint8,
     )
-    header, head, packed = shard_head(
-        enc,
-        vocab_size=VOCAB,
-        chunk_tokens=4096,
-        doc_start=doc_start,
-        lengths=lengths,
-        counts=counts,
-        entries=entries,
-        token_crc=0,
-    )
-    data = head + packed.tobytes() + entries.tobytes()
-    path.write_bytes(data)
-    return dict(
-        file=path.name,
-        doc_start=doc_start,
-        doc_end=doc_start + len(lengths),
-        num_tokens=header.num_tokens,
-        num_entries=nent,
-        size_bytes=len(data),
-        token_crc32=0,
-        index_crc32=header.index_crc,
-        file_crc32=crc32(np.frombuffer(data, np.uint8)),
-    )
+    return write_shard_file(path, encoding=enc, vocab_size=VOCAB, chunk_tokens=4096,
+                            doc_start=doc_start, lengths=lengths, counts=counts,
+                            entries=[entries], token_crc=0)  # fmt: skip
 
 
 def _manifest(directory: Path, enc, records: list, ndocs: int, ntok: int) -> None:

@@ -14,6 +14,11 @@ from enum import IntEnum
 
 import numpy as np
 
+try:  # the same CRC-32 as zlib's, vectorized (several times faster where wheels exist)
+    from zlib_ng.zlib_ng import crc32 as _crc32
+except ImportError:  # pragma: no cover - platforms without zlib-ng wheels
+    from zlib import crc32 as _crc32
+
 from megatron_slkd.errors import CacheCapacityError, CacheFormatError
 
 __all__ = [
@@ -29,7 +34,6 @@ __all__ = [
     "pack_counts",
     "unpack_counts",
     "counts_nbytes",
-    "shard_head",
     "chunk_crc",
     "crc32",
     "token_crc32",
@@ -322,56 +326,6 @@ def pack_entries(ids: np.ndarray, values: np.ndarray, enc: Encoding) -> bytes:
     return word.view(np.uint8).reshape(-1, 4)[:, : enc.entry_bytes].tobytes()
 
 
-def shard_head(
-    enc: Encoding,
-    *,
-    vocab_size: int,
-    chunk_tokens: int,
-    doc_start: int,
-    lengths: np.ndarray,
-    counts: np.ndarray,
-    entries: np.ndarray,
-    token_crc: int,
-) -> tuple[ShardHeader, bytes, np.ndarray]:
-    """Everything of a shard file but its entries: header, header + index bytes, packed counts.
-
-    Args:
-        lengths: ``[num_docs]`` document lengths in tokens.
-        counts: ``[num_tokens]`` uint8 entries per token.
-        entries: the packed entry bytes (for the chunk CRCs).
-        token_crc: CRC-32 of the shard's dataset tokens.
-    """
-    ntok, cbits = len(counts), enc.count_bits
-    doc_offsets = np.zeros(len(lengths) + 1, dtype="<u8")
-    np.cumsum(lengths, out=doc_offsets[1:])
-    cum = np.zeros(ntok + 1, dtype=np.int64)
-    np.cumsum(counts, out=cum[1:])
-    bounds = np.unique(np.minimum(np.arange(0, ntok + chunk_tokens, chunk_tokens), ntok))
-    chunk_offsets = cum[bounds].astype("<u8")
-    packed = pack_counts(counts, cbits)
-    n = len(bounds) - 1
-    chunk_crcs = np.array(
-        [chunk_crc(i, n, chunk_tokens, enc, packed, entries, chunk_offsets) for i in range(n)],
-        dtype="<u4",
-    )
-    index = doc_offsets.tobytes() + chunk_offsets.tobytes() + chunk_crcs.tobytes()
-    header = ShardHeader(
-        encoding=enc,
-        vocab_size=vocab_size,
-        chunk_tokens=chunk_tokens,
-        doc_start=doc_start,
-        num_docs=len(lengths),
-        num_tokens=ntok,
-        num_entries=int(cum[-1]),
-        num_chunks=len(chunk_crcs),
-        token_crc=token_crc,
-        index_crc=crc32(np.frombuffer(index, np.uint8)),
-    )
-    head = header.pack() + index
-    assert len(head) == section_offsets(header)["counts"]
-    return header, head, packed
-
-
 def chunk_crc(i, num_chunks, chunk_tokens, enc, counts, entries, chunk_offsets) -> int:
     """CRC-32 of chunk ``i``: its count bytes, then its entry bytes.
 
@@ -385,8 +339,11 @@ def chunk_crc(i, num_chunks, chunk_tokens, enc, counts, entries, chunk_offsets) 
 
 
 def crc32(data, value: int = 0) -> int:
-    """zlib CRC-32 of a bytes-like object (numpy arrays included)."""
-    return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B"), value)
+    """zlib's CRC-32 of a bytes-like object (numpy arrays included); computed by
+    zlib-ng where it is installed (same values)."""
+    if not isinstance(data, (bytes, memoryview)):
+        data = memoryview(np.ascontiguousarray(data)).cast("B")
+    return _crc32(data, value)
 
 
 def token_crc32(tokens: np.ndarray, value: int = 0) -> int:

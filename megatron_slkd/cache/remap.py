@@ -22,25 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from megatron_slkd.cache import _decode
+from megatron_slkd.cache import _decode, _encode
+from megatron_slkd.cache.format import crc32
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
 from megatron_slkd.cache.reader import SparseKDCache, open_cache
-from megatron_slkd.cache.writer import (
-    ShardWriter,
-    check_finished_shard,
-    differences,
-)
+from megatron_slkd.cache.writer import check_finished_shard, differences, write_shard_file
 from megatron_slkd.errors import CacheCoverageError, CacheFormatError, CacheMismatchError
 
 __all__ = ["document_keys", "remap_cache"]
-
-_COMMIT_TOKENS = 1 << 22
 
 
 def document_keys(ds, start: int = 0, end: int | None = None) -> np.ndarray:
@@ -57,25 +51,26 @@ def document_keys(ds, start: int = 0, end: int | None = None) -> np.ndarray:
         view, at = memoryview(data).cast("B"), 0
         while at < len(data):
             n = int(lengths[d])
-            crcs[d - start] = zlib.crc32(view[4 * at : 4 * (at + n)])
+            crcs[d - start] = crc32(view[4 * at : 4 * (at + n)])
             at += n
             d += 1
     while d < end:  # empty documents at the end
-        crcs[d - start] = zlib.crc32(b"")
+        crcs[d - start] = crc32(b"")
         d += 1
     return (lengths[start:end].astype(np.uint64) << np.uint64(32)) | crcs
 
 
 class _Source:
-    """A source cache read shard by shard as packed bytes (each shard's chunk CRCs checked
-    once, before any of its bytes are copied)."""
+    """A source cache read as packed bytes, shard by shard (each shard's chunk CRCs
+    checked once, before any of its bytes are copied)."""
 
     def __init__(self, cache: SparseKDCache):
         self.cache = cache
-        self._shard: tuple[int, np.ndarray] | None = None
+        self._starts: dict[int, np.ndarray] = {}
 
     def _entry_starts(self, si: int) -> np.ndarray:
-        if self._shard is None or self._shard[0] != si:
+        """First entry of every document of shard ``si`` (and the entry count last)."""
+        if si not in self._starts:
             sh = self.cache.shards[si]
             if sh.header.num_chunks:
                 sh.verify_chunks(0, sh.header.num_chunks - 1)
@@ -90,22 +85,21 @@ class _Source:
                     f"{sh.path}: {_decode.STATUS[-status]}; the shard is corrupt"
                 )
             starts[-1] = sh.header.num_entries
-            self._shard = (si, starts)
-        return self._shard[1]
+            self._starts[si] = starts
+        return self._starts[si]
 
-    def packed(self, doc: int) -> tuple[np.ndarray, np.ndarray]:
-        """(per-token entry counts ``[L]`` uint8, packed entry bytes) of ``doc``."""
+    def entries(self, doc: int, counts: np.ndarray) -> np.ndarray:
+        """The packed entry bytes of ``doc``; its per-token entry counts go to ``counts``."""
         si, a, n = self.cache._locate(doc)
         sh = self.cache.shards[si]
         starts = self._entry_starts(si)
         local = doc - int(self.cache._doc_starts[si])
-        counts = np.empty(n, dtype=np.uint8)
         _decode.unpack_count_range(sh.counts, sh.header.encoding.count_bits, a, counts)
         eb = sh.header.encoding.entry_bytes
         e0, e1 = int(starts[local]), int(starts[local + 1])
         if int(counts.sum(dtype=np.int64)) != e1 - e0:
             raise CacheFormatError(f"{sh.path}: entry counts of document {doc} disagree")
-        return counts, sh.entries[e0 * eb : e1 * eb]
+        return sh.entries[e0 * eb : e1 * eb]
 
 
 def _common_manifest(caches: list[SparseKDCache]) -> Manifest:
@@ -123,39 +117,54 @@ def _common_manifest(caches: list[SparseKDCache]) -> Manifest:
     return caches[0].manifest
 
 
-def _write_shards(locks, mine, out, num_shards, plan, lengths, base, m, caches, readers, new,
-                  match, bar) -> int:
-    """Write this process's shards of the new cache; returns the tokens copied."""
+def _write_shards(locks, mine, out, num_shards, plan, lengths, keys, base, m, readers, match,
+                  bar) -> int:  # fmt: skip
+    """Write this process's shards of the new cache; returns the tokens copied.
+
+    A shard is written whole, in one pass (``write_shard_file``): every
+    document's counts and entry location are gathered first (reading only the
+    source index), then the entries are streamed from the sources into place.
+    A run that stops keeps its finished shards and redoes the others.
+    """
     from megatron_slkd.teacher.build import shard_file_name
 
+    enc = m.encoding
     copied = 0
     for i in mine:
+        a, b = plan[i]
+        shard_tokens = int(lengths[a:b].sum())
         path = out / shard_file_name(i, num_shards)
         if path.exists() and Path(str(path) + ".json").exists():
             check_finished_shard(path, base)
-            bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
+            bar.update(shard_tokens)
             continue
-        w = ShardWriter.open(path, encoding=m.encoding, vocab_size=caches[0].vocab_size,
-                             doc_start=plan[i][0], doc_end=plan[i][1],
-                             chunk_tokens=caches[0].shards[0].header.chunk_tokens,
-                             key=base.compatibility_key())  # fmt: skip
-        bar.update(int(lengths[plan[i][0] : w.next_document].sum()))
-        since = 0
-        for d in range(w.next_document, plan[i][1]):
-            tokens = new.get(d)
-            if match[d] is None:
-                w.add_packed(tokens, np.zeros(len(tokens), np.uint8), np.zeros(0, np.uint8))
-            else:
-                w.add_packed(tokens, *readers[match[d][0]].packed(match[d][1]))
-            since += len(tokens)
-            copied += len(tokens)
-            bar.update(len(tokens))
-            if since >= _COMMIT_TOKENS:
-                for lock in locks:
-                    lock.check()
-                w.commit()
-                since = 0
-        w.finalize(sidecar=base)
+        counts = np.zeros(shard_tokens, dtype=np.uint8)
+        pieces, at = [], 0
+        for d in range(a, b):
+            n = int(lengths[d])
+            if match[d] is not None:  # a missing document keeps zero counts: empty rows
+                src, doc = match[d]
+                pieces.append(readers[src].entries(doc, counts[at : at + n]))
+            at += n
+        # The shard's token CRC from its documents' (the content keys hold them).
+        token_crc = _encode.crc32_fold(keys[a:b] & 0xFFFFFFFF, 4 * lengths[a:b])
+        total, shown = max(sum(p.size for p in pieces), 1), [0]
+
+        def check(written, total=total, shown=shown, shard_tokens=shard_tokens):
+            for lock in locks:
+                lock.check()
+            tokens = shard_tokens * written // total
+            bar.update(tokens - shown[0])
+            shown[0] = tokens
+
+        write_shard_file(
+            path, encoding=enc, vocab_size=readers[0].cache.vocab_size,
+            chunk_tokens=readers[0].cache.shards[0].header.chunk_tokens, doc_start=a,
+            lengths=lengths[a:b], counts=counts, entries=pieces, token_crc=token_crc,
+            sidecar=base, check=check,
+        )  # fmt: skip
+        bar.update(shard_tokens - shown[0])
+        copied += shard_tokens
     return copied
 
 
@@ -213,7 +222,8 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
             table.setdefault(key, (i, d))  # a duplicated document: its first copy
     new = open_dataset(data_prefix)
     lengths = np.asarray(new.sequence_lengths, dtype=np.int64)
-    keys = document_keys(new).tolist()
+    new_keys = document_keys(new)
+    keys = new_keys.tolist()
     match = [table.get(k) for k in keys]
     missing = [d for d, x in enumerate(match) if x is None and lengths[d] > 0]
     if missing and not allow_missing:
@@ -249,8 +259,8 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
                 clear_dead_owner(path, what="remapped shard", timeout_s=lock_timeout)
             else:
                 locks.append(claim(path, what="remapped shard", timeout_s=lock_timeout))
-        copied = _write_shards(locks, mine, out, num_shards, plan, lengths, base, m, caches,
-                               readers, new, match, bar)  # fmt: skip
+        copied = _write_shards(locks, mine, out, num_shards, plan, lengths, new_keys, base, m,
+                               readers, match, bar)  # fmt: skip
     finally:
         for lock in locks:
             lock.release()

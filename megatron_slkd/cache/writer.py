@@ -20,13 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_slkd.cache import _encode
 from megatron_slkd.cache.format import (
     Encoding,
+    ShardHeader,
     ValueKind,
+    counts_nbytes,
     crc32,
     pack_entries,
     section_offsets,
-    shard_head,
     token_crc32,
 )
 from megatron_slkd.cache.manifest import Manifest
@@ -35,6 +37,7 @@ from megatron_slkd.records import dump_record, load_record
 
 __all__ = [
     "ShardWriter",
+    "write_shard_file",
     "write_sidecar",
     "check_finished_shard",
     "atomic_write_text",
@@ -111,6 +114,170 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+_CHECK_BYTES = 1 << 26  # entry bytes written between calls of write_shard_file's ``check``
+
+
+def write_shard_file(
+    path,
+    *,
+    encoding: Encoding,
+    vocab_size: int,
+    chunk_tokens: int,
+    doc_start: int,
+    lengths: np.ndarray,
+    counts: np.ndarray,
+    entries,
+    token_crc: int,
+    teacher_stats: dict | None = None,
+    sidecar: Manifest | None = None,
+    check=None,
+) -> dict:
+    """Write a complete shard file at ``path`` in one pass; return its manifest record.
+
+    The file is written as ``<path>.tmp`` (index and counts first, the entries
+    streamed once at their offsets, the header last), fsynced, its sidecar
+    written when ``sidecar`` is given, then renamed to ``path``. Each entry byte
+    is CRC-ed once, per chunk; the whole-file CRC is combined from the parts.
+
+    Args:
+        lengths: ``[num_docs]`` document lengths in tokens.
+        counts: ``[num_tokens]`` entries per token.
+        entries: the packed entry bytes in order, as any number of pieces
+            (bytes-like or uint8 arrays), ``entry_bytes * counts.sum()`` in all.
+        token_crc: CRC-32 of the shard's dataset tokens (see the format spec).
+        teacher_stats: sums recorded with the shard (``build-cache``'s teacher figures).
+        sidecar: a manifest without shards; ``<path>.json`` is written under it.
+        check: called with the entry bytes written so far, after every 64 MiB and
+            once before the rename (an owner's lease check, progress); an exception
+            it raises abandons the file.
+
+    Raises:
+        CacheFormatError: the pieces hold another number of bytes than the counts need.
+        CacheCapacityError: a count above the encoding's maximum.
+    """
+    path = Path(path)
+    counts = np.ascontiguousarray(counts, dtype=np.uint8)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ntok, eb, bits, c = len(counts), encoding.entry_bytes, encoding.count_bits, chunk_tokens
+    if int(lengths.sum()) != ntok:
+        raise ValueError(f"{path}: document lengths sum to {int(lengths.sum())}, {ntok} counts")
+    if ntok and int(counts.max()) > encoding.max_entries:
+        raise CacheCapacityError(
+            f"{path}: {int(counts.max())} entries at one position; the encoding holds at most "
+            f"{encoding.max_entries}"
+        )
+    doc_offsets = np.zeros(len(lengths) + 1, dtype="<u8")
+    np.cumsum(lengths, out=doc_offsets[1:])
+    cum = np.zeros(ntok + 1, dtype=np.int64)
+    np.cumsum(counts, out=cum[1:])
+    num_chunks = -(-ntok // c)
+    chunk_offsets = cum[np.minimum(np.arange(num_chunks + 1) * c, ntok)].astype("<u8")
+    packed = _encode.pack_counts(counts, bits)
+    assert len(packed) == counts_nbytes(ntok, bits)
+    fields = dict(
+        encoding=encoding,
+        vocab_size=vocab_size,
+        chunk_tokens=c,
+        doc_start=doc_start,
+        num_docs=len(lengths),
+        num_tokens=ntok,
+        num_entries=int(cum[-1]),
+        num_chunks=num_chunks,
+        token_crc=token_crc,
+    )
+    off = section_offsets(ShardHeader(**fields, index_crc=0))
+    bounds = chunk_offsets.astype(np.int64) * eb  # entry byte range of each chunk
+    entry_crcs = np.zeros(num_chunks, dtype=np.uint32)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.seek(off["counts"])
+            f.write(memoryview(packed))
+            # Stream the entries; a chunk's CRC runs over the pieces that fall in it.
+            pos, chunk, run, since = 0, 0, 0, 0
+            for piece in entries:
+                if isinstance(piece, np.ndarray):
+                    piece = np.ascontiguousarray(piece)
+                view = memoryview(piece).cast("B")
+                at, n = 0, len(view)
+                if pos + n > bounds[-1]:
+                    raise CacheFormatError(
+                        f"{path}: more entry bytes than the counts of its {ntok} tokens need "
+                        f"({bounds[-1]})"
+                    )
+                while at < n:
+                    while pos == bounds[chunk + 1]:  # close finished (and empty) chunks
+                        entry_crcs[chunk], run, chunk = run, 0, chunk + 1
+                    take = min(n - at, int(bounds[chunk + 1]) - pos)
+                    run = crc32(view[at : at + take], run)
+                    at, pos = at + take, pos + take
+                f.write(view)
+                since += n
+                if check is not None and since >= _CHECK_BYTES:
+                    check(pos)
+                    since = 0
+            if pos != bounds[-1]:
+                raise CacheFormatError(
+                    f"{path}: {pos} entry bytes given, the counts of its {ntok} tokens need "
+                    f"{int(bounds[-1])}"
+                )
+            while chunk < num_chunks:
+                entry_crcs[chunk], run, chunk = run, 0, chunk + 1
+            # Chunk i's CRC runs over its count bytes, then its entry bytes.
+            count_bounds = np.minimum(np.arange(num_chunks + 1) * (c * bits // 8), len(packed))
+            count_bounds[-1] = len(packed)
+            entry_lens = np.diff(bounds)
+            chunk_crcs = np.array(
+                [
+                    _encode.crc32_combine(
+                        crc32(packed[count_bounds[i] : count_bounds[i + 1]]),
+                        int(entry_crcs[i]),
+                        int(entry_lens[i]),
+                    )
+                    for i in range(num_chunks)
+                ],
+                dtype="<u4",
+            )
+            index = doc_offsets.tobytes() + chunk_offsets.tobytes() + chunk_crcs.tobytes()
+            header = ShardHeader(**fields, index_crc=crc32(index))
+            head = header.pack() + index
+            assert len(head) == off["counts"]
+            f.seek(0)
+            f.write(head)
+            head_crc = crc32(packed, crc32(head))
+            file_crc = _encode.crc32_fold(entry_crcs, entry_lens, head_crc)
+            f.flush()
+            os.fsync(f.fileno())
+        if check is not None:
+            check(pos)
+    except BaseException:
+        # Out of space, interrupted or refused: drop the half-written file.
+        tmp.unlink(missing_ok=True)
+        raise
+    size = tmp.stat().st_size
+    if size != off["end"]:
+        tmp.unlink(missing_ok=True)
+        raise CacheFormatError(f"{tmp}: wrote {size} bytes, expected {off['end']}")
+    record = dict(
+        file=path.name,
+        doc_start=doc_start,
+        doc_end=doc_start + len(lengths),
+        num_tokens=ntok,
+        num_entries=int(cum[-1]),
+        size_bytes=size,
+        token_crc32=token_crc,
+        index_crc32=header.index_crc,
+        file_crc32=file_crc,
+    )
+    if teacher_stats:
+        record["teacher_stats"] = teacher_stats
+    if sidecar is not None:
+        write_sidecar(path, sidecar, record)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return record
 
 
 class ShardWriter:
@@ -301,36 +468,6 @@ class ShardWriter:
         packed = np.frombuffer(pack_entries(flat_ids, values, self.encoding), np.uint8)
         self._append_document(length, per_token, packed, int(flat_ids.size), tokens, stats)
 
-    def add_packed(self, tokens: np.ndarray, counts: np.ndarray, entries: np.ndarray) -> None:
-        """Append the next document from already-packed entries (copied from a shard of the
-        same encoding and vocabulary, as ``remap-cache`` does).
-
-        Args:
-            tokens: ``[L]`` the document's token ids (checksummed for alignment).
-            counts: ``[L]`` entries per position (0 at the last one).
-            entries: the document's packed entries, ``entry_bytes * counts.sum()`` bytes.
-        """
-        if self.next_document >= self.doc_end:
-            raise ValueError(f"{self.path}: all documents up to {self.doc_end} already written")
-        tokens, counts = np.asarray(tokens), np.asarray(counts, dtype=np.uint8)
-        entries = np.asarray(entries, dtype=np.uint8)
-        n = int(counts.sum(dtype=np.int64))
-        if len(counts) != len(tokens) or (len(counts) and counts[-1]):
-            raise ValueError(
-                f"document {self.next_document}: {len(tokens)} tokens need as many counts, "
-                "the last one 0"
-            )
-        if entries.size != n * self.encoding.entry_bytes:
-            raise ValueError(
-                f"document {self.next_document}: {n} entries need "
-                f"{n * self.encoding.entry_bytes} bytes, got {entries.size}"
-            )
-        if len(counts) and int(counts.max()) > self.encoding.max_entries:
-            raise CacheCapacityError(
-                f"document {self.next_document}: {int(counts.max())} entries at one position"
-            )
-        self._append_document(len(tokens), counts, entries, n, tokens)
-
     def _append_document(self, length, per_token, packed, num_entries, tokens, stats=None):
         """Append one document's parts and account for it (``tokens`` None: length only)."""
         self._append("counts.bin", memoryview(np.ascontiguousarray(per_token)).cast("B"))
@@ -383,61 +520,27 @@ class ShardWriter:
         self.commit()
         st, p = self._state, self._state["params"]
         partial = self.path.with_name(self.path.name + ".partial")
-        counts = np.fromfile(partial / "counts.bin", dtype=np.uint8)
-        lengths = np.fromfile(partial / "lengths.bin", dtype="<u8")
         entries = (
             np.memmap(partial / "entries.bin", dtype=np.uint8, mode="r")
             if st["entries"]
             else np.zeros(0, np.uint8)
         )
-        header, head, packed = shard_head(
-            self.encoding,
+        record = write_shard_file(
+            self.path,
+            encoding=self.encoding,
             vocab_size=p["vocab_size"],
             chunk_tokens=p["chunk_tokens"],
             doc_start=p["doc_start"],
-            lengths=lengths,
-            counts=counts,
-            entries=entries,
+            lengths=np.fromfile(partial / "lengths.bin", dtype="<u8"),
+            counts=np.fromfile(partial / "counts.bin", dtype=np.uint8),
+            entries=[entries],
             token_crc=st["token_crc"],
+            teacher_stats=st.get("stats"),
+            sidecar=sidecar,
         )
-        off = section_offsets(header)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        file_crc = 0
-        try:
-            with open(tmp, "wb") as f:
-                for part in (np.frombuffer(head, np.uint8), packed, entries):
-                    f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
-                    file_crc = crc32(part, file_crc)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            # Out of space or interrupted: drop the half-written file; the
-            # committed partial state stays, and finalize can be retried.
-            tmp.unlink(missing_ok=True)
-            raise
-        size = tmp.stat().st_size
-        if size != off["end"]:
-            raise CacheFormatError(f"{tmp}: wrote {size} bytes, expected {off['end']}")
         for fh in self._files.values():
             fh.close()
         del entries
-        record = dict(
-            file=self.path.name,
-            doc_start=p["doc_start"],
-            doc_end=p["doc_end"],
-            num_tokens=st["tokens"],
-            num_entries=st["entries"],
-            size_bytes=size,
-            token_crc32=st["token_crc"],
-            index_crc32=header.index_crc,
-            file_crc32=file_crc,
-        )
-        if st.get("stats"):
-            record["teacher_stats"] = st["stats"]
-        if sidecar is not None:
-            write_sidecar(self.path, sidecar, record)
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
         shutil.rmtree(partial)
         return record
 

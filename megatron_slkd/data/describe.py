@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
 
+from megatron_slkd.cache.format import crc32
 from megatron_slkd.data.tokenizers import MEGATRON_TOKENIZER_TYPES, Tokenizer, megatron_tokenizer
 from megatron_slkd.errors import DataMismatchError, DataPreparationError
 from megatron_slkd.records import dump_record, load_record
@@ -98,7 +98,7 @@ def _index_crc(prefix: str) -> int:
     value = 0
     with open(prefix + ".idx", "rb") as f:
         while block := f.read(1 << 24):
-            value = zlib.crc32(block, value)
+            value = crc32(block, value)
     return value
 
 
