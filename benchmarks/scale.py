@@ -73,18 +73,18 @@ def _pool(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     position from a Zipf law whose exponent varies by position (confident and uncertain
     positions), over a random id order; about 12 distinct ids per position."""
     rng = np.random.default_rng(seed)
-    draws = rng.zipf(rng.uniform(1.45, 2.6, (POOL, 1)), (POOL, N))
-    order = rng.permutation(VOCAB)
-    ids = np.zeros((POOL, N), np.int64)
-    counts = np.zeros((POOL, N), np.int64)
-    num = np.zeros(POOL, np.int64)
-    for r in range(POOL):
-        u, c = np.unique(np.minimum(draws[r], VOCAB) - 1, return_counts=True)
-        num[r] = len(u)
-        ids[r, : len(u)] = order[u]
-        counts[r, : len(u)] = c
-    k = int(num.max())
-    return ids[:, :k], counts[:, :k], num
+    draws = rng.zipf(rng.uniform(1.4, 2.3, (POOL, 1)), (POOL, N))
+    drawn = np.sort(rng.permutation(VOCAB)[np.minimum(draws, VOCAB) - 1], axis=1)
+    first = np.ones_like(drawn, dtype=bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    slot = np.cumsum(first, axis=1) - 1  # each draw's distinct-id column
+    num = first.sum(1)
+    rows = np.repeat(np.arange(POOL), N).reshape(POOL, N)
+    ids = np.zeros((POOL, int(num.max())), np.int64)
+    counts = np.zeros_like(ids)
+    ids[rows[first], slot[first]] = drawn[first]
+    np.add.at(counts, (rows.ravel(), slot.ravel()), 1)
+    return ids, counts, num
 
 
 def _writer(rank: int, writers: int, prefix: str, out: str, num_shards: int, seed: int) -> None:
@@ -152,12 +152,13 @@ def _slkd(*args, mpirun: int = 0) -> float:
 _OPEN = """
 import json, resource, sys, time
 from megatron_slkd.cache import open_cache
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+before = rss()
 t = time.perf_counter()
 c = open_cache(sys.argv[1])
 dt = time.perf_counter() - t
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": dt, "rss_mb": (after - before) / 1024, "shards": len(c.shards)}))
+print(json.dumps({"seconds": dt, "rss_mb": rss() - before, "shards": len(c.shards)}))
 """
 
 

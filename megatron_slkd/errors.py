@@ -20,6 +20,10 @@ __all__ = [
     "DataMismatchError",
     "ConfigError",
     "StorageError",
+    "ObjectStoreError",
+    "ObjectNotFoundError",
+    "ObjectPermissionError",
+    "ObjectTimeoutError",
 ]
 
 
@@ -82,3 +86,19 @@ class StorageError(SlkdError):
             f"{where}: {what} (errno {exc.errno}); {hint}, then rerun the same command "
             "(work committed before the failure is kept)"
         )
+
+
+class ObjectStoreError(StorageError):
+    """An object-storage request (``s3://``, ``msc://``) failed; the message names the URL."""
+
+
+class ObjectNotFoundError(ObjectStoreError):
+    """No object at the URL (a cache not there, or not finished: its manifest is written last)."""
+
+
+class ObjectPermissionError(ObjectStoreError):
+    """The store refused the request (HTTP 403): check the credentials and bucket policy."""
+
+
+class ObjectTimeoutError(ObjectStoreError):
+    """The store did not answer, or answered with retryable errors, after every retry."""

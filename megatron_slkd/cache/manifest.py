@@ -13,7 +13,7 @@ from typing import Any
 
 from megatron_slkd.cache.format import Encoding
 from megatron_slkd.errors import CacheFormatError
-from megatron_slkd.records import dump_record, load_record
+from megatron_slkd.records import dump_record, load_record, parse_record
 
 __all__ = ["Manifest", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME"]
 
@@ -124,6 +124,41 @@ class Manifest:
                 f"{path}: no manifest; a cache directory needs {MANIFEST_NAME} "
                 "(run `slkd merge-cache` over the shard directories to write it)"
             ) from exc
+        return cls.from_record(d, path)
+
+    @classmethod
+    def read(cls, cache) -> Manifest:
+        """The manifest of the cache at ``cache``: a directory or an ``s3://``/``msc://`` URL.
+
+        Raises:
+            CacheFormatError: as :meth:`load`.
+            ObjectNotFoundError: no manifest at the URL (not a cache, or not finished).
+        """
+        from megatron_slkd.storage import ObjectStore, is_object_url, join
+
+        if not is_object_url(str(cache)):
+            return cls.load(Path(cache) / MANIFEST_NAME)
+        from megatron_slkd.errors import ObjectNotFoundError
+
+        store = ObjectStore(str(cache))
+        where = join(store.url, MANIFEST_NAME)
+        try:
+            text = store.read(MANIFEST_NAME).decode("utf-8", errors="replace")
+        except ObjectNotFoundError as exc:
+            raise ObjectNotFoundError(
+                f"{where}: no manifest; not a cache, or one still being written (its manifest "
+                "is published last)"
+            ) from exc
+        return cls.parse(text, where)
+
+    @classmethod
+    def parse(cls, text: str, where) -> Manifest:
+        """:meth:`load` from the record's text (read from object storage); ``where`` names it."""
+        return cls.from_record(parse_record(text, where, CacheFormatError), where)
+
+    @classmethod
+    def from_record(cls, d: dict, path) -> Manifest:
+        """A manifest from its parsed record; ``path`` names it in errors."""
         try:
             if d.get("format") != FORMAT_NAME:
                 raise CacheFormatError(f"{path}: not a {FORMAT_NAME} manifest")

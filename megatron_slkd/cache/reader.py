@@ -43,6 +43,65 @@ class SparseRows(NamedTuple):
     num_entries: np.ndarray
 
 
+def check_header(path, raw: bytes, size: int, record: dict, manifest: Manifest) -> ShardHeader:
+    """A shard's header, checked against its size and its manifest record.
+
+    Raises:
+        CacheFormatError: naming ``path`` and the shard's documents.
+    """
+    docs = f"documents {record['doc_start']}..{record['doc_end'] - 1}"
+    h = ShardHeader.unpack(raw, str(path))
+    end = section_offsets(h)["end"]
+    if size != end or size != record["size_bytes"]:
+        raise CacheFormatError(
+            f"{path} ({docs}): {size} bytes on disk, header implies {end} and the "
+            f"manifest {record['size_bytes']}; the shard is truncated or was replaced"
+        )
+    expect = dict(
+        doc_start=record["doc_start"],
+        num_docs=record["doc_end"] - record["doc_start"],
+        num_tokens=record["num_tokens"],
+        num_entries=record["num_entries"],
+        index_crc=record["index_crc32"],
+        encoding=manifest.encoding,
+        vocab_size=manifest.tokenizer["vocab_size"],
+    )
+    for key, want in expect.items():
+        if getattr(h, key) != want:
+            raise CacheFormatError(
+                f"{path}: header {key}={getattr(h, key)} but the manifest says {want}; "
+                "the shard does not belong to this manifest"
+            )
+    return h
+
+
+def check_index(path, h: ShardHeader, index: np.ndarray, record: dict):
+    """(document offsets, chunk entry offsets, chunk CRCs) from a shard's index bytes,
+    checked: CRC, ends, monotonicity.
+
+    Raises:
+        CacheFormatError: naming ``path`` and the shard's documents.
+    """
+    docs = f"documents {record['doc_start']}..{record['doc_end'] - 1}"
+    if crc32(index) != h.index_crc:
+        raise CacheFormatError(f"{path} ({docs}): index CRC mismatch; the shard is corrupt")
+    n_doc, n_chunk = 8 * (h.num_docs + 1), 8 * (h.num_chunks + 1)
+    doc_offsets = index[:n_doc].view("<u8")
+    chunk_offsets = index[n_doc : n_doc + n_chunk].view("<u8")
+    chunk_crcs = index[n_doc + n_chunk : n_doc + n_chunk + 4 * h.num_chunks].view("<u4")
+    ok = (
+        doc_offsets[0] == 0
+        and int(doc_offsets[-1]) == h.num_tokens
+        and chunk_offsets[0] == 0
+        and int(chunk_offsets[-1]) == h.num_entries
+        and bool(np.all(np.diff(doc_offsets.astype(np.int64)) >= 0))
+        and bool(np.all(np.diff(chunk_offsets.astype(np.int64)) >= 0))
+    )
+    if not ok:
+        raise CacheFormatError(f"{path} ({docs}): inconsistent index; the shard is corrupt")
+    return doc_offsets, chunk_offsets, chunk_crcs
+
+
 class ShardFile:
     """One shard file, memory-mapped, with its header and index checked."""
 
@@ -57,49 +116,31 @@ class ShardFile:
             raise CacheFormatError(
                 f"{path}: missing shard for {docs}; rebuild or copy it, then re-run merge-cache"
             ) from exc
-        h = ShardHeader.unpack(raw, str(path))
-        self.header = h
+        self.header = h = check_header(path, raw, size, record, manifest)
         off = section_offsets(h)
-        if size != off["end"] or size != record["size_bytes"]:
-            raise CacheFormatError(
-                f"{path} ({docs}): {size} bytes on disk, header implies {off['end']} and the "
-                f"manifest {record['size_bytes']}; the shard is truncated or was replaced"
-            )
-        expect = dict(
-            doc_start=record["doc_start"],
-            num_docs=record["doc_end"] - record["doc_start"],
-            num_tokens=record["num_tokens"],
-            num_entries=record["num_entries"],
-            index_crc=record["index_crc32"],
-            encoding=manifest.encoding,
-            vocab_size=manifest.tokenizer["vocab_size"],
-        )
-        for key, want in expect.items():
-            if getattr(h, key) != want:
-                raise CacheFormatError(
-                    f"{path}: header {key}={getattr(h, key)} but the manifest says {want}; "
-                    "the shard does not belong to this manifest"
-                )
         mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-        index = mm[off["doc_offsets"] : off["chunk_crcs"] + 4 * h.num_chunks]
-        if crc32(index) != h.index_crc:
-            raise CacheFormatError(f"{path} ({docs}): index CRC mismatch; the shard is corrupt")
-        self.doc_offsets = mm[off["doc_offsets"] : off["chunk_offsets"]].view("<u8")
-        self.chunk_offsets = mm[off["chunk_offsets"] : off["chunk_crcs"]].view("<u8")
-        self.chunk_crcs = mm[off["chunk_crcs"] : off["chunk_crcs"] + 4 * h.num_chunks].view("<u4")
+        index = mm[off["doc_offsets"] : off["counts"]]
+        self.doc_offsets, self.chunk_offsets, self.chunk_crcs = check_index(path, h, index, record)
         self.counts = mm[off["counts"] : off["entries"]]
         self.entries = mm[off["entries"] : off["end"]]
-        ok = (
-            self.doc_offsets[0] == 0
-            and int(self.doc_offsets[-1]) == h.num_tokens
-            and self.chunk_offsets[0] == 0
-            and int(self.chunk_offsets[-1]) == h.num_entries
-            and bool(np.all(np.diff(self.doc_offsets.astype(np.int64)) >= 0))
-            and bool(np.all(np.diff(self.chunk_offsets.astype(np.int64)) >= 0))
-        )
-        if not ok:
-            raise CacheFormatError(f"{path} ({docs}): inconsistent index; the shard is corrupt")
         self._verified: np.ndarray | None = None
+
+    def window(self, starts: np.ndarray, lengths: np.ndarray, verify: bool):
+        """(counts, entries, chunk entry offsets, starts) to decode the spans ``starts``,
+        ``lengths`` (shard-local tokens) with: here the whole shard, in place; chunks
+        checked first when ``verify``."""
+        if verify:
+            c = self.header.chunk_tokens
+            for t, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+                self.verify_chunks(t // c, (t + n - 1) // c)
+        return self.counts, self.entries, self.chunk_offsets, starts
+
+    def prefetch(self, starts, lengths) -> None:
+        """Nothing to fetch for a local file."""
+
+    def counts_section(self) -> np.ndarray:
+        """The packed per-token entry counts of the whole shard."""
+        return self.counts
 
     def verify_chunks(self, first: int, last: int) -> None:
         """Check the CRC of chunks ``first..last`` (inclusive) not checked before."""
@@ -129,36 +170,60 @@ class ShardFile:
 class SparseKDCache:
     """A cache directory opened for reading. Construct with :func:`open_cache`."""
 
-    def __init__(self, path, *, verify_reads: bool = True):
-        from megatron_slkd.urls import is_url
+    def __init__(self, path, *, verify_reads: bool = True, local_cache_dir=None,
+                 local_cache_bytes: int | None = None):  # fmt: skip
+        from megatron_slkd.storage import check_url, is_object_url
 
-        if is_url(str(path)):
-            raise CacheFormatError(
-                f"{path}: object-storage URLs are not supported yet; copy the cache to a local "
-                "or shared POSIX file system"
-            )
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise CacheFormatError(f"{self.path}: not a cache directory")
-        self.manifest = m = Manifest.load(self.path / MANIFEST_NAME)
+        check_url(str(path))
+        remote = is_object_url(str(path))
+        if remote:
+            from megatron_slkd.storage import ObjectStore, join
+
+            store = ObjectStore(str(path))
+            self.path = store.url
+            where = join(store.url, MANIFEST_NAME)
+            m = Manifest.read(store.url)
+        else:
+            self.path = Path(path)
+            if not self.path.is_dir():
+                raise CacheFormatError(f"{self.path}: not a cache directory")
+            where = self.path / MANIFEST_NAME
+            m = Manifest.load(where)
+        self.manifest = m
+        self.remote = remote
         self.verify_reads = verify_reads
         expected = 0
         for s in m.shards:
             if s["doc_start"] != expected:
                 kind = "gap" if s["doc_start"] > expected else "overlap"
                 raise CacheCoverageError(
-                    f"{self.path / MANIFEST_NAME}: {kind} at documents "
+                    f"{where}: {kind} at documents "
                     f"{min(expected, s['doc_start'])}..{max(expected, s['doc_start']) - 1} "
                     f"(shard {s['file']} starts at {s['doc_start']})"
                 )
             expected = s["doc_end"]
         if expected != m.dataset["num_documents"]:
             raise CacheCoverageError(
-                f"{self.path / MANIFEST_NAME}: shards cover documents 0..{expected - 1} of "
+                f"{where}: shards cover documents 0..{expected - 1} of "
                 f"{m.dataset['num_documents']}; documents {expected}.."
                 f"{m.dataset['num_documents'] - 1} have no shard"
             )
-        self.shards = [ShardFile(self.path, s, m) for s in m.shards]
+        if remote:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from megatron_slkd.cache.remote import (
+                LocalChunkCache,
+                RemoteShard,
+                default_cache_bytes,
+                default_cache_dir,
+            )
+
+            local = LocalChunkCache(local_cache_dir or default_cache_dir(),
+                                    local_cache_bytes or default_cache_bytes())  # fmt: skip
+            with ThreadPoolExecutor(16) as pool:  # one or two requests per shard, in parallel
+                self.shards = list(pool.map(lambda s: RemoteShard(store, s, m, local), m.shards))
+        else:
+            self.shards = [ShardFile(self.path, s, m) for s in m.shards]
         self._doc_starts = np.array([s["doc_start"] for s in m.shards] + [expected], np.int64)
         tok = np.zeros(len(m.shards) + 1, np.int64)
         np.cumsum([s["num_tokens"] for s in m.shards], out=tok[1:])
@@ -223,6 +288,21 @@ class SparseKDCache:
             spans.append((si, a + int(o), int(n)))
         return self._decode(spans)
 
+    def prefetch_spans(self, docs, offsets, lengths) -> None:
+        """Start fetching what :meth:`read_spans` of these spans will need (a cache on
+        object storage; nothing for a local one); returns at once."""
+        if not self.remote:
+            return
+        by_shard: dict[int, tuple[list[int], list[int]]] = {}
+        for d, o, n in zip(docs, offsets, lengths, strict=True):
+            si, a, dl = self._locate(int(d))
+            if 0 <= o and n > 0 and o + n <= dl:
+                starts, lens = by_shard.setdefault(si, ([], []))
+                starts.append(a + int(o))
+                lens.append(int(n))
+        for si, (starts, lens) in by_shard.items():
+            self.shards[si].prefetch(starts, lens)
+
     def read_tokens(self, start: int, length: int) -> SparseRows:
         """Rows of the absolute token range ``[start, start + length)`` of the dataset."""
         if start < 0 or length < 0 or start + length > self.num_tokens:
@@ -257,27 +337,25 @@ class SparseKDCache:
             starts, lens, rows = starts[keep], lens[keep], rows[keep]
             if not starts.size:
                 continue
-            c = sh.header.chunk_tokens
-            if self.verify_reads:
-                for t, n in zip(starts.tolist(), lens.tolist(), strict=True):
-                    sh.verify_chunks(t // c, (t + n - 1) // c)
+            counts, entries, chunk_offsets, at = sh.window(starts, lens, self.verify_reads)
             estarts = np.empty_like(starts)
             k = _decode.span_entry_starts(
-                sh.counts, sh.header.encoding.count_bits, sh.chunk_offsets, c, starts, lens, estarts
-            )
+                counts, sh.header.encoding.count_bits, chunk_offsets, sh.header.chunk_tokens,
+                at, lens, estarts,
+            )  # fmt: skip
             if k < 0:
                 raise CacheFormatError(f"{sh.path}: {_decode.STATUS[-k]}; the shard is corrupt")
             kmax = max(kmax, int(k))
-            plans.append((sh, starts, lens, estarts, rows))
+            plans.append((sh, counts, entries, at, lens, estarts, rows))
         ids = np.zeros((total, kmax), dtype=np.int64)
         weights = np.zeros((total, kmax), dtype=np.float32)
         nent = np.zeros(total, dtype=np.int64)
         enc = self.manifest.encoding
-        for sh, starts, lens, estarts, rows in plans:
+        for sh, counts, entries, starts, lens, estarts, rows in plans:
             status = _decode.decode_spans(
-                sh.counts,
+                counts,
                 enc.count_bits,
-                sh.entries,
+                entries,
                 enc.entry_bytes,
                 enc.id_bits,
                 self._table,
@@ -296,15 +374,23 @@ class SparseKDCache:
         return SparseRows(ids, weights, nent)
 
 
-def open_cache(path, *, verify_reads: bool = True) -> SparseKDCache:
-    """Open the cache directory ``path`` (which holds ``manifest.json``).
+def open_cache(path, *, verify_reads: bool = True, local_cache_dir=None,
+               local_cache_bytes: int | None = None) -> SparseKDCache:  # fmt: skip
+    """Open the cache at ``path``: a directory, or an ``s3://``/``msc://`` URL (which
+    holds ``manifest.json``).
 
     Args:
-        path: the cache directory.
-        verify_reads: check each chunk's CRC the first time a read touches it.
+        path: the cache directory or URL.
+        verify_reads: check each chunk's CRC the first time a read touches it (chunks
+            fetched from object storage are always checked).
+        local_cache_dir, local_cache_bytes: where chunks fetched from object storage are
+            kept and how many bytes at most (see :mod:`megatron_slkd.cache.remote`).
 
     Raises:
         CacheFormatError: a missing, truncated or corrupt manifest or shard.
         CacheCoverageError: shards leave documents uncovered or overlap.
+        ObjectStoreError: (and its subclasses) a request to the object store failed.
+        ConfigError: a URL of a scheme other than ``s3://`` and ``msc://``.
     """
-    return SparseKDCache(path, verify_reads=verify_reads)
+    return SparseKDCache(path, verify_reads=verify_reads, local_cache_dir=local_cache_dir,
+                         local_cache_bytes=local_cache_bytes)  # fmt: skip

@@ -21,7 +21,7 @@ def cache_stats(cache: SparseKDCache) -> dict:
     hist = np.zeros(256, dtype=np.int64)
     for sh in cache.shards:
         n, bits = sh.header.num_tokens, sh.header.encoding.count_bits
-        hist += np.bincount(unpack_counts(sh.counts, n, bits), minlength=256)[:256]
+        hist += np.bincount(unpack_counts(sh.counts_section(), n, bits), minlength=256)[:256]
     total_bytes = sum(s["size_bytes"] for s in cache.manifest.shards)
     entries = sum(s["num_entries"] for s in cache.manifest.shards)
     tokens = cache.num_tokens

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_slkd.cache.format import crc32, token_crc32
-from megatron_slkd.cache.reader import SparseKDCache, open_cache
+from megatron_slkd.cache.reader import ShardFile, SparseKDCache, open_cache
 from megatron_slkd.errors import SlkdError
 
 __all__ = [
@@ -52,6 +52,8 @@ def _file_crc(path: Path) -> int:
 
 
 def _verify_shard_bytes(cache: SparseKDCache, i: int) -> list[str]:
+    if not isinstance(cache.shards[i], ShardFile):
+        return _verify_remote_shard(cache, i)
     sh, rec = cache.shards[i], cache.manifest.shards[i]
     if _file_crc(sh.path) != rec["file_crc32"]:
         problems = [f"{sh.path}: file CRC differs from the manifest"]
@@ -66,6 +68,22 @@ def _verify_shard_bytes(cache: SparseKDCache, i: int) -> list[str]:
     except SlkdError as exc:
         problems.append(str(exc))
     return problems
+
+
+def _verify_remote_shard(cache: SparseKDCache, i: int) -> list[str]:
+    """A shard on object storage: streamed once to a temporary local copy (file CRC on the
+    way), which is then checked as a local shard is; the copy is removed."""
+    import tempfile
+
+    remote, rec = cache.shards[i], cache.manifest.shards[i]
+    with tempfile.TemporaryDirectory(prefix="slkd-verify-") as tmp:
+        if remote.download(tmp) != rec["file_crc32"]:
+            return [f"{remote.path}: file CRC differs from the manifest"]
+        cache.shards[i] = ShardFile(Path(tmp), rec, cache.manifest)
+        try:  # the local copy stands in for the object while its bytes are checked
+            return _verify_shard_bytes(cache, i)
+        finally:
+            cache.shards[i] = remote
 
 
 def token_checksums(ds, ranges, *, workers: int | None = None) -> list[int]:

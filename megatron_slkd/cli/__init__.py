@@ -84,6 +84,12 @@ def emit(result: dict, as_json: bool, human) -> None:
 
 # Commands that stop at a resumable point on SIGTERM / SIGUSR1 (exit status 75).
 _PREEMPTIBLE = ("build-cache", "train")
+# Options that may name a cache on object storage (s3://, msc://); any other URL is refused.
+_OBJECT_URLS = {
+    "verify-cache": ("--cache",),
+    "inspect-cache": ("--cache",),
+    "train": ("--kd-caches",),
+}
 
 
 def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
         from megatron_slkd.urls import refuse_urls
 
         refuse_urls({"--" + k.removeprefix("cfg__").replace("__", "-").replace("_", "-"): v
-                     for k, v in vars(args).items()})  # fmt: skip
+                     for k, v in vars(args).items()}, allow=_OBJECT_URLS.get(name, ()))  # fmt: skip
         return int(_module(name).run(args) or 0)
     except (SlkdError, OSError) as exc:
         if isinstance(exc, OSError):  # disk full, read-only, permissions: one line as well

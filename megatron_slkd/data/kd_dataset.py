@@ -46,6 +46,11 @@ class SparseKDGPTDatasetConfig(GPTDatasetConfig):
     """Data prefix -> its tokenizer record (``slkd describe-data``, or the Megatron-style
     tokenizer flags), for prefixes without ``PREFIX.meta.json``; the caches' tokenizer
     is checked against it."""
+    kd_object_cache_dir: str | None = None
+    """Local directory for chunks of caches on object storage (None: the default of
+    :mod:`megatron_slkd.cache.remote`)."""
+    kd_object_cache_bytes: int | None = None
+    """Bound of that directory in bytes (None: the default)."""
     kd_pad_to: int | None = None
     """Pad ``kd_ids``/``kd_weights`` of every sample to this many entries (at least the
     cache's most per position), so a loader's default collate can stack samples
@@ -59,15 +64,21 @@ _LOCK = threading.Lock()
 
 
 def _open_checked(prefix: str, cache_dir: str, ds, check_tokens: bool,
-                  record: dict | None = None) -> SparseKDCache:  # fmt: skip
+                  record: dict | None = None, config=None) -> SparseKDCache:  # fmt: skip
     """The cache of ``prefix``, opened and checked against ``ds`` once per process and pair
     (the train, validation and test splits of one prefix share it)."""
     from megatron_slkd.cache.verify import check_alignment, tokenizer_problems
+    from megatron_slkd.storage import is_object_url
 
-    key = (str(Path(prefix).resolve()), str(Path(cache_dir).resolve()))
+    where = cache_dir if is_object_url(cache_dir) else str(Path(cache_dir).resolve())
+    key = (str(Path(prefix).resolve()), where)
     with _LOCK:
         if key not in _CACHES:
-            cache = open_cache(cache_dir)
+            cache = open_cache(
+                cache_dir,
+                local_cache_dir=getattr(config, "kd_object_cache_dir", None),
+                local_cache_bytes=getattr(config, "kd_object_cache_bytes", None),
+            )
             if not check_tokens:
                 _log.warning(
                     "token checksums of cache %s are NOT compared with data prefix %s "
@@ -141,9 +152,16 @@ class SparseKDGPTDataset(GPTDataset):
         self.kd_cache = _open_checked(dataset_path, caches[dataset_path], indexed_dataset,
                                       getattr(config, "kd_check_tokens", True),
                                       (getattr(config, "kd_data_meta", None) or {}).get(
-                                          dataset_path))  # fmt: skip
+                                          dataset_path), config)  # fmt: skip
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples,
                          index_split, config)  # fmt: skip
+
+    def kd_prefetch(self, idx: int) -> None:
+        """Start fetching the cache chunks of sample ``idx`` (caches on object storage;
+        nothing for a local cache); returns at once."""
+        if self.kd_cache.remote:
+            rows = self.config.sequence_length
+            self.kd_cache.prefetch_spans(*sample_spans(self, idx, rows))
 
     def __getitem__(self, idx: int | None) -> dict[str, torch.Tensor]:
         sample = super().__getitem__(idx)  # also loads the lazy indices

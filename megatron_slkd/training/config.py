@@ -135,7 +135,17 @@ class KDConfig:
     """Sparse-logit distillation."""
 
     caches: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Data prefix -> sparse-logit cache directory, for every prefix of the blend."""
+    """Data prefix -> sparse-logit cache: a directory, or an s3://BUCKET/PATH or
+    msc://PROFILE/PATH URL (credentials from the client's own configuration)."""
+    object_cache_dir: str | None = None
+    """Where chunks of caches on object storage are kept on this node (default:
+    $SLKD_OBJECT_CACHE_DIR or ~/.cache/megatron-slkd/objects); shared by its processes."""
+    object_cache_gb: float | None = None
+    """Bound of that local cache in GB, least recently used chunks evicted (default:
+    $SLKD_OBJECT_CACHE_BYTES or 16 GiB)."""
+    readahead_batches: int = 4
+    """For caches on object storage: each loader process fetches the chunks of its next
+    this many micro-batches ahead, in the order the sampler will ask for them (0: off)."""
     alpha: float = 0.0
     """Weight of the hard-label cross-entropy; the teacher's sparse targets get
     1 - alpha (0: pure distillation)."""
@@ -260,6 +270,7 @@ class TrainConfig:
         refuse_urls(
             {f"{k}.{f}": v for k, sec in config_to_dict(self).items() for f, v in sec.items()},
             "config ",
+            allow=("kd.caches",),
         )
         m, p, t = self.model, self.parallel, self.train
         if not self.data.path and not self.data.train_path:

@@ -162,6 +162,10 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
                 kd_caches=caches,
                 kd_check_tokens=cfg.kd.check_tokens,
                 kd_data_meta=tokenizer.records,
+                kd_object_cache_dir=cfg.kd.object_cache_dir,
+                kd_object_cache_bytes=None
+                if cfg.kd.object_cache_gb is None
+                else int(cfg.kd.object_cache_gb * 1e9),
             ),
         )
     else:
@@ -203,14 +207,70 @@ def _collate(samples: list[dict], keep_kd: bool) -> dict:
     return collate_kd(samples)
 
 
+def _is_kd(dataset) -> bool:
+    from megatron_slkd.data.kd_dataset import SparseKDGPTDataset
+
+    return isinstance(dataset, SparseKDGPTDataset)
+
+
+def _kd_datasets(dataset) -> list:
+    """The SparseKDGPTDatasets under ``dataset`` (itself, or a blend's parts)."""
+    if _is_kd(dataset):
+        return [dataset]
+    return [d for part in getattr(dataset, "datasets", []) or [] for d in _kd_datasets(part)]
+
+
+class ReadAhead(torch.utils.data.Dataset):
+    """``dataset`` that, asked for the first sample of a micro-batch, starts fetching the
+    cache chunks of the next ``batches`` micro-batches the same loader process will be
+    asked for: the sampler's order is fixed (:func:`_batches`) and the DataLoader hands
+    batch j to worker j mod workers. Only wrapped around caches on object storage."""
+
+    def __init__(self, dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
+                 workers: int, batches: int) -> None:  # fmt: skip
+        self.dataset = dataset
+        self.args = (consumed, micro, dp_rank, dp, max(workers, 1), batches)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int):
+        consumed, micro, dp_rank, dp, workers, batches = self.args
+        j, m = divmod(idx - consumed - dp_rank * micro, micro * dp)
+        if m == 0:  # the first sample of this rank's micro-batch j
+            for k in range(1, batches + 1):
+                first = consumed + (j + k * workers) * micro * dp + dp_rank * micro
+                for i in range(first, min(first + micro, len(self.dataset))):
+                    ds, inner = _resolve(self.dataset, i)
+                    if _is_kd(ds):
+                        ds.kd_prefetch(inner)
+        return self.dataset[idx]
+
+
+def _resolve(dataset, idx: int):
+    """(the dataset that builds sample ``idx``, its index there), through blends."""
+    while hasattr(dataset, "dataset_index") and hasattr(dataset, "datasets"):
+        part = dataset.datasets[dataset.dataset_index[idx]]
+        dataset, idx = part, dataset.dataset_sample_index[idx]
+    return dataset, int(idx)
+
+
 def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
-                num_workers: int, keep_kd: bool = True):  # fmt: skip
-    """Micro-batches of this data-parallel rank from sample ``consumed`` on (None: no data here)."""
+                num_workers: int, keep_kd: bool = True, readahead: int = 0):  # fmt: skip
+    """Micro-batches of this data-parallel rank from sample ``consumed`` on (None: no data here).
+
+    ``readahead``: micro-batches whose cache chunks each loader process fetches ahead, for
+    caches on object storage (:class:`ReadAhead`).
+    """
     if dataset is None:
         return None
+    total = len(dataset)
+    if readahead and keep_kd and any(d.kd_cache.remote for d in _kd_datasets(dataset)):
+        dataset = ReadAhead(dataset, consumed=consumed, micro=micro, dp_rank=dp_rank, dp=dp,
+                            workers=num_workers, batches=readahead)  # fmt: skip
     return torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=_Sampler(len(dataset), consumed, micro, dp_rank, dp),
+        batch_sampler=_Sampler(total, consumed, micro, dp_rank, dp),
         num_workers=num_workers,
         collate_fn=functools.partial(_collate, keep_kd=keep_kd),
         persistent_workers=False,

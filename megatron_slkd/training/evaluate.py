@@ -143,13 +143,11 @@ def kl_floor(cache_dirs, kl: float | None) -> dict:
     """``kl_floor`` (the teacher's own KL to the caches' samples, positions-weighted over
     ``cache_dirs``) and ``kl_minus_floor``; None where a cache did not record it. Only the
     manifests are read (each evaluation calls this)."""
-    from pathlib import Path
-
-    from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
+    from megatron_slkd.cache.manifest import Manifest
 
     total = weight = 0.0
     for d in cache_dirs:
-        fig = Manifest.load(Path(d) / MANIFEST_NAME).teacher_figures()
+        fig = Manifest.read(d).teacher_figures()
         if fig is None or "sample_kl" not in fig:
             return {"kl_floor": None, "kl_minus_floor": None}
         total += fig["sample_kl"] * fig["positions"]

@@ -341,7 +341,8 @@ def _train(cfg: TrainConfig, owner: list, watch) -> dict:
     run = _Run(cfg, device, vocab_size, kd_train)
     loader = make_loader(train_ds, consumed=consumed, micro=t.micro_batch_size,
                          dp_rank=ps.get_data_parallel_rank(), dp=dp,
-                         num_workers=cfg.data.num_workers, keep_kd=kd_train)  # fmt: skip
+                         num_workers=cfg.data.num_workers, keep_kd=kd_train,
+                         readahead=cfg.kd.readahead_batches)  # fmt: skip
     iters = _chunk_iterators(loader, len(chunks))
     timed = [i for i in (iters if isinstance(iters, list) else [iters]) if i is not None]
     forward_backward = get_forward_backward_func()

@@ -1,0 +1,215 @@
+"""Tier 3: caches on object storage, against a real S3-protocol server (moto's server mode,
+started here as its own process) through the clients a user configures (multi-storage-client
+for ``s3://`` and ``msc://``, boto3 underneath), with a proxy that delays, fails or holds
+requests."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import slkd, write_markov_corpus, write_synthetic_cache
+
+pytest.importorskip("multistorageclient", reason="pip install 'megatron-slkd[object]'")
+pytest.importorskip("moto.server", reason="pip install 'moto[server]'")
+
+from megatron_slkd.cache import open_cache  # noqa: E402
+from megatron_slkd.errors import (  # noqa: E402
+    CacheFormatError,
+    ConfigError,
+    ObjectNotFoundError,
+    ObjectPermissionError,
+    ObjectTimeoutError,
+)
+from megatron_slkd.object_testing import FaultProxy, S3Server, msc_config  # noqa: E402
+
+BUCKET = "slkd-test"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(server, proxy, environment): every request of this process goes through the proxy."""
+    root = tmp_path_factory.mktemp("s3")
+    server = S3Server()
+    proxy = FaultProxy(server.url)
+    server.create_bucket(BUCKET)
+    env = server.environment(proxy.url)
+    env["MSC_CONFIG"] = msc_config(root / "msc.json", "teststore", BUCKET, proxy.url,
+                                   read_timeout=2, connect_timeout=2)  # fmt: skip
+    env["SLKD_STORAGE_ATTEMPTS"] = "3"
+    env["SLKD_STORAGE_BACKOFF"] = "0.05"
+    env["SLKD_OBJECT_CACHE_DIR"] = str(root / "local")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield server, proxy, env
+    proxy.close()
+    server.close()
+
+
+def _upload(directory: Path, key: str) -> str:
+    import boto3
+
+    s3 = boto3.client("s3")
+    for f in sorted(directory.iterdir()):
+        if f.is_file():
+            s3.upload_file(str(f), BUCKET, f"{key}/{f.name}")
+    return f"s3://{BUCKET}/{key}"
+
+
+def _same(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def uploaded(store, tmp_path_factory):
+    local = write_synthetic_cache(tmp_path_factory.mktemp("c") / "c",
+                                  [300, 5000, 1, 7000, 20, 900], num_shards=3)  # fmt: skip
+    return local, _upload(local.path, "caches/synthetic")
+
+
+def test_s3_and_msc_caches_read_as_the_local_one(store, uploaded, tmp_path):
+    _, proxy, _ = store
+    local, url = uploaded
+    here = open_cache(local.path)
+    for remote_url in (url, "msc://teststore/caches/synthetic"):
+        remote = open_cache(remote_url, local_cache_dir=tmp_path / remote_url[:3])
+        assert remote.num_tokens == here.num_tokens and remote.remote
+        rng = np.random.default_rng(0)
+        for _ in range(40):
+            start = int(rng.integers(0, here.num_tokens - 600))
+            n = int(rng.integers(0, 600))
+            assert _same(remote.read_tokens(start, n), here.read_tokens(start, n))
+        spans = ([3, 1, 3, 0, 5], [0, 10, 100, 0, 0], [7000, 100, 50, 300, 900])
+        assert _same(remote.read_spans(*spans), here.read_spans(*spans))
+    # Opened again: the shards' heads come from the local cache, one request (the manifest).
+    before = proxy.requests
+    again = open_cache(url, local_cache_dir=tmp_path / "s3:")
+    assert proxy.requests - before == 1
+    assert _same(again.read_spans(*spans), here.read_spans(*spans))
+    assert proxy.requests - before == 1  # those chunks were kept
+
+
+def test_prefetch_fetches_ahead_and_reads_then_ask_nothing(store, uploaded, tmp_path):
+    _, proxy, _ = store
+    local, url = uploaded
+    remote = open_cache(url, local_cache_dir=tmp_path / "lc")
+    remote.prefetch_spans([3, 1], [0, 0], [7000, 5000])
+    import concurrent.futures
+
+    from megatron_slkd.cache.remote import _pool
+
+    _pool().submit(lambda: None).result()  # the pool ran what was queued before
+    for sh in remote.shards:
+        for fut in list(sh._state()[1].values()):
+            concurrent.futures.wait([fut])
+    before = proxy.requests
+    assert _same(remote.read_spans([3, 1], [0, 0], [7000, 5000]),
+                 open_cache(local.path).read_spans([3, 1], [0, 0], [7000, 5000]))  # fmt: skip
+    assert proxy.requests == before
+
+
+def test_the_local_cache_stays_within_its_bound(store, uploaded, tmp_path):
+    local, url = uploaded
+    bound = 60_000
+    remote = open_cache(url, local_cache_dir=tmp_path / "small", local_cache_bytes=bound)
+    here = open_cache(local.path)
+    for start in range(0, here.num_tokens - 500, 500):
+        assert _same(remote.read_tokens(start, 500), here.read_tokens(start, 500))
+    held = sum(f.stat().st_size for f in (tmp_path / "small").rglob("*") if f.is_file())
+    total = sum(s["size_bytes"] for s in here.manifest.shards)
+    assert total > 3 * bound  # the reads went through more than the bound
+    assert held <= bound * 1.25
+
+
+def test_a_corrupt_object_is_refused_by_its_chunk_crc(store, uploaded, tmp_path):
+    local, _ = uploaded
+    bad = tmp_path / "bad"
+    shutil.copytree(local.path, bad)
+    shard = sorted(bad.glob("*.slkd"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-50] ^= 0xFF  # an entry byte of the last chunk
+    shard.write_bytes(bytes(data))
+    url = _upload(bad, "caches/bad")
+    remote = open_cache(url, local_cache_dir=tmp_path / "lc")
+    with pytest.raises(CacheFormatError, match=f"{url}/{shard.name}: CRC mismatch in chunk"):
+        remote.read_tokens(remote.num_tokens - 10, 10)
+    r = slkd("verify-cache", url, "--no-mpi", check=False)
+    assert r.returncode == 1 and "file CRC differs" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_faults_are_typed_and_name_the_url(store, uploaded, tmp_path):
+    _, proxy, _ = store
+    _, url = uploaded
+    with pytest.raises(ObjectNotFoundError, match=f"s3://{BUCKET}/nothing/manifest.json"):
+        open_cache(f"s3://{BUCKET}/nothing")
+    proxy.fail(403)
+    with pytest.raises(ObjectPermissionError, match=f"{url}/manifest.json: permission denied"):
+        open_cache(url, local_cache_dir=tmp_path / "a")
+    proxy.fail(503, times=4)  # more than the client's own retries: ours go on
+    assert open_cache(url, local_cache_dir=tmp_path / "b").num_documents == 6
+    proxy.fail(503, times=1000)
+    try:
+        with pytest.raises(ObjectTimeoutError, match=f"{url}/manifest.json: read still failing"):
+            open_cache(url, local_cache_dir=tmp_path / "c")
+    finally:
+        proxy.clear()
+    proxy.stall(5, times=1000)  # the msc profile's read timeout is 2 s
+    try:
+        with pytest.raises(ObjectTimeoutError, match="msc://teststore/caches/synthetic"):
+            open_cache("msc://teststore/caches/synthetic", local_cache_dir=tmp_path / "d")
+    finally:
+        proxy.clear()
+    with pytest.raises(ConfigError, match="gs:// is not supported"):
+        open_cache("gs://bucket/cache")
+
+
+def test_verify_and_inspect_cache_on_s3(store, uploaded):
+    local, url = uploaded
+    r = json.loads(slkd("verify-cache", url, "--no-mpi", "--json").stdout)
+    assert r["ok"] and r["shards"] == 3 and r["path"] == url
+    r = slkd("inspect-cache", url)
+    assert "documents" in r.stdout
+
+
+def test_train_on_a_cache_on_s3_logs_the_local_runs_losses(store, tmp_path):
+    def train_log(run_dir):
+        rows = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
+        return [r for r in rows if r["kind"] == "train"]
+
+    prefix, cache = write_markov_corpus(tmp_path / "data", num_docs=60)
+    url = _upload(cache, "caches/markov")
+    common = [
+        "train", "--data-path", prefix, "--data-split", "90,10,0",
+        "--data-index-cache", str(tmp_path / "index-cache"), "--model-num-layers", "2",
+        "--model-hidden-size", "64", "--model-ffn-hidden-size", "128",
+        "--model-seq-length", "64", "--train-steps", "6", "--train-micro-batch-size", "2",
+        "--train-global-batch-size", "4", "--eval-interval", "3", "--eval-batches", "1",
+        "--data-num-workers", "2", "--no-log-tensorboard",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    slkd(*common, "--kd-caches", f"{prefix}={cache}", "--checkpoint-dir", tmp_path / "here",
+         env=env)  # fmt: skip
+    slkd(*common, "--kd-caches", f"{prefix}={url}", "--checkpoint-dir", tmp_path / "s3",
+         "--kd-object-cache-dir", tmp_path / "lc", "--kd-readahead-batches", "2", env=env)
+    here = [(r["step"], r["loss"]) for r in train_log(tmp_path / "here")]
+    there = [(r["step"], r["loss"]) for r in train_log(tmp_path / "s3")]
+    assert here == there and len(here) == 6
+    assert list((tmp_path / "lc").rglob("*"))  # chunks were fetched and kept
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["build-cache", "--data-prefix", "d", "--output", "gs://bucket/cache"],
+        ["train", "--data-path", "s3://bucket/data", "--kd-caches", "d=c"],
+        ["train", "--data-path", "d", "--kd-caches", "s3://bucket/data=c"],
+        ["verify-cache", "http://host/cache"],
+    ],
+)
+def test_other_urls_are_refused_and_write_nothing(tmp_path, args):
+    r = slkd(*args, check=False, cwd=tmp_path)
+    assert r.returncode == 2 and ("not supported" in r.stderr), r.stderr
+    assert list(tmp_path.iterdir()) == []
