@@ -210,6 +210,10 @@ class ObjectStore:
 
         return self._call("list", "", names)
 
+    def download(self, name: str, local_path) -> None:
+        """Copy the object to the local file ``local_path``."""
+        self._call("download", name, lambda c: c.download_file(self._key(name), str(local_path)))
+
     def upload(self, name: str, local_path) -> None:
         """Publish a local file as one object (it appears under ``name`` only when complete)."""
         self._call("upload", name, lambda c: c.upload_file(self._key(name), str(local_path)))

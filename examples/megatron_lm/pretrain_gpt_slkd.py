@@ -32,7 +32,7 @@ from megatron.core.enums import ModelType
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from model_provider import model_provider
 
-from megatron_slkd.cache import open_cache
+from megatron_slkd.cache import Manifest
 from megatron_slkd.data.batch import get_kd_batch
 from megatron_slkd.data.describe import check_blend_splits
 from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
@@ -57,6 +57,15 @@ def add_slkd_args(parser):
         "--no-slkd-check-tokens skips it with a warning)",
     )  # fmt: skip
     group.add_argument(
+        "--slkd-object-cache-dir", default=None,
+        help="for caches on s3:// or msc://: where fetched chunks are kept on this node "
+        "(default: $SLKD_OBJECT_CACHE_DIR or ~/.cache/megatron-slkd/objects)",
+    )  # fmt: skip
+    group.add_argument(
+        "--slkd-object-cache-gb", type=float, default=None,
+        help="bound of that local chunk cache in GB, least recently used evicted (default 16 GiB)",
+    )  # fmt: skip
+    group.add_argument(
         "--slkd-pad-to", type=int, default=None,
         help="entries per position in a batch (default: the caches' N or k)",
     )  # fmt: skip
@@ -72,13 +81,13 @@ def _caches(args) -> dict[str, str]:
 
 def _entry_bound(cache_dir: str, vocab_size: int) -> int:
     """Most entries a position of this cache can hold (RS: N; top-k: k)."""
-    cache = open_cache(cache_dir)
-    if cache.manifest.tokenizer.get("vocab_size") not in (None, vocab_size):
+    manifest = Manifest.read(cache_dir)  # a directory or an s3:// / msc:// URL
+    if manifest.tokenizer.get("vocab_size") not in (None, vocab_size):
         raise CacheMismatchError(
-            f"{cache_dir}: built for a vocabulary of {cache.manifest.tokenizer['vocab_size']} "
+            f"{cache_dir}: built for a vocabulary of {manifest.tokenizer['vocab_size']} "
             f"ids, but the run's tokenizer has {vocab_size}; use the teacher's tokenizer"
         )
-    s = cache.manifest.sampling
+    s = manifest.sampling
     return int(s.get("num_samples") if s.get("method") == "rs" else s.get("k"))
 
 
@@ -90,9 +99,12 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     caches = _caches(args)
     vocab = get_tokenizer().vocab_size
     pad_to = args.slkd_pad_to or max(_entry_bound(d, vocab) for d in caches.values())
+    gb = args.slkd_object_cache_gb
     config = SparseKDGPTDatasetConfig(
-        **fields, kd_caches=caches, kd_check_tokens=args.slkd_check_tokens, kd_pad_to=pad_to
-    )
+        **fields, kd_caches=caches, kd_check_tokens=args.slkd_check_tokens, kd_pad_to=pad_to,
+        kd_object_cache_dir=args.slkd_object_cache_dir,
+        kd_object_cache_bytes=None if gb is None else int(gb * 1e9),
+    )  # fmt: skip
     # megatron-core's GPTDataset never returns on a split of no tokens: refuse it by name.
     check_blend_splits(config.blend, config.blend_per_split, config.split,
                        config.sequence_length, train_val_test_num_samples,

@@ -89,7 +89,40 @@ _OBJECT_URLS = {
     "verify-cache": ("--cache",),
     "inspect-cache": ("--cache",),
     "train": ("--kd-caches",),
+    "build-cache": ("--output",),
+    "merge-cache": ("--output",),
+    "thin-cache": ("--output",),
+    "remap-cache": ("--output",),
 }
+# Commands whose --output may be on object storage: built locally, published (publish.py).
+_PUBLISHING = ("build-cache", "merge-cache", "thin-cache", "remap-cache")
+
+
+def _run(name: str, args) -> int:
+    """Run the command; an output on object storage is staged locally and published."""
+    from megatron_slkd.storage import is_object_url
+
+    mod = _module(name)
+    url = getattr(args, "output", None)
+    if name not in _PUBLISHING or not is_object_url(url):
+        return int(mod.run(args) or 0)
+    from megatron_slkd.publish import Publisher, launch_rank
+
+    pub = Publisher(url, getattr(args, "staging_dir", None))
+    publishes = launch_rank() == 0
+    pub.pull()
+    args.output = str(pub.staging)
+    if publishes:
+        pub.start()
+    try:
+        status = int(mod.run(args) or 0)
+    finally:
+        if publishes:  # what finished is published, also after a stop or an error
+            pub.stop()
+            done = pub.push()
+            print(f"slkd {name}: published {len(done)} object(s) to {pub.describe()}",
+                  file=sys.stderr)  # fmt: skip
+    return status
 
 
 def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
@@ -108,7 +141,7 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
 
         refuse_urls({"--" + k.removeprefix("cfg__").replace("__", "-").replace("_", "-"): v
                      for k, v in vars(args).items()}, allow=_OBJECT_URLS.get(name, ()))  # fmt: skip
-        return int(_module(name).run(args) or 0)
+        return _run(name, args)
     except (SlkdError, OSError) as exc:
         if isinstance(exc, OSError):  # disk full, read-only, permissions: one line as well
             where = [getattr(args, k, None) for k in ("output", "cfg__checkpoint__dir")]

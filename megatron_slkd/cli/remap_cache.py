@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 
 from megatron_slkd.ownership import add_lock_argument
+from megatron_slkd.publish import URL_OUTPUT_HELP, add_publish_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("caches", nargs="+", help="source cache directories")
     p.add_argument("--data-prefix", required=True, help="the new dataset's prefix")
-    p.add_argument("--output", required=True, help="the new cache directory")
+    p.add_argument("--output", required=True, help="the new cache directory" + URL_OUTPUT_HELP)
     p.add_argument("--source-prefix", nargs="+", default=[], metavar="CACHE=PREFIX",
                    help="a source cache's dataset, if not at its recorded prefix")  # fmt: skip
     p.add_argument("--allow-missing", action="store_true",
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_lock_argument(p)
+    add_publish_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,15 +12,17 @@ import argparse
 
 from megatron_slkd.cache.thin import thin_cache
 from megatron_slkd.ownership import add_lock_argument
+from megatron_slkd.publish import URL_OUTPUT_HELP, add_publish_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("cache", help="the source RS cache directory")
     p.add_argument("--num-samples", type=int, required=True, help="draws to keep per position")
-    p.add_argument("--output", required=True, help="the new cache directory")
+    p.add_argument("--output", required=True, help="the new cache directory" + URL_OUTPUT_HELP)
     p.add_argument("--seed", type=int, default=0, help="thinning seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_lock_argument(p)
+    add_publish_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
