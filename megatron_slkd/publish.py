@@ -34,7 +34,7 @@ from pathlib import Path
 from megatron_slkd.records import parse_record
 from megatron_slkd.storage import ObjectStore
 
-__all__ = ["Publisher", "add_publish_argument", "launch_rank", "URL_OUTPUT_HELP"]
+__all__ = ["Publisher", "add_publish_argument", "launch_rank", "mirror", "URL_OUTPUT_HELP"]
 
 _log = logging.getLogger(__name__)
 _INTERVAL_S = 10.0
@@ -176,3 +176,46 @@ class Publisher:
 
     def describe(self) -> str:
         return f"{self.url} (staged in {self.staging})"
+
+
+def _file_crc(path: Path) -> int:
+    from megatron_slkd.cache.format import crc32
+
+    value = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            value = crc32(block, value)
+    return value
+
+
+def mirror(url: str, directory=None) -> Path:
+    """A local copy of the cache or shard directory at ``url`` (an input of merge-cache,
+    thin-cache or remap-cache), under ``directory`` (default
+    ``$SLKD_OBJECT_CACHE_DIR/inputs/<hash of the URL>``). Records are fetched every time;
+    a shard file already there is kept when its CRC is the one its record gives."""
+    from megatron_slkd.cache.remote import default_cache_dir
+
+    store = ObjectStore(url)
+    key = hashlib.sha1(store.url.encode()).hexdigest()[:16]
+    dest = Path(directory) if directory else Path(default_cache_dir()) / "inputs" / key
+    dest.mkdir(parents=True, exist_ok=True)
+    names = store.list()
+    crcs: dict[str, int] = {}
+    for name in names:
+        if name == MANIFEST_NAME or name.endswith(".slkd.json"):
+            data = store.read(name)
+            (dest / name).write_bytes(data)
+            record = parse_record(data.decode("utf-8", errors="replace"), f"{url}/{name}",
+                                  ValueError)  # fmt: skip
+            crcs.update({s["file"]: s["file_crc32"] for s in record.get("shards", [])})
+    for name in names:
+        if not name.endswith(".slkd"):
+            continue
+        local = dest / name
+        if local.exists() and crcs.get(name) == _file_crc(local):
+            continue
+        tmp = dest / f".{name}.{os.getpid()}"
+        store.download(name, tmp)
+        os.replace(tmp, local)
+    _log.info("%s: copied to %s", store.url, dest)
+    return dest

@@ -132,6 +132,7 @@ class ObjectStore:
         return self._client
 
     def _key(self, name: str) -> str:
+        self._resolve()  # the client's base path
         return "/".join(p for p in (self._base.strip("/"), name.strip("/")) if p)
 
     def _call(self, what: str, name: str, fn):

@@ -252,7 +252,10 @@ def test_writers_publish_shards_whole_and_resume_from_the_store(store, tmp_path)
     assert sorted(have) == ["shard-00000-of-00002.slkd", "shard-00000-of-00002.slkd.json"]
     with pytest.raises(ObjectNotFoundError, match="no manifest"):
         open_cache(url)
-    r = slkd(*build, "--output", url, "--staging-dir", tmp_path / "b", env=env)
+    # Node B builds shard 1 only: the cache is complete (its manifest published) only if
+    # shard 0 came from the store.
+    r = slkd(*build, "--output", url, "--shard-index", "1", "--staging-dir", tmp_path / "b",
+             env=env)  # fmt: skip
     have = _objects("built")
     assert "manifest.json" in have and len(have) == 5, sorted(have)
     for name in ("shard-00000-of-00002.slkd", "shard-00001-of-00002.slkd"):
@@ -271,3 +274,24 @@ def test_writers_publish_shards_whole_and_resume_from_the_store(store, tmp_path)
     for f in (tmp_path / "thin-ref").glob("*.slkd"):
         assert thin[f.name] == f.read_bytes()
     assert "manifest.json" in thin
+
+
+def test_merge_and_thin_read_their_inputs_from_the_store(store, tmp_path):
+    parts = write_synthetic_cache(tmp_path / "parts", [200, 900, 30, 1200], num_shards=2,
+                                  write_manifest=False, sidecars=True)  # fmt: skip
+    url = _upload(parts.path, "parts")
+    slkd("merge-cache", parts.path, "--output", tmp_path / "merged-here")
+    slkd("merge-cache", url, "--output", f"s3://{BUCKET}/merged", "--staging-dir",
+         tmp_path / "stage")  # fmt: skip
+    merged = _objects("merged")
+    for f in (tmp_path / "merged-here").glob("*.slkd"):
+        assert merged[f.name] == f.read_bytes()
+    assert json.loads(merged["manifest.json"])["shards"] == json.loads(
+        (tmp_path / "merged-here" / "manifest.json").read_text()
+    )["shards"]
+    slkd("thin-cache", tmp_path / "merged-here", "--num-samples", "7", "--output",
+         tmp_path / "thin-here")  # fmt: skip
+    slkd("thin-cache", f"s3://{BUCKET}/merged", "--num-samples", "7", "--output",
+         tmp_path / "thin-there")  # fmt: skip
+    for f in (tmp_path / "thin-here").glob("*.slkd"):
+        assert (tmp_path / "thin-there" / f.name).read_bytes() == f.read_bytes()

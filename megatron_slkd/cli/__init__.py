@@ -90,10 +90,33 @@ _OBJECT_URLS = {
     "inspect-cache": ("--cache",),
     "train": ("--kd-caches",),
     "build-cache": ("--output",),
-    "merge-cache": ("--output",),
-    "thin-cache": ("--output",),
-    "remap-cache": ("--output",),
+    "merge-cache": ("--output", "--inputs"),
+    "thin-cache": ("--output", "--cache"),
+    "remap-cache": ("--output", "--caches", "--source-prefix"),
 }
+# Inputs that are copied to a local directory first when they are on object storage.
+_MIRRORED = {"merge-cache": "inputs", "thin-cache": "cache", "remap-cache": "caches"}
+
+
+def _mirror_inputs(name: str, args) -> None:
+    """Replace the command's object-storage inputs by local copies (publish.mirror)."""
+    from megatron_slkd.storage import is_object_url
+
+    attr = _MIRRORED.get(name)
+    value = getattr(args, attr, None) if attr else None
+    values = value if isinstance(value, list) else [value]
+    if not any(is_object_url(v) for v in values):
+        return
+    from megatron_slkd.publish import mirror
+
+    local = {v: str(mirror(v)) for v in values if is_object_url(v)}
+    new = [local.get(v, v) for v in values]
+    setattr(args, attr, new if isinstance(value, list) else new[0])
+    if name == "remap-cache":  # --source-prefix CACHE=PREFIX names the cache as given
+        pairs = [s.rsplit("=", 1) if "=" in s else [s, ""] for s in args.source_prefix]
+        args.source_prefix = [f"{local.get(c, c)}={p}" for c, p in pairs]
+
+
 # Commands whose --output may be on object storage: built locally, published (publish.py).
 _PUBLISHING = ("build-cache", "merge-cache", "thin-cache", "remap-cache")
 
@@ -103,6 +126,7 @@ def _run(name: str, args) -> int:
     from megatron_slkd.storage import is_object_url
 
     mod = _module(name)
+    _mirror_inputs(name, args)
     url = getattr(args, "output", None)
     if name not in _PUBLISHING or not is_object_url(url):
         return int(mod.run(args) or 0)
