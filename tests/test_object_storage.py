@@ -118,10 +118,17 @@ def test_the_local_cache_stays_within_its_bound(store, uploaded, tmp_path):
     here = open_cache(local.path)
     for start in range(0, here.num_tokens - 500, 500):
         assert _same(remote.read_tokens(start, 500), here.read_tokens(start, 500))
-    held = sum(f.stat().st_size for f in (tmp_path / "small").rglob("*") if f.is_file())
+    chunks = tmp_path / "small" / "chunks"
+    held = sum(f.stat().st_size for f in chunks.rglob("*") if f.is_file())
     total = sum(s["size_bytes"] for s in here.manifest.shards)
     assert total > 3 * bound  # the reads went through more than the bound
-    assert held <= bound * 1.25
+    assert 0 < held <= bound * 1.25
+    keep = tmp_path / "small" / "staging" / "x" / "unpublished.slkd"  # never evicted
+    keep.parent.mkdir(parents=True)
+    keep.write_bytes(b"\0" * bound)
+    remote.shards[0].local.max_bytes = 1  # everything it holds is over the bound now
+    remote.shards[0].local.trim()
+    assert keep.exists() and not [f for f in chunks.rglob("*") if f.is_file()]
 
 
 def test_a_corrupt_object_is_refused_by_its_chunk_crc(store, uploaded, tmp_path):

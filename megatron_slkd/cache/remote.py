@@ -12,8 +12,9 @@ background threads and returns at once; the dataset calls it with the spans
 of the samples its DataLoader worker will be asked for next.
 
 The local cache is a directory shared by every process of a node
-(``SLKD_OBJECT_CACHE_DIR``, default ``~/.cache/megatron-slkd/objects``):
-one file per verified chunk, written under a temporary name and renamed,
+(``SLKD_OBJECT_CACHE_DIR``, default ``~/.cache/megatron-slkd/objects``; chunks
+under its ``chunks/``, beside the writers' ``staging/`` and ``inputs/``, which
+are never evicted): one file per verified chunk, written under a temporary name and renamed,
 touched on every use, and trimmed oldest-first to 80% of its bound
 (``SLKD_OBJECT_CACHE_BYTES``, default 16 GiB) when a process has added an
 eighth of the bound since it last looked. Files are keyed by the shard's URL
@@ -70,7 +71,7 @@ class LocalChunkCache:
 
     def folder(self, url: str, file_crc: int) -> Path:
         key = hashlib.sha1(url.encode()).hexdigest()[:16]
-        return self.root / f"{key}-{file_crc:08x}"
+        return self.root / "chunks" / f"{key}-{file_crc:08x}"
 
     def get(self, folder: Path, name: str) -> bytes | None:
         path = folder / name
@@ -102,12 +103,12 @@ class LocalChunkCache:
         """Delete least recently used files until the cache holds at most 80% of its
         bound; returns the bytes it holds then."""
         files = []
-        for sub in self.root.glob("*"):
-            for f in sub.glob("*") if sub.is_dir() else ():
-                try:
-                    st = f.stat()
-                except FileNotFoundError:
-                    continue
+        for f in (self.root / "chunks").glob("*/*"):  # never staging/ or inputs/ beside it
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            if f.is_file():
                 files.append((st.st_mtime, st.st_size, f))
         total = sum(size for _, size, _ in files)
         if total <= self.max_bytes:
