@@ -84,6 +84,11 @@ def test_s3_and_msc_caches_read_as_the_local_one(store, uploaded, tmp_path):
             assert _same(remote.read_tokens(start, n), here.read_tokens(start, n))
         spans = ([3, 1, 3, 0, 5], [0, 10, 100, 0, 0], [7000, 100, 50, 300, 900])
         assert _same(remote.read_spans(*spans), here.read_spans(*spans))
+    # A damaged local copy of a chunk is dropped and fetched again, never decoded.
+    kept = sorted(f for f in (tmp_path / "s3:").rglob("*") if f.is_file() and f.name != "head")
+    kept[0].write_bytes(bytes(b ^ 0x55 for b in kept[0].read_bytes()))
+    damaged = open_cache(url, local_cache_dir=tmp_path / "s3:")
+    assert _same(damaged.read_tokens(0, here.num_tokens), here.read_tokens(0, here.num_tokens))
     # Opened again: the shards' heads come from the local cache, one request (the manifest).
     before = proxy.requests
     again = open_cache(url, local_cache_dir=tmp_path / "s3:")

@@ -218,6 +218,14 @@ class RemoteShard:
             out[i] = data
         return out
 
+    def _kept(self, i: int) -> bytes | None:
+        """Chunk ``i`` from the local cache, checked again (a damaged copy is dropped)."""
+        data = self.local.get(self._folder, str(i))
+        if data is not None and crc32(data) != int(self.chunk_crcs[i]):
+            (self._folder / str(i)).unlink(missing_ok=True)
+            return None
+        return data
+
     def _schedule(self, chunks: list[int]) -> dict[int, Future]:
         """Futures of ``chunks``: already in flight, or fetched in runs from now."""
         lock, inflight = self._state()
@@ -268,11 +276,11 @@ class RemoteShard:
         del verify  # fetched chunks are always checked
         c = self.header.chunk_tokens
         chunks = self._chunks(starts, lengths)
-        have = {i: self.local.get(self._folder, str(i)) for i in chunks}
+        have = {i: self._kept(i) for i in chunks}
         futures = self._schedule([i for i, d in have.items() if d is None])
         for i, fut in futures.items():
             got = fut.result()
-            have[i] = got.get(i) if i in got else self.local.get(self._folder, str(i))
+            have[i] = got.get(i) if i in got else self._kept(i)
             if have[i] is None:  # fetched by another thread and already evicted
                 have[i] = self._fetch(i, i + 1)[i]
         slot = {i: k for k, i in enumerate(chunks)}
