@@ -307,3 +307,29 @@ def test_merge_and_thin_read_their_inputs_from_the_store(store, tmp_path):
          tmp_path / "thin-there")  # fmt: skip
     for f in (tmp_path / "thin-here").glob("*.slkd"):
         assert (tmp_path / "thin-there" / f.name).read_bytes() == f.read_bytes()
+
+
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"),
+                    reason="set MEGATRON_LM_DIR to a Megatron-LM checkout to run")  # fmt: skip
+def test_the_megatron_lm_entry_reads_a_cache_on_s3(store, tmp_path):
+    """examples/megatron_lm/pretrain_gpt_slkd.py inside Megatron-LM (its parser, data loader
+    with a worker, model and schedule): the same losses from s3:// as from the directory."""
+    import subprocess
+    import sys
+
+    harness = Path(__file__).resolve().parent / "system" / "megatron_lm_harness.py"
+    path = os.pathsep.join(filter(None, [os.environ["MEGATRON_LM_DIR"],
+                                         os.environ.get("MEGATRON_LM_EXTRA_PATH")]))  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=path)
+    prefix, cache = write_markov_corpus(tmp_path / "data", num_docs=60)
+    url = _upload(cache, "caches/megatron-lm")
+    reports = {}
+    for name, where in (("here", str(cache)), ("s3", url)):
+        r = subprocess.run([sys.executable, str(harness), prefix, where, str(tmp_path / name),
+                            "--num-workers", "1", "--slkd-object-cache-dir",
+                            str(tmp_path / "lc")], capture_output=True, text=True, env=env,
+                           timeout=600)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-4000:]
+        reports[name] = [x for x in r.stdout.splitlines() if x.startswith("{")]
+    assert reports["here"] == reports["s3"] and len(reports["s3"]) == 3
+    assert [f for f in (tmp_path / "lc").rglob("*") if f.is_file()]  # fetched through the store

@@ -38,6 +38,7 @@ from megatron_slkd.data.describe import check_blend_splits
 from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
 from megatron_slkd.errors import CacheMismatchError
 from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
+from megatron_slkd.training.data import with_read_ahead
 
 
 def add_slkd_args(parser):
@@ -64,6 +65,11 @@ def add_slkd_args(parser):
     group.add_argument(
         "--slkd-object-cache-gb", type=float, default=None,
         help="bound of that local chunk cache in GB, least recently used evicted (default 16 GiB)",
+    )  # fmt: skip
+    group.add_argument(
+        "--slkd-readahead-batches", type=int, default=4,
+        help="for caches on object storage, with --dataloader-type single: each loader "
+        "process fetches the chunks of its next this many micro-batches ahead (0: off)",
     )  # fmt: skip
     group.add_argument(
         "--slkd-pad-to", type=int, default=None,
@@ -110,12 +116,19 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
                        config.sequence_length, train_val_test_num_samples,
                        extra_token=config.add_extra_token_to_sequence)  # fmt: skip
     print_rank_0(f"> building sparse-KD GPT datasets ({pad_to} teacher entries per position) ...")
-    return BlendedMegatronDatasetBuilder(
+    train, valid, test = BlendedMegatronDatasetBuilder(
         SparseKDGPTDataset,
         train_val_test_num_samples,
         partial(base.is_dataset_built_on_rank, vp_stage=vp_stage),
         config,
     ).build()
+    if args.dataloader_type == "single":  # the sampler's order is known: fetch ahead
+        train = with_read_ahead(
+            train, consumed=0, micro=args.micro_batch_size, dp_rank=ps.get_data_parallel_rank(),
+            dp=ps.get_data_parallel_world_size(), workers=args.num_workers,
+            batches=args.slkd_readahead_batches,
+        )  # fmt: skip
+    return train, valid, test
 
 
 def loss_func(batch: dict, output_tensor: torch.Tensor, model=None):

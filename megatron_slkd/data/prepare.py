@@ -214,6 +214,9 @@ def prepare_data(cfg: PrepareConfig) -> dict:
             bar.set_postfix(tokens=num_tokens, refresh=False)
         builder.finalize(tmp + ".idx")
     except BaseException:
+        # Closed first: with multi-storage-client installed, megatron-core's builder writes
+        # through msc.open, whose file would be written out again when collected.
+        builder.data_file.close()
         for suffix in (".bin", ".idx"):
             Path(tmp + suffix).unlink(missing_ok=True)
         raise

@@ -234,6 +234,11 @@ class ReadAhead(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def __getattr__(self, name: str):  # the wrapped dataset's (its split, its config)
+        if name in ("dataset", "args"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
     def __getitem__(self, idx: int):
         consumed, micro, dp_rank, dp, workers, batches = self.args
         j, m = divmod(idx - consumed - dp_rank * micro, micro * dp)
@@ -255,6 +260,17 @@ def _resolve(dataset, idx: int):
     return dataset, int(idx)
 
 
+def with_read_ahead(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
+                    workers: int, batches: int):  # fmt: skip
+    """``dataset`` wrapped in :class:`ReadAhead` when a cache under it is on object storage
+    and ``batches`` > 0; else ``dataset`` itself. ``consumed``: where the sampler starts (any
+    multiple of ``micro * dp`` gives the same schedule)."""
+    if dataset is None or batches <= 0 or not any(d.kd_cache.remote for d in _kd_datasets(dataset)):
+        return dataset
+    return ReadAhead(dataset, consumed=consumed, micro=micro, dp_rank=dp_rank, dp=dp,
+                     workers=workers, batches=batches)  # fmt: skip
+
+
 def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
                 num_workers: int, keep_kd: bool = True, readahead: int = 0):  # fmt: skip
     """Micro-batches of this data-parallel rank from sample ``consumed`` on (None: no data here).
@@ -265,9 +281,8 @@ def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
     if dataset is None:
         return None
     total = len(dataset)
-    if readahead and keep_kd and any(d.kd_cache.remote for d in _kd_datasets(dataset)):
-        dataset = ReadAhead(dataset, consumed=consumed, micro=micro, dp_rank=dp_rank, dp=dp,
-                            workers=num_workers, batches=readahead)  # fmt: skip
+    dataset = with_read_ahead(dataset, consumed=consumed, micro=micro, dp_rank=dp_rank, dp=dp,
+                              workers=num_workers, batches=readahead if keep_kd else 0)  # fmt: skip
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=_Sampler(total, consumed, micro, dp_rank, dp),

@@ -1,6 +1,6 @@
 """Drive examples/megatron_lm/pretrain_gpt_slkd.py inside a Megatron-LM checkout on CPU.
 
-    PYTHONPATH=$MEGATRON_LM_DIR python tests/system/megatron_lm_harness.py PREFIX CACHE
+    PYTHONPATH=$MEGATRON_LM_DIR python megatron_lm_harness.py PREFIX CACHE WORK [ARG...]
 
 Everything the entry script contributes runs as Megatron-LM runs it: Megatron-LM's
 argument parser with the ``--slkd-*`` arguments, its dataset config, the dataset
@@ -21,6 +21,7 @@ import torch
 os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 os.environ.setdefault("MASTER_PORT", "29877")
 prefix, cache, work = sys.argv[1], sys.argv[2], sys.argv[3]
+extra = sys.argv[4:]  # more Megatron-LM arguments (--num-workers 1 ...)
 sys.argv = [
     "pretrain_gpt_slkd.py",
     "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
@@ -32,7 +33,7 @@ sys.argv = [
     "--transformer-impl", "local", "--normalization", "RMSNorm", "--swiglu",
     "--position-embedding-type", "rope", "--disable-bias-linear", "--use-cpu-initialization",
     "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
-    "--no-persist-layer-norm", "--no-rope-fusion", "--distributed-backend", "gloo",
+    "--no-persist-layer-norm", "--no-rope-fusion", "--distributed-backend", "gloo", *extra,
 ]  # fmt: skip
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "megatron_lm"))
 
@@ -52,6 +53,7 @@ set_global_variables(args)
 torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 cpu.enable()
 ps.initialize_model_parallel(1, 1)
+torch.manual_seed(args.seed)  # as Megatron-LM's _set_random_seed: the same model every run
 model_parallel_cuda_manual_seed(args.seed)
 train, _, _ = entry.train_valid_test_datasets_provider([8, 0, 0])
 loader = build_pretraining_data_loader(train, 0)

@@ -3,7 +3,7 @@
 Set ``MEGATRON_LM_DIR`` to a Megatron-LM source tree of the branch that matches
 the installed megatron-core (core_r0.16.0 for 0.16), with its dataset helpers
 compiled (``make -C megatron/core/datasets``) and its Python dependencies
-installed; without it the test skips.
+installed (or in ``MEGATRON_LM_EXTRA_PATH``); without it the test skips.
 """
 
 import json
@@ -21,7 +21,8 @@ TREE = os.environ.get("MEGATRON_LM_DIR")
 @pytest.mark.skipif(not TREE, reason="set MEGATRON_LM_DIR to a Megatron-LM checkout to run")
 def test_entry_script_trains_inside_megatron_lm(markov, tmp_path):
     prefix, cache = markov
-    env = dict(os.environ, PYTHONPATH=TREE)
+    path = os.pathsep.join(filter(None, [TREE, os.environ.get("MEGATRON_LM_EXTRA_PATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     r = subprocess.run([sys.executable, str(HARNESS), prefix, str(cache), str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
