@@ -150,6 +150,12 @@ class ObjectStore:
             except ObjectStoreError:
                 raise
             except Exception as exc:  # the clients raise many types; sorted below
+                if "NoCredentialsError" in f"{type(exc).__name__} {exc}":
+                    raise ObjectPermissionError(
+                        f"{url}: no credentials found ({what}); configure the client as usual "
+                        "(AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws/, or "
+                        "the msc profile in MSC_CONFIG)"
+                    ) from exc
                 if not _retryable(exc):
                     raise ObjectStoreError(
                         f"{url}: {what} failed: {type(exc).__name__}: {exc}"

@@ -17,44 +17,47 @@ from megatron_slkd.storage import check_url, is_object_url, is_url
 __all__ = ["is_url", "refuse_urls"]
 
 
-def refuse_urls(values: dict, where: str = "", allow: tuple[str, ...] = ()) -> None:
+def refuse_urls(values: dict, where: str = "", allow: dict[str, str] | None = None) -> None:
     """Raise :class:`ConfigError` for the first URL among ``values`` (name -> value; values
-    may be lists, dicts, or ``PREFIX=DIR`` pairs) that the option may not hold.
+    may be lists, dicts, or ``KEY=VALUE`` pairs) that the option may not hold.
 
     Args:
-        allow: option names whose values (the ``DIR`` of ``PREFIX=DIR`` pairs, or dict
-            values) may be ``s3://``/``msc://`` URLs.
+        allow: option name -> where its ``s3://``/``msc://`` URLs may be: ``"any"`` (a
+            cache given alone or in any part), ``"value"`` (the ``DIR`` of ``PREFIX=DIR``
+            and dict values), ``"key"`` (the ``CACHE`` of ``CACHE=PREFIX`` and dict keys).
 
     Raises:
         ConfigError: naming the option and the URL.
     """
+    allow = allow or {}
 
-    def refuse(name, v, value):
-        check_url(value, f"{where}{name} ")  # another scheme: refused everywhere
+    def check(name, v, part, position):
+        if not is_url(part):
+            return
+        check_url(part, f"{where}{name} ")  # another scheme: refused everywhere
+        if allow.get(name) in ("any", position) and is_object_url(part):
+            return
         raise ConfigError(
             f"{where}{name} {v}: object-storage URLs are not supported here; only caches "
-            "are read from s3:// or msc:// (put data, outputs and checkpoints on a local or "
-            "shared POSIX file system; nothing was written)"
+            "are read from or written to s3:// or msc:// (put data and checkpoints on a local "
+            "or shared POSIX file system; nothing was written)"
         )
 
-    def walk(name, v, may_be_url=False):
+    def walk(name, v, position="alone"):
         if isinstance(v, dict):
             for k, x in v.items():
-                walk(name, k)
-                walk(name, x, name in allow)
+                walk(name, k, "key")
+                walk(name, x, "value")
         elif isinstance(v, list | tuple):
             for x in v:
-                walk(name, x, may_be_url)
+                walk(name, x, position)
         elif isinstance(v, str):
-            parts = v.split("=", 1) if "=" in v and not is_url(v) else [v]
-            for i, part in enumerate(parts):
-                if not is_url(part):
-                    continue
-                value_part = len(parts) == 1 or i == 1
-                if (may_be_url or name in allow) and value_part and is_object_url(part):
-                    check_url(part, f"{where}{name} ")
-                    continue
-                refuse(name, v, part)
+            if "=" in v and position == "alone":
+                key, value = v.split("=", 1)
+                check(name, v, key, "key")
+                check(name, v, value, "value")
+            else:
+                check(name, v, v, position)
 
     for name, value in values.items():
         walk(name, value)

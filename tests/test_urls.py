@@ -12,9 +12,11 @@ from megatron_slkd.training.config import load_config
 @pytest.mark.parametrize(
     "args",
     [
-        ["build-cache", "--data-prefix", "d", "--output", "s3://bucket/cache"],
+        ["build-cache", "--data-prefix", "d", "--output", "gs://bucket/cache"],
         ["merge-cache", "a", "--output", "gs://b/c"],
-        ["remap-cache", "s3://b/a", "--data-prefix", "d", "--output", "o"],
+        ["remap-cache", "http://b/a", "--data-prefix", "d", "--output", "o"],
+        ["train", "--data-path", "d", "--kd-caches", "s3://bucket/d=c"],
+        ["train", "--data-path", "d", "--checkpoint-dir", "s3://bucket/run"],
         ["train", "--data-path", "s3://bucket/d", "--kd-caches", "d=c"],
         ["verify-cache", "gs://bucket/cache"],
     ],

@@ -86,13 +86,13 @@ def emit(result: dict, as_json: bool, human) -> None:
 _PREEMPTIBLE = ("build-cache", "train")
 # Options that may name a cache on object storage (s3://, msc://); any other URL is refused.
 _OBJECT_URLS = {
-    "verify-cache": ("--cache",),
-    "inspect-cache": ("--cache",),
-    "train": ("--kd-caches",),
-    "build-cache": ("--output",),
-    "merge-cache": ("--output", "--inputs"),
-    "thin-cache": ("--output", "--cache"),
-    "remap-cache": ("--output", "--caches", "--source-prefix"),
+    "verify-cache": {"--cache": "any"},
+    "inspect-cache": {"--cache": "any"},
+    "train": {"--kd-caches": "value"},
+    "build-cache": {"--output": "any"},
+    "merge-cache": {"--output": "any", "--inputs": "any"},
+    "thin-cache": {"--output": "any", "--cache": "any"},
+    "remap-cache": {"--output": "any", "--caches": "any", "--source-prefix": "key"},
 }
 # Inputs that are copied to a local directory first when they are on object storage.
 _MIRRORED = {"merge-cache": "inputs", "thin-cache": "cache", "remap-cache": "caches"}
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
         from megatron_slkd.urls import refuse_urls
 
         refuse_urls({"--" + k.removeprefix("cfg__").replace("__", "-").replace("_", "-"): v
-                     for k, v in vars(args).items()}, allow=_OBJECT_URLS.get(name, ()))  # fmt: skip
+                     for k, v in vars(args).items()}, allow=_OBJECT_URLS.get(name))  # fmt: skip
         return _run(name, args)
     except (SlkdError, OSError) as exc:
         if isinstance(exc, OSError):  # disk full, read-only, permissions: one line as well

@@ -270,7 +270,7 @@ class TrainConfig:
         refuse_urls(
             {f"{k}.{f}": v for k, sec in config_to_dict(self).items() for f, v in sec.items()},
             "config ",
-            allow=("kd.caches",),
+            allow={"kd.caches": "value"},
         )
         m, p, t = self.model, self.parallel, self.train
         if not self.data.path and not self.data.train_path:
