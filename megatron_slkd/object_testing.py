@@ -170,10 +170,12 @@ class FaultProxy:
         self._server.server_close()
 
 
-def msc_config(path, profile: str, bucket: str, endpoint: str, **options) -> str:
+def msc_config(path, profile: str, bucket: str, endpoint: str, retry: dict | None = None,
+               **options) -> str:  # fmt: skip
     """Write an MSC config file with an S3 ``profile`` on ``bucket`` at ``endpoint`` (the
-    credentials stay in the environment; ``options`` add to the provider's, e.g.
-    ``read_timeout``); returns its path, for ``MSC_CONFIG``."""
+    credentials stay in the environment; ``retry`` is the profile's MSC retry section,
+    ``options`` add to the provider's, e.g. ``read_timeout``); returns its path, for
+    ``MSC_CONFIG``."""
     import json
 
     config = {
@@ -183,7 +185,8 @@ def msc_config(path, profile: str, bucket: str, endpoint: str, **options) -> str
                     "type": "s3",
                     "options": {"base_path": bucket, "endpoint_url": endpoint,
                                 "region_name": "us-east-1", **options},
-                }
+                },
+                **({"retry": retry} if retry else {}),
             }
         }
     }  # fmt: skip

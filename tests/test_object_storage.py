@@ -37,7 +37,9 @@ def store(tmp_path_factory):
     server.create_bucket(BUCKET)
     env = server.environment(proxy.url)
     env["MSC_CONFIG"] = msc_config(root / "msc.json", "teststore", BUCKET, proxy.url,
-                                   read_timeout=2, connect_timeout=2)  # fmt: skip
+                                   retry={"attempts": 1}, read_timeout=2, connect_timeout=2,
+                                   retries={"total_max_attempts": 1})  # fmt: skip
+    env["AWS_MAX_ATTEMPTS"] = "1"  # the clients' own retries off: ours are what is tested
     env["SLKD_STORAGE_ATTEMPTS"] = "3"
     env["SLKD_STORAGE_BACKOFF"] = "0.05"
     env["SLKD_OBJECT_CACHE_DIR"] = str(root / "local")
@@ -162,10 +164,11 @@ def test_faults_are_typed_and_name_the_url(store, uploaded, tmp_path):
         open_cache(url, local_cache_dir=tmp_path / "a")
     proxy.fail(503, times=4)  # more than the client's own retries: ours go on
     assert open_cache(url, local_cache_dir=tmp_path / "b").num_documents == 6
-    proxy.fail(503, times=1000)
+    proxy.fail(503, times=1000)  # through the msc profile: its own retries are off
+    msc = "msc://teststore/caches/synthetic"
     try:
-        with pytest.raises(ObjectTimeoutError, match=f"{url}/manifest.json: read still failing"):
-            open_cache(url, local_cache_dir=tmp_path / "c")
+        with pytest.raises(ObjectTimeoutError, match=f"{msc}/manifest.json: read still failing"):
+            open_cache(msc, local_cache_dir=tmp_path / "c")
     finally:
         proxy.clear()
     proxy.stall(5, times=1000)  # the msc profile's read timeout is 2 s
