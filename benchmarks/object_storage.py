@@ -109,15 +109,19 @@ def _span_reads(cache, count: int, seed: int = 0) -> float:
 
 def _sequential(cache, spans: int, ahead: int = 8) -> float:
     """Tokens per second reading consecutive 4096-token spans, fetching ``ahead`` ahead."""
+
+    def fetch(k: int) -> None:
+        start = k * 4096
+        si = int(np.searchsorted(cache._token_starts, start, side="right")) - 1
+        n = min(4096, int(cache._token_starts[si + 1]) - start)
+        cache.shards[si].prefetch([start - int(cache._token_starts[si])], [n])
+
     t = time.perf_counter()
+    for k in range(1, min(ahead + 1, spans)):
+        fetch(k)
     for i in range(spans):
-        for k in range(i + 1, min(i + 1 + ahead, spans)):
-            start = k * 4096
-            si = int(np.searchsorted(cache._token_starts, start, side="right")) - 1
-            local = start - int(cache._token_starts[si])
-            n = min(4096, int(cache._token_starts[si + 1]) - start)
-            if k == i + ahead or i == 0:
-                cache.shards[si].prefetch([local], [n])
+        if i and i + ahead < spans:
+            fetch(i + ahead)
         cache.read_tokens(i * 4096, 4096)
     return spans * 4096 / (time.perf_counter() - t)
 

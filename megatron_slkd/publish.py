@@ -25,7 +25,6 @@ rank 0 sees (one node, or ``--staging-dir`` on a shared file system).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -34,7 +33,7 @@ from pathlib import Path
 from megatron_slkd.records import parse_record
 from megatron_slkd.storage import ObjectStore
 
-__all__ = ["Publisher", "add_publish_argument", "launch_rank", "mirror", "URL_OUTPUT_HELP"]
+__all__ = ["Publisher", "add_publish_argument", "mirror", "URL_OUTPUT_HELP"]
 
 _log = logging.getLogger(__name__)
 _INTERVAL_S = 10.0
@@ -58,18 +57,11 @@ def add_publish_argument(p) -> None:
     )
 
 
-def launch_rank() -> int:
-    """This process's rank under mpirun, torchrun or srun (0 otherwise)."""
-    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+def _local_dir(kind: str, url: str) -> Path:
+    """``$SLKD_OBJECT_CACHE_DIR/<kind>/<hash of the URL>``."""
+    from megatron_slkd.cache.remote import default_cache_dir, url_key
 
-
-def default_staging(url: str) -> Path:
-    from megatron_slkd.cache.remote import default_cache_dir
-
-    return Path(default_cache_dir()) / "staging" / hashlib.sha1(url.encode()).hexdigest()[:16]
+    return Path(default_cache_dir()) / kind / url_key(url)
 
 
 def _record_key(data: bytes) -> str | None:
@@ -86,27 +78,20 @@ class Publisher:
     def __init__(self, url: str, staging=None):
         self.store = ObjectStore(url)
         self.url = self.store.url
-        self.staging = Path(staging) if staging else default_staging(self.url)
+        self.staging = Path(staging) if staging else _local_dir("staging", self.url)
         self.staging.mkdir(parents=True, exist_ok=True)
         self._published: dict[str, str | None] = {}  # sidecar/manifest name -> record key
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def _remote_records(self) -> dict[str, str | None]:
-        names = self.store.list()
-        return {
-            n: _record_key(self.store.read(n))
-            for n in names
-            if n.endswith(".slkd.json") or n == MANIFEST_NAME
-        }
-
     def pull(self) -> list[str]:
         """Download the store's finished shards the staging directory lacks; their names."""
-        remote = self._remote_records()
-        self._published.update(remote)
+        records = {n: self.store.read(n) for n in self.store.list()
+                   if n.endswith(".slkd.json") or n == MANIFEST_NAME}  # fmt: skip
+        self._published.update({n: _record_key(data) for n, data in records.items()})
         got = []
-        for sidecar, key in remote.items():
+        for sidecar, data in records.items():
             if not sidecar.endswith(".slkd.json"):
                 continue
             shard = sidecar.removesuffix(".json")
@@ -114,13 +99,13 @@ class Publisher:
             if (
                 local.exists()
                 and (self.staging / shard).exists()
-                and (_record_key(local.read_bytes()) == key)
+                and _record_key(local.read_bytes()) == self._published[sidecar]
             ):
                 continue
             tmp = self.staging / f"{shard}.download-{os.getpid()}"
             self.store.download(shard, tmp)
             os.replace(tmp, self.staging / shard)
-            local.write_bytes(self.store.read(sidecar))
+            local.write_bytes(data)
             got.append(shard)
         if got:
             _log.info("%s: %d finished shard(s) downloaded to %s to resume from",
@@ -178,26 +163,15 @@ class Publisher:
         return f"{self.url} (staged in {self.staging})"
 
 
-def _file_crc(path: Path) -> int:
-    from megatron_slkd.cache.format import crc32
-
-    value = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            value = crc32(block, value)
-    return value
-
-
 def mirror(url: str, directory=None) -> Path:
     """A local copy of the cache or shard directory at ``url`` (an input of merge-cache,
     thin-cache or remap-cache), under ``directory`` (default
     ``$SLKD_OBJECT_CACHE_DIR/inputs/<hash of the URL>``). Records are fetched every time;
     a shard file already there is kept when its CRC is the one its record gives."""
-    from megatron_slkd.cache.remote import default_cache_dir
+    from megatron_slkd.cache.format import file_crc32
 
     store = ObjectStore(url)
-    key = hashlib.sha1(store.url.encode()).hexdigest()[:16]
-    dest = Path(directory) if directory else Path(default_cache_dir()) / "inputs" / key
+    dest = Path(directory) if directory else _local_dir("inputs", store.url)
     dest.mkdir(parents=True, exist_ok=True)
     names = store.list()
     crcs: dict[str, int] = {}
@@ -212,7 +186,7 @@ def mirror(url: str, directory=None) -> Path:
         if not name.endswith(".slkd"):
             continue
         local = dest / name
-        if local.exists() and crcs.get(name) == _file_crc(local):
+        if local.exists() and crcs.get(name) == file_crc32(local):
             continue
         tmp = dest / f".{name}.{os.getpid()}"
         store.download(name, tmp)

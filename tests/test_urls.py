@@ -19,6 +19,7 @@ from megatron_slkd.training.config import load_config
         ["train", "--data-path", "d", "--checkpoint-dir", "s3://bucket/run"],
         ["train", "--data-path", "s3://bucket/d", "--kd-caches", "d=c"],
         ["verify-cache", "gs://bucket/cache"],
+        ["verify-cache", "http://host/cache"],
     ],
 )
 def test_commands_refuse_urls_and_write_nothing(tmp_path, args):

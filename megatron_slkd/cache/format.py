@@ -35,7 +35,9 @@ __all__ = [
     "unpack_counts",
     "counts_nbytes",
     "chunk_crc",
+    "chunk_count_range",
     "crc32",
+    "file_crc32",
     "token_crc32",
 ]
 
@@ -326,14 +328,21 @@ def pack_entries(ids: np.ndarray, values: np.ndarray, enc: Encoding) -> bytes:
     return word.view(np.uint8).reshape(-1, 4)[:, : enc.entry_bytes].tobytes()
 
 
-def chunk_crc(i, num_chunks, chunk_tokens, enc, counts, entries, chunk_offsets) -> int:
-    """CRC-32 of chunk ``i``: its count bytes, then its entry bytes.
+def chunk_count_range(c0: int, c1: int, num_chunks: int, chunk_tokens: int, count_bits: int,
+                      section_bytes: int) -> tuple[int, int]:  # fmt: skip
+    """Bytes of the counts section (``section_bytes`` long) holding chunks ``c0..c1 - 1``.
 
     Chunks hold a multiple of 8 tokens, so their counts start on a byte; the
     last chunk's count bytes run to the end of the section (its zero byte too).
     """
-    c0 = i * chunk_tokens * enc.count_bits // 8
-    c1 = (i + 1) * chunk_tokens * enc.count_bits // 8 if i + 1 < num_chunks else len(counts)
+    per_chunk = chunk_tokens * count_bits // 8
+    return c0 * per_chunk, section_bytes if c1 >= num_chunks else c1 * per_chunk
+
+
+def chunk_crc(i, num_chunks, chunk_tokens, enc, counts, entries, chunk_offsets) -> int:
+    """CRC-32 of chunk ``i``: its count bytes (:func:`chunk_count_range`), then its entry
+    bytes."""
+    c0, c1 = chunk_count_range(i, i + 1, num_chunks, chunk_tokens, enc.count_bits, len(counts))
     e0, e1 = int(chunk_offsets[i]) * enc.entry_bytes, int(chunk_offsets[i + 1]) * enc.entry_bytes
     return crc32(entries[e0:e1], crc32(counts[c0:c1]))
 
@@ -344,6 +353,15 @@ def crc32(data, value: int = 0) -> int:
     if not isinstance(data, (bytes, memoryview)):
         data = memoryview(np.ascontiguousarray(data)).cast("B")
     return _crc32(data, value)
+
+
+def file_crc32(path, block: int = 1 << 24) -> int:
+    """CRC-32 of a whole file, read in blocks."""
+    value = 0
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            value = crc32(data, value)
+    return value
 
 
 def token_crc32(tokens: np.ndarray, value: int = 0) -> int:

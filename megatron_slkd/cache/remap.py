@@ -117,7 +117,7 @@ def _common_manifest(caches: list[SparseKDCache]) -> Manifest:
     return caches[0].manifest
 
 
-def _write_shards(locks, mine, out, num_shards, plan, lengths, keys, base, m, readers, match,
+def _write_shards(locks, mine, out, num_shards, plan, lengths, keys, base, readers, match,
                   bar) -> int:  # fmt: skip
     """Write this process's shards of the new cache; returns the tokens copied.
 
@@ -128,7 +128,6 @@ def _write_shards(locks, mine, out, num_shards, plan, lengths, keys, base, m, re
     """
     from megatron_slkd.teacher.build import shard_file_name
 
-    enc = m.encoding
     copied = 0
     for i in mine:
         a, b = plan[i]
@@ -158,7 +157,7 @@ def _write_shards(locks, mine, out, num_shards, plan, lengths, keys, base, m, re
             shown[0] = tokens
 
         write_shard_file(
-            path, encoding=enc, vocab_size=readers[0].cache.vocab_size,
+            path, encoding=base.encoding, vocab_size=readers[0].cache.vocab_size,
             chunk_tokens=readers[0].cache.shards[0].header.chunk_tokens, doc_start=a,
             lengths=lengths[a:b], counts=counts, entries=pieces, token_crc=token_crc,
             sidecar=base, check=check,
@@ -259,7 +258,7 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
                 clear_dead_owner(path, what="remapped shard", timeout_s=lock_timeout)
             else:
                 locks.append(claim(path, what="remapped shard", timeout_s=lock_timeout))
-        copied = _write_shards(locks, mine, out, num_shards, plan, lengths, new_keys, base, m,
+        copied = _write_shards(locks, mine, out, num_shards, plan, lengths, new_keys, base,
                                readers, match, bar)  # fmt: skip
     finally:
         for lock in locks:

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_slkd.cache.format import HEADER_SIZE, crc32, section_offsets
+from megatron_slkd.cache.format import HEADER_SIZE, chunk_count_range, crc32, section_offsets
 from megatron_slkd.cache.manifest import Manifest
 from megatron_slkd.errors import CacheFormatError
 from megatron_slkd.storage import ObjectStore, join
 
-__all__ = ["LocalChunkCache", "RemoteShard", "default_cache_dir", "default_cache_bytes"]
+__all__ = ["LocalChunkCache", "RemoteShard", "default_cache_dir", "default_cache_bytes", "url_key"]
 
 _RUN = 64  # most chunks fetched by one pair of requests
 _THREADS = 16
@@ -47,6 +47,11 @@ def default_cache_dir() -> str:
     return os.environ.get(
         "SLKD_OBJECT_CACHE_DIR", str(Path.home() / ".cache" / "megatron-slkd" / "objects")
     )
+
+
+def url_key(url: str) -> str:
+    """A short file-name-safe key of a URL (its local chunks, staging and input copies)."""
+    return hashlib.sha1(url.encode()).hexdigest()[:16]
 
 
 def default_cache_bytes() -> int:
@@ -70,8 +75,7 @@ class LocalChunkCache:
         self._lock = threading.Lock()
 
     def folder(self, url: str, file_crc: int) -> Path:
-        key = hashlib.sha1(url.encode()).hexdigest()[:16]
-        return self.root / "chunks" / f"{key}-{file_crc:08x}"
+        return self.root / "chunks" / f"{url_key(url)}-{file_crc:08x}"
 
     def get(self, folder: Path, name: str) -> bytes | None:
         path = folder / name
@@ -160,8 +164,6 @@ class RemoteShard:
         )
         local.put(self._folder, "head", head)
         self._off = off
-        enc = h.encoding
-        self._count_bytes = h.chunk_tokens * enc.count_bits // 8  # per chunk but the last
         self._state_pid = -1
 
     def __getstate__(self) -> dict:
@@ -193,9 +195,9 @@ class RemoteShard:
     # -- chunk bytes -------------------------------------------------------
     def _count_range(self, c0: int, c1: int) -> tuple[int, int]:
         """Bytes of the counts section holding chunks ``c0..c1 - 1``."""
-        end = self._off["entries"] - self._off["counts"]
-        last = c1 == self.header.num_chunks
-        return c0 * self._count_bytes, end if last else c1 * self._count_bytes
+        h = self.header
+        return chunk_count_range(c0, c1, h.num_chunks, h.chunk_tokens, h.encoding.count_bits,
+                                 self._off["entries"] - self._off["counts"])  # fmt: skip
 
     def _fetch(self, c0: int, c1: int) -> dict[int, bytes]:
         """Chunks ``c0..c1 - 1`` from the store, each checked against its CRC and kept."""

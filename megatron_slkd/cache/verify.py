@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_slkd.cache.format import crc32, token_crc32
+from megatron_slkd.cache.format import file_crc32, token_crc32
 from megatron_slkd.cache.reader import ShardFile, SparseKDCache, open_cache
 from megatron_slkd.errors import SlkdError
 
@@ -43,19 +43,13 @@ def assign_shards(sizes: list[int], ranks: int) -> list[list[int]]:
     return [sorted(p) for p in plan]
 
 
-def _file_crc(path: Path) -> int:
-    value = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            value = crc32(np.frombuffer(block, np.uint8), value)
-    return value
-
-
-def _verify_shard_bytes(cache: SparseKDCache, i: int) -> list[str]:
+def _verify_shard_bytes(cache: SparseKDCache, i: int, file_crc: int | None = None) -> list[str]:
+    """Problems of shard ``i``: its file CRC (``file_crc`` when already computed), every
+    chunk CRC, a full decode."""
     if not isinstance(cache.shards[i], ShardFile):
         return _verify_remote_shard(cache, i)
     sh, rec = cache.shards[i], cache.manifest.shards[i]
-    if _file_crc(sh.path) != rec["file_crc32"]:
+    if (file_crc32(sh.path) if file_crc is None else file_crc) != rec["file_crc32"]:
         problems = [f"{sh.path}: file CRC differs from the manifest"]
     else:
         problems = []
@@ -77,11 +71,12 @@ def _verify_remote_shard(cache: SparseKDCache, i: int) -> list[str]:
 
     remote, rec = cache.shards[i], cache.manifest.shards[i]
     with tempfile.TemporaryDirectory(prefix="slkd-verify-") as tmp:
-        if remote.download(tmp) != rec["file_crc32"]:
+        file_crc = remote.download(tmp)
+        if file_crc != rec["file_crc32"]:
             return [f"{remote.path}: file CRC differs from the manifest"]
         cache.shards[i] = ShardFile(Path(tmp), rec, cache.manifest)
         try:  # the local copy stands in for the object while its bytes are checked
-            return _verify_shard_bytes(cache, i)
+            return _verify_shard_bytes(cache, i, file_crc)
         finally:
             cache.shards[i] = remote
 

@@ -25,6 +25,7 @@ from megatron_slkd.cache.format import (
     Encoding,
     ShardHeader,
     ValueKind,
+    chunk_count_range,
     counts_nbytes,
     crc32,
     pack_entries,
@@ -226,20 +227,13 @@ def write_shard_file(
             while chunk < num_chunks:
                 entry_crcs[chunk], run, chunk = run, 0, chunk + 1
             # Chunk i's CRC runs over its count bytes, then its entry bytes.
-            count_bounds = np.minimum(np.arange(num_chunks + 1) * (c * bits // 8), len(packed))
-            count_bounds[-1] = len(packed)
             entry_lens = np.diff(bounds)
-            chunk_crcs = np.array(
-                [
-                    _encode.crc32_combine(
-                        crc32(packed[count_bounds[i] : count_bounds[i + 1]]),
-                        int(entry_crcs[i]),
-                        int(entry_lens[i]),
-                    )
-                    for i in range(num_chunks)
-                ],
-                dtype="<u4",
-            )
+            chunk_crcs = np.zeros(num_chunks, dtype="<u4")
+            for i in range(num_chunks):
+                a, b = chunk_count_range(i, i + 1, num_chunks, c, bits, len(packed))
+                count_crc = crc32(packed[a:b])
+                chunk_crcs[i] = _encode.crc32_combine(count_crc, int(entry_crcs[i]),
+                                                      int(entry_lens[i]))  # fmt: skip
             index = doc_offsets.tobytes() + chunk_offsets.tobytes() + chunk_crcs.tobytes()
             header = ShardHeader(**fields, index_crc=crc32(index))
             head = header.pack() + index

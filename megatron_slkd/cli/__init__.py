@@ -130,10 +130,11 @@ def _run(name: str, args) -> int:
     url = getattr(args, "output", None)
     if name not in _PUBLISHING or not is_object_url(url):
         return int(mod.run(args) or 0)
-    from megatron_slkd.publish import Publisher, launch_rank
+    from megatron_slkd.launch import process_rank
+    from megatron_slkd.publish import Publisher
 
     pub = Publisher(url, getattr(args, "staging_dir", None))
-    publishes = launch_rank() == 0
+    publishes = process_rank()[0] == 0  # each array task publishes its own shards
     pub.pull()
     args.output = str(pub.staging)
     if publishes:

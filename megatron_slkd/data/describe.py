@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_slkd.cache.format import crc32
+from megatron_slkd.cache.format import file_crc32
 from megatron_slkd.data.tokenizers import MEGATRON_TOKENIZER_TYPES, Tokenizer, megatron_tokenizer
 from megatron_slkd.errors import DataMismatchError, DataPreparationError
 from megatron_slkd.records import dump_record, load_record
@@ -94,16 +94,8 @@ def tokenizer_record(tok: Tokenizer) -> dict:
             **tok.spec}  # fmt: skip
 
 
-def _index_crc(prefix: str) -> int:
-    value = 0
-    with open(prefix + ".idx", "rb") as f:
-        while block := f.read(1 << 24):
-            value = crc32(block, value)
-    return value
-
-
 def _file_key(prefix: str) -> dict:
-    return {"bin_bytes": os.path.getsize(prefix + ".bin"), "idx_crc32": _index_crc(prefix)}
+    return {"bin_bytes": os.path.getsize(prefix + ".bin"), "idx_crc32": file_crc32(prefix + ".idx")}
 
 
 def scan_dataset(prefix: str, *, progress: bool = True) -> dict:
