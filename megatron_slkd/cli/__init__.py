@@ -47,8 +47,24 @@ def _module(name: str):
     return importlib.import_module(f"megatron_slkd.cli.{_COMMANDS[name]}")
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The ``slkd`` parser (or, with ``only``, the parser of that one subcommand)."""
+def _docstring(name: str) -> str:
+    """The module docstring of command ``name``, read without importing the module: build-cache
+    and train import torch and megatron-core, seconds that ``slkd --help`` and the other
+    commands need not spend."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(f"megatron_slkd.cli.{_COMMANDS[name]}")
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text()), clean=False) or name
+
+
+def build_parser(only: str | None = None, *, chosen: str | None = None) -> argparse.ArgumentParser:
+    """The ``slkd`` parser (or, with ``only``, the parser of that one subcommand).
+
+    With ``chosen``, only that subcommand's module is imported and given its arguments; the
+    others keep their help line (enough for ``slkd --help`` and for an unknown command).
+    """
     if only is not None:
         mod = _module(only)
         p = argparse.ArgumentParser(
@@ -63,14 +79,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMANDS:
-        mod = _module(name)
+        mod = _module(name) if name == chosen else None
+        doc = mod.__doc__ if mod is not None else _docstring(name)
         p = sub.add_parser(
             name,
-            help=mod.__doc__.splitlines()[0],
-            description=mod.__doc__,
+            help=doc.splitlines()[0],
+            description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        mod.add_arguments(p)
+        if mod is not None:
+            mod.add_arguments(p)
     return parser
 
 
@@ -154,13 +172,17 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
     """Entry point of ``slkd`` (and, with ``command``, of one ``tools/*.py`` script)."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*Apex.*")
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
-    name = command or args.command
-    if name in _PREEMPTIBLE:  # from the start: a signal during the imports is not fatal
+    words = sys.argv[1:] if argv is None else argv
+    chosen = words[0] if command is None and words and words[0] in _COMMANDS else None
+    if (command or chosen) in _PREEMPTIBLE:
+        # Before the command's module is imported (torch, megatron-core: seconds): Slurm's
+        # signal may come while a requeued job is still starting, and must not kill it.
         from megatron_slkd.preempt import PreemptionWatch
 
         PreemptionWatch().install()
+    parser = build_parser(command, chosen=chosen)
+    args = parser.parse_args(argv)
+    name = command or args.command
     try:
         from megatron_slkd.urls import refuse_urls
 

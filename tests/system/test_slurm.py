@@ -76,11 +76,15 @@ def test_scripts_refuse_missing_variables(tmp_path):
         assert r.returncode != 0 and "DATA_PREFIX" in r.stderr, (script, r.stderr)
 
 
-def _release_requeued(job_ids):
+def _release_requeued(job_ids, log_dir: Path):
     """Start requeued jobs sooner: Slurm holds a requeued job about two minutes so that
     the node can clean up after it; a one-node test cluster needs a few seconds (started
-    at once, a job is killed: "Job credential revoked"). Refuses a dependency that can
-    never be satisfied (a job of the chain failed) instead of waiting for it."""
+    at once, a job is killed: "Job credential revoked"). Once the command itself stopped
+    on the warning (its "stopped: preempted" line is in the job's log), the released run
+    gets a limit it does not reach: the warning is due again in every run, and each one
+    costs a requeue per 30-s check on this machine to show the same path again. Refuses a
+    dependency that can never be satisfied (a job of the chain failed) instead of
+    waiting for it."""
     out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-t", "PD", "-o", "%i %r %V"],
                          capture_output=True, text=True).stdout  # fmt: skip
     for line in out.splitlines():
@@ -90,8 +94,12 @@ def _release_requeued(job_ids):
             raise AssertionError(f"job {job} waits for a job of the chain that failed")
         age = time.time() - time.mktime(time.strptime(since, "%Y-%m-%dT%H:%M:%S"))
         if reason == "BeginTime" and age > 10:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
-                           capture_output=True)  # fmt: skip
+            logs = "".join(p.read_text() for p in log_dir.glob(f"slkd-*-{job}.log"))
+            stopped = ": stopped: preempted by SIGUSR1" in logs
+            r = subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now",
+                                *(["TimeLimit=30"] if stopped else [])],
+                               capture_output=True, text=True)  # fmt: skip
+            assert r.returncode == 0, f"cannot release requeued job {job}: {r.stderr.strip()}"
 
 
 def _random_dataset(root: Path, tokens: int, eod: int) -> str:
@@ -117,9 +125,9 @@ def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_clu
     """The cache array (2 tasks) -> MPI merge -> TP2 pretraining chain of submit_cache.sh
     with a one-minute time limit on the build and training jobs and the warning due from
     the start (Slurm checks every 30 s): every job gets SIGUSR1 while it works, stops at a
-    resumable point, requeues itself and finishes; the shards equal byte for byte those
-    of a build run straight through, and the training log equals bitwise that of an
-    uninterrupted run."""
+    resumable point, requeues itself and finishes (the run after the command's own stop
+    released with a longer limit); the shards equal byte for byte those of a build run
+    straight through, and the training log equals bitwise that of an uninterrupted run."""
     from megatron_slkd.data.tokenizers import HFTokenizer
     from megatron_slkd.testing import write_tiny_teacher
 
@@ -145,7 +153,7 @@ def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_clu
         "TEACHER": str(teacher), "PYTHON": sys.executable, "ARRAY": "0-1", "MERGE_TASKS": "2",
         "LOG_DIR": str(tmp_path), "SLKD_BUILD_ARGS": build_args, "BUILD_SBATCH_ARGS": limited,
         "RUN_DIR": str(tmp_path / "student"), "TRAIN_TASKS": "2", "TRAIN_SBATCH_ARGS": limited,
-        "MAX_REQUEUES": "50",  # a busy machine makes more, shorter runs
+        "MAX_REQUEUES": "20",
         "SLKD_TRAIN_ARGS": train_args})  # fmt: skip
     words = r.stdout.replace(",", "").split()
     build, merge, train = words[2], words[5], words[8]
@@ -176,7 +184,7 @@ def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_clu
                                 capture_output=True, text=True).stdout.strip()  # fmt: skip
         if not queued and running is None:
             break
-        _release_requeued([build, merge, train])
+        _release_requeued([build, merge, train], tmp_path)
         time.sleep(2)
     else:
         subprocess.run(["scancel", build, merge, train])
@@ -187,6 +195,7 @@ def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_clu
                  f"slkd-train-{train}.log"):  # fmt: skip
         log = logs[name]
         assert "step stopped on SIGUSR1 (time limit ahead); requeueing job" in log, log[-3000:]
+        assert ": stopped: preempted by SIGUSR1" in log, log[-3000:]  # the command's own stop
         assert "restart 1," in log and ": done at " in log, log[-3000:]
     merged = logs[f"slkd-merge-{merge}.log"]
     assert "slkd-merge: done" in merged and "(2 ranks" in merged, merged[-2000:]

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 from helpers import SLKD
 from test_layouts import run_layout, train_log
@@ -106,3 +107,24 @@ def test_resume_at_tp2_is_bitwise(markov, tmp_path):
     assert (
         json.loads((tmp_path / "part" / "train_log.jsonl").read_text().splitlines()[0])["step"] == 1
     )
+
+
+def test_signal_while_the_command_starts_stops_after_the_first_step(markov, tmp_path):
+    # A requeued Slurm job can be warned again while its processes still import torch:
+    # the signal waits for the first step, whose checkpoint the next run resumes from.
+    prefix, cache = markov
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*SLKD, *_cli_args(prefix, cache, run, steps=3)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    maps = f"/proc/{proc.pid}/maps"
+    deadline = time.time() + 120
+    while "libtorch" not in open(maps).read():  # torch is loading: the command's imports
+        assert time.time() < deadline and proc.poll() is None, "torch never loaded"
+        time.sleep(0.01)
+    assert not (run / "checkpoints").exists()
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("slkd train: stopped: preempted by SIGUSR1 after step 1/3"), last
+    assert latest_checkpoint(run).name == "iter_0000001"

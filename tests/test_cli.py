@@ -1,0 +1,56 @@
+"""The ``slkd`` command line: every command and flag explains itself, and a command imports
+only what it needs (``slkd --help`` and the cache tools start without torch)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_slkd.cli import _COMMANDS, build_parser
+
+
+def _imports_after(argv: list[str]) -> set[str]:
+    """The heavy modules imported by ``slkd ARGV`` in a fresh interpreter."""
+    code = (
+        "import sys\n"
+        "from megatron_slkd.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return set(eval(r.stdout.strip().splitlines()[-1]))
+
+
+def test_help_lists_every_command_without_importing_torch():
+    r = subprocess.run([sys.executable, "-m", "megatron_slkd", "--help"], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for name in _COMMANDS:
+        assert f"    {name}" in r.stdout, name
+    assert _imports_after(["--help"]) == set()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify-cache", "/nonexistent/cache"],
+        ["merge-cache", "/nonexistent/a", "--output", "/nonexistent/b"],
+        ["inspect-cache", "/nonexistent/cache"],
+    ],
+)
+def test_cache_tools_do_not_import_torch(argv):
+    assert _imports_after(argv) == set()
+
+
+@pytest.mark.parametrize("name", list(_COMMANDS))
+def test_every_flag_has_help(name):
+    full = build_parser(chosen=name)
+    sub = next(a for a in full._actions if a.dest == "command").choices[name]
+    assert sub.description and sub.description.strip()
+    for action in sub._actions:
+        assert action.help, f"slkd {name} {'/'.join(action.option_strings) or action.dest}"
+    for flag in (s for a in sub._actions for s in a.option_strings if s.startswith("--")):
+        assert flag == flag.lower() and "_" not in flag, f"slkd {name} {flag}: not kebab-case"
