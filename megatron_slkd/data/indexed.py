@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_slkd.errors import CacheMismatchError
+from megatron_slkd.errors import CacheMismatchError, DataMismatchError
 
 __all__ = ["open_dataset", "iter_token_blocks", "dataset_fingerprint"]
 
@@ -26,12 +26,19 @@ def open_dataset(prefix: str):
 
     Raises:
         CacheMismatchError: ``PREFIX.bin`` or ``PREFIX.idx`` is missing.
+        DataMismatchError: ``PREFIX.bin`` is empty (no document has a token).
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():
             raise CacheMismatchError(f"{prefix}{suffix}: dataset file not found")
+    if Path(prefix + ".bin").stat().st_size == 0:
+        # megatron-core cannot memory-map it (and its reader then fails again when collected).
+        raise DataMismatchError(
+            f"{prefix}.bin is empty: the dataset holds no token (no document, or only empty "
+            "ones); there is nothing to distill or train on"
+        )
     return IndexedDataset(prefix, mmap=True)
 
 

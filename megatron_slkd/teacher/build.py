@@ -157,6 +157,9 @@ class _DocumentRows:
     def arrays(self):
         """ids, weights, num_valid, counts for rows 0..length-1, padded to one K."""
         parts = sorted(self.parts, key=lambda p: p[0])
+        if not parts:  # an empty document (preprocess_data.py writes them): no window, no row
+            empty = np.zeros((0, 1), np.int64)
+            return empty, empty.astype(np.float32), np.zeros(0, np.int64), empty
         k = max(p[1].shape[1] for p in parts)
 
         def cat(i, dtype):

@@ -126,6 +126,30 @@ def test_rows_match_the_teacher_on_each_documents_prefix(dataset, tmp_path):
     assert verify_cache(tmp_path / "c", prefix)["ok"]
 
 
+@pytest.mark.parametrize("method", ["rs", "topk"])
+def test_empty_documents_get_no_rows_and_leave_the_others_unchanged(tmp_path, method):
+    # preprocess_data.py writes a sequence of length 0 for an empty input line.
+    rng = np.random.default_rng(3)
+    lengths = (0, 40, 0, 0, 3, 1, 0)
+    docs = [rng.integers(0, VOCAB, n) for n in lengths]
+    outs = {}
+    for name, kept in (("with", docs), ("without", [d for d in docs if len(d)])):
+        prefix = write_dataset(tmp_path / name, kept)
+        meta = {"tokenizer": {"fingerprint": "test-vocab", "vocab_size": VOCAB, "kind": "test"}}
+        (tmp_path / f"{name}.meta.json").write_text(json.dumps(meta))
+        assert build_cache(_cfg(prefix, tmp_path / f"c-{name}", method=method, k=5),
+                           PrefixTeacher())["complete"]  # fmt: skip
+        assert verify_cache(tmp_path / f"c-{name}", prefix)["ok"]
+        outs[name] = open_cache(tmp_path / f"c-{name}")
+    nonempty = [d for d, n in enumerate(lengths) if n]
+    for j, d in enumerate(nonempty):  # same positions, so the same draws
+        a, b = outs["with"].read(d, 0, lengths[d]), outs["without"].read(j, 0, lengths[d])
+        assert np.array_equal(a.num_entries, b.num_entries), d
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.weights, b.weights), d
+    for d in set(range(len(lengths))) - set(nonempty):
+        assert outs["with"].read(d, 0, 0).num_entries.size == 0
+
+
 def test_crash_and_resume_is_byte_identical(dataset, tmp_path):
     prefix, _ = dataset
     clean = build_cache(_cfg(prefix, tmp_path / "clean", num_shards=3), PrefixTeacher())
