@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.slkd-installed
 DEMO_DIR ?= runs/demo
+# Test processes (pytest-xdist, one test file at a time each); 0 runs the suite in one.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-gpu lint clean
 
@@ -28,7 +30,7 @@ lint: venv
 	$(BIN)/ruff check .
 
 test: venv lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The GPU tier: tests marked gpu (they skip, saying why, without a CUDA device).
 # benchmarks/gpu_check.sh runs them with the GPU figures.

@@ -224,6 +224,7 @@ def _objects(prefix: str) -> dict[str, bytes]:
             for o in listed}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_writers_publish_shards_whole_and_resume_from_the_store(store, tmp_path):
     """build-cache on "node A" builds and publishes shard 0 only; "node B", with an empty
     staging directory, resumes from the store (downloads shard 0), builds shard 1 and

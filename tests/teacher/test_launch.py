@@ -51,6 +51,7 @@ MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent))
 
 @pytest.mark.mpi
 @pytest.mark.skipif(MPIRUN is None or smollm2_gguf() is None, reason="needs mpirun and SmolLM2")
+@pytest.mark.slow
 def test_build_cache_under_mpirun_splits_shards(tmp_path):
     prefix = prepare_hf_dataset(tmp_path / "smol", smollm2_gguf(), 3)
     env = {**os.environ, "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo"}

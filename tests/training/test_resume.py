@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from helpers import SLKD
 from test_layouts import run_layout, train_log
 
@@ -35,6 +36,7 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in train_log(run_dir)}
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bitwise(markov, tmp_path):
     prefix, cache = markov
     env = dict(os.environ, OMP_NUM_THREADS="1")
