@@ -338,6 +338,25 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
                 yield d, w, tokens
 
     next_doc = first
+
+    def write_ready():
+        """Write the documents whose rows are all in, in order, committing as due."""
+        nonlocal next_doc, since_commit
+        while next_doc in pending and pending[next_doc].rows == pending[next_doc].length:
+            doc = pending.pop(next_doc)
+            if writer is not None:
+                writer.add_document(doc.tokens, *doc.arrays(), stats=doc.stats)
+            stats.add(doc.stats)
+            since_commit += doc.length
+            bar.update(doc.length)
+            next_doc += 1
+            if since_commit >= cfg.commit_tokens:
+                if writer is not None:
+                    for lock in locks:
+                        lock.check()
+                    writer.commit()
+                since_commit = 0
+
     for batch in _batches(windows(), cfg.tokens_per_batch):
         # Every rank of the model-parallel group asks here (earlier pipeline stages skip the
         # rest of the loop body); the writer's decision holds for all.
@@ -395,21 +414,11 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
                 None if t.counts is None else t.counts[sl].numpy(),
                 figures[:, sl].sum(-1).tolist(),
             )
-        while next_doc in pending and pending[next_doc].rows == pending[next_doc].length:
-            doc = pending.pop(next_doc)
-            if writer is not None:
-                writer.add_document(doc.tokens, *doc.arrays(), stats=doc.stats)
-            stats.add(doc.stats)
-            since_commit += doc.length
-            bar.update(doc.length)
-            next_doc += 1
-            if since_commit >= cfg.commit_tokens:
-                if writer is not None:
-                    for lock in locks:
-                        lock.check()
-                    writer.commit()
-                since_commit = 0
+        write_ready()
         stats.write_s += time.perf_counter() - t2
+    # Empty documents have no window: those after the last batch (or a shard of nothing
+    # else) are written here.
+    write_ready()
     if writer is None:
         return None
     t3 = time.perf_counter()

@@ -126,9 +126,10 @@ def test_rows_match_the_teacher_on_each_documents_prefix(dataset, tmp_path):
     assert verify_cache(tmp_path / "c", prefix)["ok"]
 
 
-@pytest.mark.parametrize("method", ["rs", "topk"])
-def test_empty_documents_get_no_rows_and_leave_the_others_unchanged(tmp_path, method):
-    # preprocess_data.py writes a sequence of length 0 for an empty input line.
+@pytest.mark.parametrize("method,shards", [("rs", 1), ("topk", 1), ("rs", 3)])
+def test_empty_documents_get_no_rows_and_leave_the_others_unchanged(tmp_path, method, shards):
+    # preprocess_data.py writes a sequence of length 0 for an empty input line. In three
+    # shards, the second holds only an empty document, the third ends with one.
     rng = np.random.default_rng(3)
     lengths = (0, 40, 0, 0, 3, 1, 0)
     docs = [rng.integers(0, VOCAB, n) for n in lengths]
@@ -137,7 +138,8 @@ def test_empty_documents_get_no_rows_and_leave_the_others_unchanged(tmp_path, me
         prefix = write_dataset(tmp_path / name, kept)
         meta = {"tokenizer": {"fingerprint": "test-vocab", "vocab_size": VOCAB, "kind": "test"}}
         (tmp_path / f"{name}.meta.json").write_text(json.dumps(meta))
-        assert build_cache(_cfg(prefix, tmp_path / f"c-{name}", method=method, k=5),
+        n = shards if name == "with" else 1
+        assert build_cache(_cfg(prefix, tmp_path / f"c-{name}", method=method, k=5, num_shards=n),
                            PrefixTeacher())["complete"]  # fmt: skip
         assert verify_cache(tmp_path / f"c-{name}", prefix)["ok"]
         outs[name] = open_cache(tmp_path / f"c-{name}")
