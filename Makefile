@@ -30,7 +30,7 @@ lint: venv
 	$(BIN)/ruff check .
 
 test: venv lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The GPU tier: tests marked gpu (they skip, saying why, without a CUDA device).
 # benchmarks/gpu_check.sh runs them with the GPU figures.

