@@ -246,17 +246,18 @@ def test_empty_validation_split_is_refused_not_hung(tmp_path):
     assert "validation split of '98,2,0' holds 0 of its 4 documents" in r.stderr
 
 
-@pytest.mark.parametrize("lengths", [[], [0, 0, 0]], ids=["no-document", "empty-documents"])
-def test_a_dataset_without_tokens_is_a_typed_error_for_every_command(tmp_path, lengths):
+def test_a_dataset_without_tokens_is_a_typed_error_for_every_command(tmp_path):
     # megatron-core cannot memory-map an empty .bin, and its reader fails again when collected.
-    builder = IndexedDatasetBuilder(str(tmp_path / "d.bin"), dtype=np.int32)
-    for n in lengths:
-        builder.add_document(torch.zeros(n, dtype=torch.int32), [n])
-    builder.finalize(str(tmp_path / "d.idx"))
-    prefix = str(tmp_path / "d")
     null = ["NullTokenizer", "--vocab-size", "500"]
-    commands = [
-        ["describe-data", prefix, "--tokenizer-type", *null],
+    commands = []
+    for name, lengths in (("none", []), ("empty", [0, 0, 0])):  # no document; empty ones
+        builder = IndexedDatasetBuilder(str(tmp_path / f"{name}.bin"), dtype=np.int32)
+        for n in lengths:
+            builder.add_document(torch.zeros(n, dtype=torch.int32), [n])
+        builder.finalize(str(tmp_path / f"{name}.idx"))
+        commands.append(["describe-data", str(tmp_path / name), "--tokenizer-type", *null])
+    prefix = str(tmp_path / "empty")
+    commands += [
         ["build-cache", "--data-prefix", prefix, "--output", str(tmp_path / "c"),
          "--tokenizer-type", *null, "--dry-run"],
         ["train", "--data-path", prefix, "--kd-ce-only", "--data-tokenizer-type", "NullTokenizer",
@@ -266,7 +267,7 @@ def test_a_dataset_without_tokens_is_a_typed_error_for_every_command(tmp_path, l
         r = slkd(*argv, check=False, timeout=300)
         assert r.returncode == 2, r.stderr[-2000:]
         last = r.stderr.strip().splitlines()[-1]
-        assert last.endswith("d.bin is empty: the dataset holds no token (no document, or "
+        assert last.endswith(".bin is empty: the dataset holds no token (no document, or "
                              "only empty ones); there is nothing to distill or train on"), last
         assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
 
