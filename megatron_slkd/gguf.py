@@ -24,12 +24,29 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["converted", "cache_root"]
+__all__ = ["load", "converted", "cache_root"]
+
+# The transformers class that reads each part.
+_AUTO = {"tokenizer": "AutoTokenizer", "model": "AutoModelForCausalLM"}
 
 
 def cache_root() -> Path:
     """Where converted GGUF files are kept (``$SLKD_GGUF_CACHE_DIR``)."""
     return Path(os.environ.get("SLKD_GGUF_CACHE_DIR") or "~/.cache/megatron-slkd/gguf").expanduser()
+
+
+def load(path, part: str, **kwargs):
+    """``part`` (``"tokenizer"`` or ``"model"``) of the GGUF file ``path``, as transformers
+    loads it with ``kwargs``: from the converted directory (made on first use), or from
+    the file itself where that directory cannot be written."""
+    import transformers
+
+    auto = getattr(transformers, _AUTO[part])
+    done = converted(path, part)
+    if done is not None:
+        return auto.from_pretrained(str(done), **kwargs)
+    p = Path(path)
+    return auto.from_pretrained(str(p.parent), gguf_file=p.name, **kwargs)
 
 
 def converted(path, part: str) -> Path | None:
@@ -38,7 +55,7 @@ def converted(path, part: str) -> Path | None:
     conversion cannot be written (the caller then reads the GGUF file itself)."""
     import transformers
 
-    if part not in ("tokenizer", "model"):
+    if part not in _AUTO:
         raise ValueError(f"part must be 'tokenizer' or 'model', not {part!r}")
     p = Path(path).resolve()
     st = p.stat()
@@ -49,18 +66,10 @@ def converted(path, part: str) -> Path | None:
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        if part == "tokenizer":
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name).save_pretrained(tmp)
-        else:
-            import torch
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(
-                str(p.parent), gguf_file=p.name, torch_dtype=torch.float32
-            )
-            model.save_pretrained(tmp)
+        # The model in float32: the dequantized values exactly.
+        kwargs = {"torch_dtype": "float32"} if part == "model" else {}
+        auto = getattr(transformers, _AUTO[part])
+        auto.from_pretrained(str(p.parent), gguf_file=p.name, **kwargs).save_pretrained(tmp)
         try:
             os.rename(tmp, out)
         except OSError:

@@ -1,6 +1,7 @@
 """The ``slkd`` command line: every command and flag explains itself, and a command imports
 only what it needs (``slkd --help`` and the cache tools start without torch)."""
 
+import json
 import subprocess
 import sys
 
@@ -18,10 +19,12 @@ def _imports_after(argv: list[str]) -> set[str]:
         f"    main({argv!r})\n"
         "except SystemExit:\n"
         "    pass\n"
-        "print(sorted(m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules))"
+        "import json\n"
+        "print(json.dumps([m for m in ('torch', 'megatron.core', 'transformers') "
+        "if m in sys.modules]))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    return set(eval(r.stdout.strip().splitlines()[-1]))
+    return set(json.loads(r.stdout.strip().splitlines()[-1]))
 
 
 def test_help_lists_every_command_without_importing_torch():

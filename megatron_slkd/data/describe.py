@@ -126,7 +126,7 @@ def scan_dataset(prefix: str, *, progress: bool = True) -> dict:
             f"{prefix}: the index points {end} bytes into {prefix}.bin, which has {size}; the "
             "two files are not one dataset (truncated copy, or .idx of another .bin?)"
         )
-    data = np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r") if size else None
+    data = np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r")  # not empty: open_dataset
     total = int(lengths.sum())
     contiguous = end == total * itemsize and np.array_equal(pointers, packed)
     top = -1

@@ -115,14 +115,9 @@ class HFTokenizer(Tokenizer):
             if p.suffix == ".gguf":
                 if not p.is_file():
                     raise DataPreparationError(f"{p}: GGUF file not found")
-                from megatron_slkd.gguf import converted
+                from megatron_slkd import gguf
 
-                done = converted(p, "tokenizer")  # parsed once, then read in a fraction of it
-                tok = (
-                    AutoTokenizer.from_pretrained(str(done))
-                    if done is not None
-                    else AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-                )
+                tok = gguf.load(p, "tokenizer")  # parsed once, then read
             else:
                 tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=not p.exists())
         except DataPreparationError:

@@ -105,16 +105,9 @@ class HFTeacher:
             if p.suffix == ".gguf":
                 if not p.is_file():
                     raise TeacherError(f"{p}: GGUF file not found")
-                from megatron_slkd.gguf import converted
+                from megatron_slkd import gguf
 
-                done = converted(p, "model")  # dequantized once, then read in a second
-                model = (
-                    AutoModelForCausalLM.from_pretrained(str(done), **kwargs)
-                    if done is not None
-                    else AutoModelForCausalLM.from_pretrained(
-                        str(p.parent), gguf_file=p.name, **kwargs
-                    )
-                )
+                model = gguf.load(p, "model", **kwargs)  # dequantized once, then read
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     path, local_files_only=not p.exists(), **kwargs
