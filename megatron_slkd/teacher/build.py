@@ -331,7 +331,7 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
         # resume skips the batches of committed documents and drops their rows elsewhere.
         for d in range(doc_range[0], doc_range[1]):
             doc = ds.get(d).astype(np.int64)  # a copy: outlives the dataset's memory map
-            if d >= first:
+            if d >= first and par.samples:  # earlier pipeline stages never get rows
                 pending[d] = _DocumentRows(doc)
             tokens = torch.from_numpy(doc)
             for w in document_windows(len(tokens), cfg.context_length, cfg.stride):

@@ -509,3 +509,46 @@ def test_a_resumed_build_runs_the_batches_of_an_uninterrupted_one(tmp_path):
             build_cache(_cfg(prefix, out), BatchShapeTeacher(), watch=_WatchAfter(n))
         build_cache(_cfg(prefix, out), BatchShapeTeacher())
         assert {p.name: p.read_bytes() for p in out.iterdir()} == clean, n
+
+
+class StageTeacher(PrefixTeacher):
+    """PrefixTeacher split over a two-stage pipeline: rank 0 is the first stage (no
+    logits), rank 1 the last; one model-parallel group of both."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.has_logits = rank == 1
+        self.model_parallel_group = torch.distributed.group.WORLD
+
+    def logits(self, windows):
+        out = super().logits(windows)
+        return out if self.has_logits else None
+
+
+def _pipelined_build(rank, world, prefix, out):
+    from megatron_slkd.teacher import build
+
+    made = []
+
+    class Counted(build._DocumentRows):
+        def __init__(self, tokens):
+            super().__init__(tokens)
+            made.append(len(tokens))
+
+    build._DocumentRows = Counted
+    build_cache(_cfg(prefix, out), StageTeacher(rank))
+    # Only the stage that samples holds documents' rows; an earlier stage holding every
+    # document's tokens until the shard ends grows with the shard.
+    assert len(made) == (8 if rank == 1 else 0), (rank, made)
+
+
+def test_a_pipelined_teacher_writes_the_same_cache_and_only_its_last_stage_keeps_rows(
+    dataset, tmp_path
+):
+    from megatron_slkd.testing import run_distributed
+
+    prefix, _ = dataset
+    build_cache(_cfg(prefix, tmp_path / "one"), PrefixTeacher())
+    run_distributed(_pipelined_build, 2, prefix, str(tmp_path / "pp"))
+    one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pp").iterdir()} == one
