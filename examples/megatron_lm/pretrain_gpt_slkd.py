@@ -38,6 +38,7 @@ from megatron_slkd.data.describe import check_blend_splits
 from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
 from megatron_slkd.errors import CacheMismatchError
 from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
+from megatron_slkd.training.config import key_by_prefix
 from megatron_slkd.training.data import with_read_ahead
 
 
@@ -78,11 +79,13 @@ def add_slkd_args(parser):
     return parser
 
 
-def _caches(args) -> dict[str, str]:
+def _caches(args, config) -> dict[str, str]:
+    """--slkd-cache as prefix -> cache; a prefix holding ``=`` is matched whole."""
     pairs = [c.split("=", 1) for c in args.slkd_cache]
     if any(len(p) != 2 for p in pairs):
         raise CacheMismatchError(f"--slkd-cache takes PREFIX=DIR entries, got {args.slkd_cache}")
-    return dict(pairs)
+    blends = [config.blend] if config.blend else [b for b in config.blend_per_split or [] if b]
+    return key_by_prefix(dict(pairs), [p for b in blends for p in b[0]])
 
 
 def _entry_bound(cache_dir: str, vocab_size: int) -> int:
@@ -102,7 +105,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     args = get_args()
     plain = base.core_gpt_dataset_config_from_args(args)
     fields = {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain) if f.init}
-    caches = _caches(args)
+    caches = _caches(args, plain)
     vocab = get_tokenizer().vocab_size
     pad_to = args.slkd_pad_to or max(_entry_bound(d, vocab) for d in caches.values())
     gb = args.slkd_object_cache_gb

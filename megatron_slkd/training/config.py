@@ -273,6 +273,12 @@ class TrainConfig:
             allow={"kd.caches": "value"},
         )
         m, p, t = self.model, self.parallel, self.train
+        prefixes = [
+            v for v in (*self.data.path, *self.data.train_path, *self.data.valid_path)
+            if not _is_number(v)
+        ]  # fmt: skip
+        self.kd.caches = key_by_prefix(self.kd.caches, prefixes)
+        self.data.meta = key_by_prefix(self.data.meta, prefixes)
         if not self.data.path and not self.data.train_path:
             raise ConfigError(
                 "no training data: set data.path (--data-path PREFIX ...) or a per-split blend "
@@ -386,6 +392,33 @@ def _unwrap(tp):
 def _sections():
     hints = typing.get_type_hints(TrainConfig)
     return [(f.name, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def key_by_prefix(pairs: dict[str, str], prefixes: list[str]) -> dict[str, str]:
+    """``pairs`` from ``PREFIX=VALUE`` flags, re-split where a data prefix holds ``=``.
+
+    A flag is split at its first ``=``; where the key so found is not a prefix of the
+    run but the entry splits at a later ``=`` into one (``data/lang=en/corpus=cache``),
+    that split is taken. Entries that match no prefix are kept as they were.
+    """
+    known = set(prefixes)
+    out = {}
+    for key, value in pairs.items():
+        if key not in known:
+            entry = f"{key}={value}"
+            cuts = [i for i, c in enumerate(entry) if c == "=" and entry[:i] in known]
+            if cuts:  # the longest prefix: a/b=c and a/b=c/d=x mean the prefix a/b=c
+                key, value = entry[: cuts[-1]], entry[cuts[-1] + 1 :]
+        out[key] = value
+    return out
 
 
 def _coerce(value, tp, where: str):

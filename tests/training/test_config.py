@@ -38,6 +38,19 @@ def test_flags_override_yaml(tmp_path):
     assert again == cfg
 
 
+def test_a_prefix_holding_equals_signs_keys_its_cache_and_meta():
+    # Hive-style directories (lang=en) are common in data lakes; a flag splits at its first
+    # "=" only where that gives no prefix of the run.
+    cfg = _parse("--data-path", "0.5", "d/lang=en/c", "0.5", "d/plain", "--kd-caches",
+                 "d/lang=en/c=s3://b/seed=1", "d/plain=k/v=2", "--data-meta",
+                 "d/lang=en/c=m.json")  # fmt: skip
+    cfg.validate()
+    assert cfg.kd.caches == {"d/lang=en/c": "s3://b/seed=1", "d/plain": "k/v=2"}
+    assert cfg.data.meta == {"d/lang=en/c": "m.json"}
+    cfg.validate()  # idempotent (a resumed run validates the saved config again)
+    assert cfg.kd.caches == {"d/lang=en/c": "s3://b/seed=1", "d/plain": "k/v=2"}
+
+
 @pytest.mark.parametrize(
     "text, needle",
     [
