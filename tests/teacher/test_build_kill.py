@@ -60,18 +60,29 @@ def _same_as(out, clean):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
 
 
+def _commits(out) -> list[tuple[float, int]]:
+    """(time, documents) of the last commit of each shard being built in ``out``."""
+    found = []
+    for progress in out.glob("*.partial/progress.json"):
+        try:  # a shard that just finished takes its progress file with it
+            found.append((progress.stat().st_mtime, json.loads(progress.read_text())["docs"]))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def _wait_for(proc, ready, what: str) -> None:
+    deadline = time.time() + 300
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, f"the build ended before {what}"
+        time.sleep(0.05)
+
+
 def test_sigkill_mid_build_then_resume_is_byte_identical(tiny, clean, tmp_path):
     out = tmp_path / "killed"
     proc = _build(tiny, out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = out / "shard-00000-of-00002.slkd.partial" / "progress.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once a few documents are committed
-        try:
-            if json.loads(progress.read_text())["docs"] >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
+    # Killed once a shard has committed a few documents, so the rerun resumes mid-shard.
+    _wait_for(proc, lambda: any(docs >= 2 for _, docs in _commits(out)), "two commits")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
@@ -135,18 +146,11 @@ def test_preemption_signal_commits_exits_75_and_resumes_byte_identical(tiny, cle
     # What Slurm sends ahead of the time limit (SIGUSR1) stops the first run, what it sends
     # at preemption (SIGTERM) the resumed one; the third run finishes.
     out = tmp_path / "cache"
-    progress = out / "shard-00000-of-00002.slkd.partial" / "progress.json"
     committed_at = 0.0
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         proc = _build(tiny, out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300
-        while time.time() < deadline:  # signal once this run has committed something
-            try:
-                if progress.stat().st_mtime > committed_at:
-                    break
-            except FileNotFoundError:
-                pass
-            time.sleep(0.05)
+        _wait_for(proc, lambda: any(t > committed_at for t, _ in _commits(out)),  # noqa: B023
+                  "a commit of its own")  # fmt: skip
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 75, err[-2000:]
@@ -154,6 +158,6 @@ def test_preemption_signal_commits_exits_75_and_resumes_byte_identical(tiny, cle
         assert last.startswith(f"slkd build-cache: stopped: preempted by {sig.name}: shard-"), last
         assert "rerun the same command to resume" in last and "Traceback" not in err
         assert not list(out.glob("*.owner"))  # the claims were released
-        committed_at = progress.stat().st_mtime  # the stop made its progress durable
+        committed_at = max(t for t, _ in _commits(out))  # the stop made its progress durable
     assert _build(tiny, out).returncode == 0
     _same_as(out, clean)

@@ -99,13 +99,13 @@ def test_build_cache_with_tp3_undertorchrun_slkd(converted, tmp_path):
     assert next_token_hit_rate(tmp_path / "cache", prefix) > 0.6
 
 
-def test_unreadable_checkpoint(converted, tmp_path):
+def test_unreadable_checkpoint(tiny, tiny_converted, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(converted / "teacher", broken)
+    shutil.copytree(tiny_converted / "teacher", broken)
     for f in (broken / "model").iterdir():
         if f.suffix == ".distcp":
             f.write_bytes(b"not a checkpoint")
-    r = slkd("build-cache", "--data-prefix", converted / "data", "--teacher", broken, "--output",
+    r = slkd("build-cache", "--data-prefix", tiny / "data", "--teacher", broken, "--output",
              tmp_path / "c", check=False)  # fmt: skip
     assert r.returncode == 2 and "cannot load the checkpoint" in r.stderr, r.stderr[-2000:]
 
