@@ -20,6 +20,14 @@ step as a child and:
 - otherwise exits with the step's status.
 
 Outside a Slurm job (no ``SLURM_JOB_ID``) it only runs the step and passes signals on.
+
+``--block-usr1 -- COMMAND`` is for what runs *inside* the step, in front of a
+launcher that would die of SIGUSR1 (the torchrun agent handles SIGTERM only):
+it executes COMMAND with SIGUSR1 blocked. A blocked signal is not lost, unlike
+an ignored one (``trap "" USR1``, inherited by every process the launcher
+starts, discards the warning until a training process has installed its watch):
+the training processes inherit the block, and their watch finds the signal
+pending however early it came.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import time
 
 from megatron_slkd.preempt import EXIT_PREEMPTED
 
-__all__ = ["main", "run_step"]
+__all__ = ["exec_with_usr1_blocked", "main", "run_step"]
 
 _FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -97,6 +105,16 @@ def run_step(command: list[str], *, name: str, max_requeues: int) -> int:
     return 0
 
 
+def exec_with_usr1_blocked(command: list[str]) -> None:
+    """Replace this process with ``command``, SIGUSR1 blocked (inherited through exec and
+    by every process it starts); does not return."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        sys.exit(f"python -m megatron_slkd.slurm: cannot run {command[0]}: {exc.strerror}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m megatron_slkd.slurm",
@@ -112,11 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         help="requeue at most this many times (Slurm's SLURM_RESTART_COUNT); "
         "default: $MAX_REQUEUES or 20",
     )
+    p.add_argument(
+        "--block-usr1",
+        action="store_true",
+        help="instead of running a step: exec the command with SIGUSR1 blocked (in front of "
+        "torchrun inside a step; its training processes find the signal pending)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the step, after `--`")
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("no command to run: give it after `--`")
+    if args.block_usr1:
+        exec_with_usr1_blocked(command)
     return run_step(command, name=args.name, max_requeues=args.max_requeues)
 
 

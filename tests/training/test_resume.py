@@ -11,7 +11,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers import SLKD
@@ -130,3 +132,59 @@ def test_signal_while_the_command_starts_stops_after_the_first_step(markov, tmp_
     last = err.strip().splitlines()[-1]
     assert last.startswith("slkd train: stopped: preempted by SIGUSR1 after step 1/3"), last
     assert latest_checkpoint(run).name == "iter_0000001"
+
+
+def _signal_mask(pid: int, field: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+@pytest.mark.slow
+def test_torchrun_agent_blocks_usr1_so_early_workers_still_stop(markov, tmp_path):
+    # pretrain_student.sbatch under LAUNCH=torchrun: srun passes the time-limit warning to
+    # every process of the step. Workers that get it before their watch is installed must
+    # still stop after a step; an ignored signal (trap "" USR1 in front of the agent) was
+    # inherited by them and lost. A sitecustomize.py holds each worker for a second at
+    # interpreter start, so the signal is sure to come before the watch.
+    prefix, cache = markov
+    run = tmp_path / "run"
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text(
+        "import os, time\nif 'TORCHELASTIC_RUN_ID' in os.environ and 'LOCAL_RANK' in os.environ:"
+        "\n    time.sleep(1.0)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hold), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-m", "megatron_slkd.slurm", "--block-usr1", "--", sys.executable, "-m",
+           "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_slkd.training",
+           *_cli_args(prefix, cache, run, steps=3)[1:]]  # fmt: skip
+    proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while len(workers) < 2:
+        assert time.time() < deadline and proc.poll() is None, "the workers never started"
+        workers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+                   if _ppid(p) == proc.pid]  # fmt: skip
+        time.sleep(0.01)
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    for pid in workers:  # no handler yet, and the signal would wait
+        assert not _signal_mask(pid, "SigCgt") & usr1 and _signal_mask(pid, "SigBlk") & usr1
+    for pid in (proc.pid, *workers):  # srun signals every process of the step (torchrun
+        os.kill(pid, signal.SIGUSR1)  # starts each worker in a session of its own)
+    out, err = proc.communicate(timeout=300)
+    stops = [x for x in err.splitlines() if "slkd train: stopped: preempted by SIGUSR1" in x]
+    assert len(stops) == 2 and all("after step 1/3" in x for x in stops), err[-3000:]
+    assert latest_checkpoint(run).name == "iter_0000001"
+
+
+def _ppid(stat: Path) -> int:
+    try:  # the command name may hold spaces and parentheses: the fields after the last ')'
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
