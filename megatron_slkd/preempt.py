@@ -30,6 +30,22 @@ class Preempted(SlkdError):
     exit_status = EXIT_PREEMPTED
 
 
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker now, before the block.
+
+    Started later (megatron-core's checkpoint writer starts a ``spawn`` manager, which
+    starts it), CPython's ``resource_tracker.ensure_running`` unblocks SIGINT and
+    SIGTERM after launching it, whatever the mask was: every process started after
+    that (the manager, loader workers) would die of Slurm's SIGTERM mid-save.
+    """
+    from multiprocessing import resource_tracker
+
+    try:
+        resource_tracker.ensure_running()
+    except OSError:  # no tracker (a file-descriptor limit, a sandbox): the block still holds
+        pass
+
+
 class PreemptionWatch:
     """Records SIGTERM / SIGUSR1 instead of dying on them (while installed).
 
@@ -57,6 +73,7 @@ class PreemptionWatch:
             self.signal = outer.signal  # a watch from the start of the command saw it first
         for sig in _SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        _start_resource_tracker()
         self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         return self
 
@@ -66,6 +83,8 @@ class PreemptionWatch:
 
     @property
     def requested(self) -> bool:
+        if self._mask is not None:  # the block again, should anything have lifted it
+            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         if self.signal is None and self._mask is not None:
             pending = signal.sigpending() & set(_SIGNALS)
             if pending:

@@ -13,6 +13,7 @@ seen without the interruption.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -290,7 +291,9 @@ def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
         collate_fn=functools.partial(_collate, keep_kd=keep_kd),
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
-        worker_init_fn=_worker_signals if num_workers else None,
+        worker_init_fn=functools.partial(_worker_signals, exiting=_exiting())
+        if num_workers
+        else None,
         # The workers' seeds come from here, not from torch's global generator: a run that
         # resumes (and makes its loader after restoring that generator) draws as one that
         # did not stop. The samples are not random: nothing else depends on these seeds.
@@ -298,14 +301,42 @@ def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
     )
 
 
-def _worker_signals(_worker_id: int) -> None:
-    """Loader workers ignore SIGUSR1 (Slurm's time-limit warning reaches every process of a
-    step; the training process answers it) and keep SIGTERM's default, which is how the
-    loader shuts them down; the training process's blocked mask is lifted here."""
+_EXITING = None
+
+
+def _exiting():
+    """An event set when this process exits, which its loader workers share.
+
+    multiprocessing's own exit handler stops daemonic children with SIGTERM and then
+    waits for them; registered after it, this one runs first (atexit is last in, first
+    out), so a worker can tell that SIGTERM from Slurm's preemption.
+    """
+    global _EXITING
+    if _EXITING is None:
+        import atexit
+        import multiprocessing
+
+        _EXITING = multiprocessing.Event()
+        atexit.register(_EXITING.set)
+    return _EXITING
+
+
+def _worker_signals(_worker_id: int, exiting) -> None:
+    """Loader workers outlive SIGUSR1 and SIGTERM, Slurm's time-limit warning and its
+    preemption, which reach every process of a step: the training process answers them
+    by finishing its step, for which it still needs its workers (one killed by SIGTERM
+    ended the run at once, with torch's "DataLoader worker ... is killed by signal").
+    SIGTERM still ends a worker once its training process is exiting (``exiting``). The
+    training process's blocked mask is lifted here: a signal that came before is handled
+    the same way."""
     import signal
 
+    def on_term(signum, frame):
+        if exiting.is_set():  # multiprocessing's exit handler, stopping its daemonic children
+            os._exit(0)
+
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, on_term)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGUSR1))
 
 

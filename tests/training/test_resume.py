@@ -72,23 +72,30 @@ def test_sigkill_and_resume_is_bitwise(markov, tmp_path):
     evals = lambda d: [(e["step"], e["lm_loss"], e["ece"], e["kl"]) for e in train_log(d, "eval")]  # noqa: E731
     assert evals(killed) == evals(whole)
 
-    # Preemption: SIGUSR1 (Slurm's time-limit warning) to the whole process group, loader
-    # workers included: the step finishes, a checkpoint is saved, exit status 75.
+    # Preemption: SIGUSR1 (Slurm's time-limit warning), then in the resumed run SIGTERM
+    # (Slurm's preemption), each to the whole process group, loader workers included: the
+    # step finishes, a checkpoint is saved, exit status 75.
     preempted = tmp_path / "preempted"
-    proc = subprocess.Popen([*SLKD, *_cli_args(prefix, cache, preempted)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
-    for line in proc.stdout:
-        if line.startswith("step 5/12"):
-            os.killpg(proc.pid, signal.SIGUSR1)
-            break
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("slkd train: stopped: preempted by SIGUSR1 after step"), last
-    step = int(last.split("after step ")[1].split("/")[0])
-    assert 5 <= step < 12 and latest_checkpoint(preempted).name == f"iter_{step:07d}"
-    assert not (preempted / "run.owner").exists()
+    step = 0
+    for sig, at in ((signal.SIGUSR1, 5), (signal.SIGTERM, 9)):
+        proc = subprocess.Popen([*SLKD, *_cli_args(prefix, cache, preempted)], env=env,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)  # fmt: skip
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(f"step {at}/12"):
+                os.killpg(proc.pid, sig)
+                break
+        out, err = proc.communicate(timeout=300)
+        out = "".join(seen) + out
+        assert proc.returncode == 75, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"slkd train: stopped: preempted by {sig.name} after step"), last
+        assert step == 0 or f"at step {step}" in out  # the second run resumed the first's
+        step = int(last.split("after step ")[1].split("/")[0])
+        assert at <= step < 12 and latest_checkpoint(preempted).name == f"iter_{step:07d}"
+        assert not (preempted / "run.owner").exists()
     r = subprocess.run([*SLKD, *_cli_args(prefix, cache, preempted)], env=env, text=True,
                        capture_output=True)  # fmt: skip
     assert r.returncode == 0 and f"at step {step}" in r.stdout, r.stderr[-3000:]
