@@ -49,10 +49,11 @@ def load(path, part: str, **kwargs):
     return auto.from_pretrained(str(p.parent), gguf_file=p.name, **kwargs)
 
 
-def converted(path, part: str) -> Path | None:
+def converted(path, part: str, *, create: bool = True) -> Path | None:
     """The directory holding ``part`` (``"tokenizer"`` or ``"model"``) of the GGUF file
     ``path`` in Hugging Face's format, converting it on first use; None when the
-    conversion cannot be written (the caller then reads the GGUF file itself)."""
+    conversion cannot be written (the caller then reads the GGUF file itself), or, with
+    ``create`` false, when it was not converted before."""
     import transformers
 
     if part not in _AUTO:
@@ -61,8 +62,8 @@ def converted(path, part: str) -> Path | None:
     st = p.stat()
     key = hashlib.sha256(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_root() / f"{p.stem}-{key}-transformers-{transformers.__version__}-{part}"
-    if out.is_dir():
-        return out
+    if out.is_dir() or not create:
+        return out if out.is_dir() else None
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="shards this process builds (default: under torchrun, srun, a Slurm job array or "
         "mpirun, process r of W builds shards r, r+W, ...; alone, all)",
     )
-    p.add_argument("--context-length", type=int, default=2048, help="teacher window C")
-    p.add_argument("--stride", type=int, default=1024, help="window step S (<= C)")
+    p.add_argument("--context-length", type=int, default=2048,
+                   help="teacher window C: at most the teacher's positions (default 2048)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="window step S (<= C; every token sees at least C - S tokens of its "
+                   "document before it; default C / 2)")  # fmt: skip
     p.add_argument("--tokens-per-batch", type=int, default=8192, help="teacher batch, in tokens")
     p.add_argument(
         "--commit-tokens",
@@ -119,12 +122,17 @@ def run(args: argparse.Namespace) -> int:
     from megatron_slkd.data.indexed import open_dataset
     from megatron_slkd.launch import launch_rank, share
     from megatron_slkd.preempt import PreemptionWatch
-    from megatron_slkd.teacher.build import check_existing_shards, check_teacher_tokenizer
+    from megatron_slkd.teacher.build import (
+        check_existing_shards,
+        check_settings,
+        check_teacher_tokenizer,
+    )
     from megatron_slkd.teacher.hf import HFTeacher, TeacherError, checkpoint_hash, smollm2_gguf
     from megatron_slkd.teacher.megatron import (
         MegatronTeacher,
         is_megatron_teacher,
         megatron_teacher_hash,
+        teacher_max_context,
         teacher_tokenizer,
     )
 
@@ -170,12 +178,14 @@ def run(args: argparse.Namespace) -> int:
         num_shards=num_shards,
         shard_indices=shards,
         context_length=args.context_length,
-        stride=args.stride,
+        stride=args.context_length // 2 if args.stride is None else args.stride,
         tokens_per_batch=args.tokens_per_batch,
         commit_tokens=args.commit_tokens,
         progress=not args.no_progress,
         data_meta=record,
     )
+    # The windows and the method, against the teacher's positions from its config file.
+    check_settings(cfg, None if args.dry_run else teacher_max_context(path, megatron))
     if args.dry_run:
         import numpy as np
 
@@ -233,8 +243,10 @@ def run(args: argparse.Namespace) -> int:
                 f"writing {r['write_seconds']} s ({100 * r['overhead_vs_teacher']:.1f}% of the "
                 f"teacher's time)"
             )
+            nll = r["teacher_nll"]  # measured at every 8th position: none in a tiny build
             print(
-                f"  teacher NLL on the data: {r['teacher_nll']} nats/token; "
+                f"  teacher NLL on the data: "
+                f"{'not measured' if nll is None else f'{nll} nats/token'}; "
                 f"{r['unique_ids_per_position']} unique ids per position"
             )
         if r["complete"]:

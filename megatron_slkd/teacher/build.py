@@ -42,6 +42,7 @@ __all__ = [
     "finished_report",
     "check_teacher_tokenizer",
     "claim_shards",
+    "check_settings",
 ]
 
 
@@ -471,6 +472,22 @@ def _all_finished(out: Path, num_shards: int) -> bool:
     )
 
 
+def check_settings(cfg: BuildConfig, max_context: int | None) -> None:
+    """Refuse windows and methods that cannot run, for a teacher of ``max_context``
+    positions (None: not known yet; checked again once the teacher is loaded)."""
+    if not 0 < cfg.stride <= cfg.context_length:
+        raise ConfigError(
+            f"--stride {cfg.stride} must be in (0, --context-length {cfg.context_length}]"
+        )
+    if max_context is not None and cfg.context_length > max_context:
+        raise ConfigError(
+            f"--context-length {cfg.context_length} exceeds the teacher's {max_context} "
+            f"positions; give --context-length {max_context} or less"
+        )
+    if cfg.method == "topk" and not cfg.k:
+        raise ConfigError("--method topk needs --k")
+
+
 def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None,
                 teacher_tokenizer=None) -> dict:  # fmt: skip
     """Build the shards of ``cfg`` with ``teacher``; returns a summary.
@@ -485,18 +502,7 @@ def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None,
     """
     from tqdm import tqdm
 
-    if not 0 < cfg.stride <= cfg.context_length:
-        raise ConfigError(
-            f"--stride {cfg.stride} must be in (0, --context-length {cfg.context_length}]"
-        )
-    if cfg.context_length > teacher.max_context:
-        raise ConfigError(
-            f"--context-length {cfg.context_length} exceeds the teacher's "
-            f"{teacher.max_context} positions"
-        )
-    if cfg.method == "topk" and not cfg.k:
-        raise ConfigError("--method topk needs --k")
-
+    check_settings(cfg, teacher.max_context)
     ds = open_dataset(cfg.data_prefix)
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
     doc_tokens0 = np.concatenate([[0], np.cumsum(lengths)])

@@ -58,6 +58,25 @@ def teacher_tokenizer(path, megatron: bool):
         raise TeacherError(f"{Path(path) / SPEC_NAME}: unreadable teacher spec ({exc})") from exc
 
 
+def teacher_max_context(path, megatron: bool) -> int | None:
+    """The positions the teacher at ``path`` takes, read without loading it; None where
+    only the loaded model tells (a hub name, a GGUF file not converted before)."""
+    import json
+
+    if megatron:
+        return int(read_spec(path)["max_position_embeddings"])
+    p = Path(path)
+    if p.suffix == ".gguf":
+        from megatron_slkd import gguf
+
+        p = gguf.converted(p, "model", create=False) if p.is_file() else None
+    try:
+        value = json.loads((p / "config.json").read_text()).get("max_position_embeddings")
+    except (TypeError, OSError, ValueError, AttributeError):  # no directory, no config
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
 def read_spec(path) -> dict:
     """The checked teacher spec of a converted teacher directory.
 

@@ -161,3 +161,28 @@ def test_preemption_signal_commits_exits_75_and_resumes_byte_identical(tiny, cle
         committed_at = max(t for t, _ in _commits(out))  # the stop made its progress durable
     assert _build(tiny, out).returncode == 0
     _same_as(out, clean)
+
+
+def test_windows_the_teacher_cannot_take_are_refused_before_it_loads(tiny, tmp_path):
+    # The teacher's weights are gone: only its config.json and tokenizer can be read, so
+    # the refusal must come from those, not from a load that takes minutes for a real one.
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny / "model", teacher)
+    for f in teacher.glob("*.safetensors"):
+        f.unlink()
+    base = [*SLKD, "build-cache", "--data-prefix", str(tiny / "data"), "--teacher", str(teacher),
+            "--output", str(tmp_path / "c"), "--no-progress"]  # fmt: skip
+    r = subprocess.run(base, capture_output=True, text=True)  # the default window: 2048
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "--context-length 2048 exceeds the teacher's 1024 positions; give --context-length "
+        "1024 or less"
+    ), r.stderr[-2000:]
+    r = subprocess.run([*base, "--context-length", "256", "--stride", "512"], capture_output=True,
+                       text=True)  # fmt: skip
+    assert r.returncode == 2 and "--stride 512 must be in (0, --context-length 256]" in r.stderr
+    assert not (tmp_path / "c").exists()
+    r = subprocess.run([*base, "--context-length", "256"], capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot load a causal LM" in r.stderr, r.stderr[-2000:]  # S: C/2
