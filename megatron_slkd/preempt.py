@@ -31,12 +31,13 @@ class Preempted(SlkdError):
 
 
 def _start_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker now, before the block.
+    """Start multiprocessing's resource tracker now, while the watch installs.
 
-    Started later (megatron-core's checkpoint writer starts a ``spawn`` manager, which
-    starts it), CPython's ``resource_tracker.ensure_running`` unblocks SIGINT and
-    SIGTERM after launching it, whatever the mask was: every process started after
-    that (the manager, loader workers) would die of Slurm's SIGTERM mid-save.
+    CPython's ``resource_tracker.ensure_running`` unblocks SIGINT and SIGTERM after
+    launching the tracker, whatever the mask was. Launched later (megatron-core's
+    checkpoint writer starts a ``spawn`` manager, which starts it), every process
+    started after it (that manager, loader workers) would die of Slurm's SIGTERM
+    mid-save. The tracker ignores SIGTERM itself, and inherits the block of SIGUSR1.
     """
     from multiprocessing import resource_tracker
 
@@ -73,8 +74,9 @@ class PreemptionWatch:
             self.signal = outer.signal  # a watch from the start of the command saw it first
         for sig in _SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
-        _start_resource_tracker()
         self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        _start_resource_tracker()  # with SIGUSR1 blocked, which it inherits
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # it lifted the block of SIGTERM
         return self
 
     def _handle(self, signum, frame) -> None:
