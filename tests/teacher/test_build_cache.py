@@ -540,6 +540,7 @@ def _pipelined_build(rank, world, prefix, out):
     # Only the stage that samples holds documents' rows; an earlier stage holding every
     # document's tokens until the shard ends grows with the shard.
     assert len(made) == (8 if rank == 1 else 0), (rank, made)
+    torch.distributed.barrier()  # the writer has its manifest before either rank tears down
 
 
 def test_a_pipelined_teacher_writes_the_same_cache_and_only_its_last_stage_keeps_rows(
