@@ -155,10 +155,20 @@ class OwnerLock:
                                         daemon=True)  # fmt: skip
         self._thread.start()
 
+    def _read_owner(self, tries: int = 5) -> dict:
+        """The owner record; a file that is missing or unreadable is read again a few times
+        0.1 s apart first (a takeover moves the file aside, then creates and writes it)."""
+        for _ in range(tries - 1):
+            try:
+                return parse_record(self.path.read_text(), self.path, OwnershipError)
+            except (OSError, OwnershipError):
+                time.sleep(0.1)
+        return parse_record(self.path.read_text(), self.path, OwnershipError)
+
     def _beat(self) -> None:
         while not self._stop.wait(max(self.timeout_s / 4, 0.05)):
             try:
-                owner = parse_record(self.path.read_text(), self.path, OwnershipError)
+                owner = self._read_owner()
                 if owner.get("token") != self.me["token"]:
                     self._lost = f"taken over by {_describe(owner)}"
                     return

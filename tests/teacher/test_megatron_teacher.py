@@ -106,7 +106,7 @@ def test_unreadable_checkpoint(tiny, tiny_converted, tmp_path):
         if f.suffix == ".distcp":
             f.write_bytes(b"not a checkpoint")
     r = slkd("build-cache", "--data-prefix", tiny / "data", "--teacher", broken, "--output",
-             tmp_path / "c", check=False)  # fmt: skip
+             tmp_path / "c", "--context-length", "256", check=False)  # fmt: skip
     assert r.returncode == 2 and "cannot load the checkpoint" in r.stderr, r.stderr[-2000:]
 
 
