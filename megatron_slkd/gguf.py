@@ -62,8 +62,10 @@ def converted(path, part: str, *, create: bool = True) -> Path | None:
     st = p.stat()
     key = hashlib.sha256(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_root() / f"{p.stem}-{key}-transformers-{transformers.__version__}-{part}"
-    if out.is_dir() or not create:
-        return out if out.is_dir() else None
+    if out.is_dir():
+        return out
+    if not create:
+        return None
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)

@@ -85,10 +85,9 @@ class PreemptionWatch:
 
     @property
     def requested(self) -> bool:
-        if self._mask is not None:  # the block again, should anything have lifted it
-            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        if self.signal is None and self._mask is not None:
-            pending = signal.sigpending() & set(_SIGNALS)
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # again, should anything lift it
+            pending = signal.sigpending() & set(_SIGNALS) if self.signal is None else set()
             if pending:
                 info = signal.sigtimedwait(pending, 0)  # take it: it is handled here
                 if info is not None:

@@ -70,11 +70,14 @@ def teacher_max_context(path, megatron: bool) -> int | None:
         from megatron_slkd import gguf
 
         p = gguf.converted(p, "model", create=False) if p.is_file() else None
+        if p is None:
+            return None
     try:
-        value = json.loads((p / "config.json").read_text()).get("max_position_embeddings")
-    except (TypeError, OSError, ValueError, AttributeError):  # no directory, no config
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):  # a hub name, a directory without config.json
         return None
-    return int(value) if isinstance(value, int) else None
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return value if isinstance(value, int) else None
 
 
 def read_spec(path) -> dict:

@@ -33,6 +33,7 @@ __all__ = [
     "LogConfig",
     "TrainConfig",
     "load_config",
+    "parse_blend",
     "add_config_arguments",
     "config_from_args",
     "config_to_dict",
@@ -273,10 +274,10 @@ class TrainConfig:
             allow={"kd.caches": "value"},
         )
         m, p, t = self.model, self.parallel, self.train
-        prefixes = [
-            v for v in (*self.data.path, *self.data.train_path, *self.data.valid_path)
-            if not _is_number(v)
-        ]  # fmt: skip
+        d = self.data
+        blends = ((d.path, "data.path"), (d.train_path, "data.train_path"),
+                  (d.valid_path, "data.valid_path"))  # fmt: skip
+        prefixes = [p for path, name in blends if path for p in parse_blend(path, name)[0]]
         self.kd.caches = key_by_prefix(self.kd.caches, prefixes)
         self.data.meta = key_by_prefix(self.data.meta, prefixes)
         if not self.data.path and not self.data.train_path:
@@ -394,12 +395,17 @@ def _sections():
     return [(f.name, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
 
 
-def _is_number(text: str) -> bool:
+def parse_blend(path: list[str], name: str) -> tuple[list[str], list[float] | None]:
+    """Megatron's blend list: ``PREFIX...`` or ``WEIGHT PREFIX WEIGHT PREFIX ...``."""
     try:
-        float(text)
+        float(path[0])
     except ValueError:
-        return False
-    return True
+        return list(path), None
+    if len(path) % 2:
+        raise ConfigError(f"{name}: weights and prefixes must alternate, got {path}")
+    return [path[i + 1] for i in range(0, len(path), 2)], [
+        float(path[i]) for i in range(0, len(path), 2)
+    ]
 
 
 def key_by_prefix(pairs: dict[str, str], prefixes: list[str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ import torch
 
 from megatron_slkd.data.batch import collate_kd
 from megatron_slkd.errors import CacheMismatchError, ConfigError, SlkdError
-from megatron_slkd.training.config import TrainConfig
+from megatron_slkd.training.config import TrainConfig, parse_blend
 
 __all__ = [
     "DataTokenizer",
@@ -46,26 +46,13 @@ class DataTokenizer:
         """Data prefix -> its whole record (the caches' tokenizers are checked against it)."""
 
 
-def _blend(path: list[str], name: str) -> tuple[list[str], list[float] | None]:
-    """Megatron's blend list: ``PREFIX...`` or ``WEIGHT PREFIX WEIGHT PREFIX ...``."""
-    try:
-        float(path[0])
-    except ValueError:
-        return list(path), None
-    if len(path) % 2:
-        raise ConfigError(f"{name}: weights and prefixes must alternate, got {path}")
-    return [path[i + 1] for i in range(0, len(path), 2)], [
-        float(path[i]) for i in range(0, len(path), 2)
-    ]
-
-
 def data_blends(cfg: TrainConfig) -> list[tuple[list[str], list[float] | None] | None] | None:
     """The per-split blends (train, valid, test), or None when data.path is split."""
     if not (cfg.data.train_path or cfg.data.valid_path):
         return None
     return [
-        _blend(cfg.data.train_path, "data.train_path") if cfg.data.train_path else None,
-        _blend(cfg.data.valid_path, "data.valid_path") if cfg.data.valid_path else None,
+        parse_blend(cfg.data.train_path, "data.train_path") if cfg.data.train_path else None,
+        parse_blend(cfg.data.valid_path, "data.valid_path") if cfg.data.valid_path else None,
         None,
     ]
 
@@ -75,7 +62,7 @@ def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
     unweighted prefix list)."""
     blends = data_blends(cfg)
     if blends is None:
-        return _blend(cfg.data.path, "data.path")
+        return parse_blend(cfg.data.path, "data.path")
     prefixes = [p for b in blends if b is not None for p in b[0]]
     return list(dict.fromkeys(prefixes)), None
 

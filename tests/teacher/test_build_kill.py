@@ -4,6 +4,7 @@ a write that fails (out of disk space) never leaves a finished-looking shard."""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -166,8 +167,6 @@ def test_preemption_signal_commits_exits_75_and_resumes_byte_identical(tiny, cle
 def test_windows_the_teacher_cannot_take_are_refused_before_it_loads(tiny, tmp_path):
     # The teacher's weights are gone: only its config.json and tokenizer can be read, so
     # the refusal must come from those, not from a load that takes minutes for a real one.
-    import shutil
-
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny / "model", teacher)
     for f in teacher.glob("*.safetensors"):
