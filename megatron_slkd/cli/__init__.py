@@ -195,7 +195,10 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
             exc = StorageError.from_os_error(exc, next((w for w in where if w), None))
         status = getattr(exc, "exit_status", 2)  # 75: preempted, progress durable
         kind = "stopped" if status != 2 else "error"
-        print(f"slkd {name}: {kind}: {exc}", file=sys.stderr)
+        # One write: the ranks of a job share its stderr, and print's two writes (text,
+        # then newline) from two ranks can run their lines together.
+        sys.stderr.write(f"slkd {name}: {kind}: {exc}\n")
+        sys.stderr.flush()
         return status
 
 
