@@ -13,7 +13,10 @@ dataset (PREFIX.meta.json, written atomically), or with --output elsewhere
 
 The data is read once: the largest token id must be below the tokenizer's
 vocabulary, and the id every document ends with (when they all end with one)
-must be the tokenizer's end-of-document id. A mismatch ends with exit status 2.
+must be the tokenizer's end-of-document id. Then 32 sampled documents are
+decoded and encoded again: most must come back as they were, or the data was
+made with another tokenizer of the same size (--no-text-check skips this, for
+data that is not text). A mismatch ends with exit status 2.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     tok = tokenizer_from_args(args)
     if tok is None:
         raise DataPreparationError("describe-data needs --tokenizer-type (and its files)")
-    record = describe_data(args.data_prefix, tok, args.output, progress=not args.no_progress)
+    record = describe_data(args.data_prefix, tok, args.output, progress=not args.no_progress,
+                           text_check=args.text_check)
 
     def human(r):
         s, t = r["scan"], r["tokenizer"]
@@ -49,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
             f"{s['max_token_id']} < {t['vocab_size']}; "
             + (f"every document ends with {ends} (EOD)" if ends is not None else "no common EOD")
         )
+        c = r["text_check"]
+        print(f"text check: skipped ({c['skipped'] if c['skipped'] is not True else 'asked'})"
+              if "skipped" in c else f"text check: {c['given_back']} of {c['documents']} "
+              "sampled documents decoded and encoded again came back as they were")  # fmt: skip
         print(f"tokenizer {t['kind']} {t.get('path', '')} recorded in {r['written']}")
 
     emit(record, args.json, human)

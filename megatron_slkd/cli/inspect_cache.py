@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-tokenizer", help="Hugging Face tokenizer to decode ids")
     p.add_argument("--plot", metavar="FILE.png", help="save the unique-ids histogram")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    add_tokenizer_arguments(p, meta=False)
+    add_tokenizer_arguments(p, meta=False, text_check=False)
 
 
 def _tokenizer(args, manifest):

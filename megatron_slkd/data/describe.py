@@ -18,6 +18,16 @@ with one) equal to the tokenizer's end-of-document id. A record written by
 ``describe-data`` keeps the scan's result keyed by the files' sizes and the
 index's CRC, so later commands do not scan again.
 
+Those checks pass for any tokenizer of the same vocabulary size and
+end-of-document id (Llama 2's and Mistral's: 32000 ids, EOS 2), and a teacher
+run over text it misreads writes a cache that looks like any other. So a
+tokenizer named for a dataset (``describe-data``, or the flags of
+``build-cache`` and ``verify-cache``) is also checked against the text itself
+(:func:`check_text`): sampled documents are decoded and encoded again, and
+with the tokenizer the data was made with nearly every one comes back as it
+was; with another, nearly none does. ``--no-text-check`` skips it, for data
+that is not text (random or synthetic ids).
+
 A *document* of the cache is one sequence of the IndexedDataset, as
 megatron-core's ``GPTDataset`` splits and samples them: a sentence-split
 dataset (several sequences per document) is read sequence by sequence.
@@ -44,16 +54,21 @@ __all__ = [
     "describe_data",
     "resolve_meta",
     "check_dataset",
+    "check_text",
     "check_splits",
     "check_blend_splits",
 ]
 
 META_SUFFIX = ".meta.json"
 _SCAN_BLOCK = 1 << 26  # tokens per block of the max-id scan
+# check_text: documents sampled, tokens read from each, the share of a document's ids a
+# round trip must give back for it to count as text, and the share of documents that must.
+_TEXT_DOCS, _TEXT_TOKENS, _TEXT_SAME, _TEXT_NEEDED = 32, 256, 0.97, 0.5
 
 
-def add_tokenizer_arguments(p: argparse.ArgumentParser, *, meta: bool = True) -> None:
-    """The Megatron-style tokenizer flags (and ``--data-meta``) of a command."""
+def add_tokenizer_arguments(p: argparse.ArgumentParser, *, meta: bool = True,
+                            text_check: bool = True) -> None:  # fmt: skip
+    """The Megatron-style tokenizer flags (and ``--data-meta``, ``--text-check``) of a command."""
     g = p.add_argument_group(
         "tokenizer of a dataset without a record (one prepared elsewhere; Megatron-LM's flags)"
     )
@@ -66,6 +81,14 @@ def add_tokenizer_arguments(p: argparse.ArgumentParser, *, meta: bool = True) ->
     if meta:
         g.add_argument("--data-meta", help="the dataset's record written by `slkd "
                        "describe-data --output` (for a read-only data directory)")  # fmt: skip
+    if text_check:
+        g.add_argument(
+            "--text-check", action=argparse.BooleanOptionalAction, default=True,
+            help=f"decode {_TEXT_DOCS} sampled documents with the named tokenizer and encode "
+            "them again; refuse the tokenizer when most do not come back as they were (the "
+            "data was made with another tokenizer of the same size). Default on; "
+            "--no-text-check for data that is not text (random or synthetic ids)",
+        )  # fmt: skip
 
 
 def tokenizer_from_args(args) -> Tokenizer | None:
@@ -165,9 +188,10 @@ def scan_dataset(prefix: str, *, progress: bool = True) -> dict:
 
 
 def describe_data(prefix: str, tok: Tokenizer, output: str | None = None, *,
-                  progress: bool = True) -> dict:  # fmt: skip
-    """Check ``prefix`` against ``tok`` and write its record (atomically) to
-    ``PREFIX.meta.json`` or ``output``; returns the record."""
+                  progress: bool = True, text_check: bool = True) -> dict:  # fmt: skip
+    """Check ``prefix`` against ``tok`` (:func:`check_text` too, unless ``text_check`` is
+    False) and write its record (atomically) to ``PREFIX.meta.json`` or ``output``;
+    returns the record."""
     from megatron_slkd.cache.writer import atomic_write_text
 
     record = {"tokenizer": tokenizer_record(tok), "prefix": str(prefix)}
@@ -175,6 +199,7 @@ def describe_data(prefix: str, tok: Tokenizer, output: str | None = None, *,
     record["num_documents"] = record["scan"]["num_sequences"]
     record["num_tokens"] = record["scan"]["num_tokens"]
     _check_scan(prefix, record["tokenizer"], record["scan"])
+    record["text_check"] = check_text(prefix, tok) if text_check else {"skipped": True}
     path = Path(output) if output else Path(prefix + META_SUFFIX)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, dump_record(record))
@@ -207,7 +232,10 @@ def resolve_meta(prefix: str, args=None, *, meta_path: str | None = None) -> dic
     """
     tok = tokenizer_from_args(args) if args is not None else None
     if tok is not None:
-        return {"tokenizer": tokenizer_record(tok), "prefix": str(prefix)}
+        record = {"tokenizer": tokenizer_record(tok), "prefix": str(prefix)}
+        if getattr(args, "text_check", False):  # only where the command has --text-check
+            record["text_check"] = check_text(prefix, tok)
+        return record
     meta_path = meta_path or (getattr(args, "data_meta", None) if args is not None else None)
     if meta_path:
         record = _read_record(Path(meta_path), prefix)
@@ -275,6 +303,75 @@ def _check_scan(prefix: str, tok: dict, scan: dict) -> None:
             "(--tokenizer-type, e.g. SentencePieceTokenizer appends <EOD>, "
             "GPTSentencePieceTokenizer the EOS piece)"
         )
+
+
+def _sample_documents(ds, count: int, tokens: int, skip: int) -> list[np.ndarray]:
+    """Up to ``count`` documents spread evenly over ``ds``, their first ``tokens`` ids
+    without ``skip`` (the end-of-document id); documents shorter than 16 ids are passed."""
+    lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+    long_enough = np.flatnonzero(lengths >= 16)
+    picks = long_enough[np.linspace(0, len(long_enough) - 1, min(count, len(long_enough)),
+                                    dtype=np.int64)] if len(long_enough) else []  # fmt: skip
+    out = []
+    for d in dict.fromkeys(int(i) for i in picks):
+        ids = np.asarray(ds.get(d, 0, int(min(lengths[d], tokens))), dtype=np.int64)
+        out.append(ids[ids != skip])
+    return out
+
+
+def check_text(prefix: str, tok: Tokenizer) -> dict:
+    """Refuse ``tok`` for ``prefix`` when the data does not read as text under it.
+
+    Each of up to 32 documents spread over the dataset (its first 256 ids, the
+    end-of-document id left out) is decoded and encoded again; it counts as
+    given back when at least 97% of its ids come back in order (a cut through a
+    multi-byte character changes the last few). Data made with ``tok`` gives
+    back nearly all of them; data made with another tokenizer of the same size
+    (whose ids mean other pieces) gives back nearly none. NullTokenizer data is
+    not text and is not checked.
+
+    Returns:
+        ``{"documents": n, "given_back": k}`` (``{"skipped": reason}`` when
+        nothing can be checked).
+
+    Raises:
+        DataMismatchError: fewer than half of the documents come back, naming
+            the prefix, the tokenizer, the counts and a document that did not.
+    """
+    import difflib
+
+    from megatron_slkd.data.indexed import open_dataset
+
+    if tok.spec.get("kind") == "null":
+        return {"skipped": "NullTokenizer ids are not text"}
+    ds = open_dataset(prefix)
+    docs = _sample_documents(ds, _TEXT_DOCS, _TEXT_TOKENS, tok.eod)
+    if not docs:
+        return {"skipped": "no document of 16 tokens or more"}
+    bad = []
+    for ids in docs:
+        try:
+            text = tok.decode(ids.tolist())
+            back = tok.encode(text)
+        except (ValueError, IndexError, TypeError, RuntimeError, OverflowError):
+            text, back = "(ids it cannot decode)", []  # not ids of this tokenizer
+        same = difflib.SequenceMatcher(None, ids.tolist(), back, autojunk=False).ratio()
+        if same < _TEXT_SAME:
+            bad.append((same, text))
+    result = {"documents": len(docs), "given_back": len(docs) - len(bad)}
+    if result["given_back"] < _TEXT_NEEDED * len(docs):
+        how = f"{tok.spec.get('kind', '?')} tokenizer {tok.spec.get('path', '')}".rstrip()
+        text = min(bad, key=lambda b: b[0])[1][:80]
+        raise DataMismatchError(
+            f"{prefix}: the data does not read as text under the {how}: of {len(docs)} "
+            f"sampled documents decoded and encoded again, {result['given_back']} came back "
+            f"as they were (the dataset's own tokenizer gives back nearly all); one reads "
+            f"{text!r}. Most likely the dataset was made with another tokenizer of that size: "
+            "name "
+            "that one (--tokenizer-type/--tokenizer-model), or pass --no-text-check if the "
+            "data is not text"
+        )
+    return result
 
 
 def check_splits(prefixes, split: str, seq_length: int, sizes, *, extra_token: bool = True) -> None:

@@ -6,8 +6,10 @@ Every dataset here is written directly with megatron-core's
 (Megatron's rule for each ``--tokenizer-type``).
 """
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -115,6 +117,10 @@ def test_describe_data_records_each_tokenizer_family(families, tmp_path, kind):
     assert record["tokenizer"]["fingerprint"] == tok.fingerprint()
     assert record["tokenizer"]["eod"] == tok.eod == out["scan"]["documents_end_with"]
     assert record["scan"]["max_token_id"] < tok.vocab_size
+    # Decoded and encoded again, every document of real text comes back as it was.
+    every = {"documents": len(TEXTS), "given_back": len(TEXTS)}
+    skipped = {"skipped": "NullTokenizer ids are not text"}
+    assert out["text_check"] == (skipped if kind == "NullTokenizer" else every)
     # The record rebuilds the tokenizer (inspect-cache decodes with it).
     from megatron_slkd.data.tokenizers import load_tokenizer
 
@@ -133,6 +139,40 @@ def test_megatron_sentencepiece_rules(families):
     assert pieces[:600] == gpt.pieces()
     assert pieces[600:604] == ["<CLS>", "<SEP>", "<EOD>", "<MASK>"]
     assert meg.eod == 602
+
+
+def test_a_tokenizer_of_the_same_size_that_misreads_the_text_is_refused(families, tmp_path):
+    # Llama 2's and Mistral's tokenizers: 32000 ids and EOS 2 each, so the id range and the
+    # end-of-document checks pass; a teacher would then run over text it misreads. Here two
+    # SentencePiece models of 600 pieces trained on different text.
+    root, flags = families
+    made_with = _tokenizer("GPTSentencePieceTokenizer", flags["GPTSentencePieceTokenizer"])
+    other_texts = [t for t in stdlib_docstrings() if len(t) > 200][12:60]
+    other = str(train_sentencepiece(other_texts, tmp_path / "other" / "m", 600))
+    claimed = megatron_tokenizer("GPTSentencePieceTokenizer", other)
+    assert (claimed.vocab_size, claimed.eod) == (made_with.vocab_size, made_with.eod)
+    prefix = write_megatron_dataset(tmp_path / "c", _docs(made_with, "GPTSentencePieceTokenizer"))
+    wrong = ["--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", other]
+    r = slkd("describe-data", prefix, *wrong, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert re.search(rf"{prefix}: the data does not read as text under the sentencepiece "
+                     rf"tokenizer {other}: of 12 sampled documents decoded and encoded again, "
+                     r"[0-5] came back as they were", line), line  # fmt: skip
+    assert "--no-text-check" in line and not os.path.exists(prefix + ".meta.json")
+    # The same flags on build-cache: refused before the teacher (here no model at all).
+    if "HuggingFaceTokenizer" in flags:
+        r = slkd("build-cache", "--data-prefix", prefix, "--teacher",
+                 flags["HuggingFaceTokenizer"][1], "--output", tmp_path / "cache", *wrong,
+                 check=False)  # fmt: skip
+        assert r.returncode == 2 and "does not read as text" in r.stderr, r.stderr[-2000:]
+    # Its own tokenizer gives back every document; --no-text-check records the other one.
+    right = resolve_meta(prefix, argparse.Namespace(
+        tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=flags[
+            "GPTSentencePieceTokenizer"][1], text_check=True))  # fmt: skip
+    assert right["text_check"] == {"documents": 12, "given_back": 12}
+    r = slkd("describe-data", prefix, *wrong, "--no-text-check", "--json")
+    assert json.loads(r.stdout)["text_check"] == {"skipped": True}
 
 
 def test_record_elsewhere_for_a_read_only_data_directory(families, tmp_path):
