@@ -55,6 +55,7 @@ __all__ = [
     "resolve_meta",
     "check_dataset",
     "check_text",
+    "text_round_trip",
     "check_splits",
     "check_blend_splits",
 ]
@@ -319,24 +320,18 @@ def _sample_documents(ds, count: int, tokens: int, skip: int) -> list[np.ndarray
     return out
 
 
-def check_text(prefix: str, tok: Tokenizer) -> dict:
-    """Refuse ``tok`` for ``prefix`` when the data does not read as text under it.
+def text_round_trip(prefix: str, tok: Tokenizer) -> dict:
+    """How much of ``prefix`` reads as text under ``tok``.
 
     Each of up to 32 documents spread over the dataset (its first 256 ids, the
     end-of-document id left out) is decoded and encoded again; it counts as
     given back when at least 97% of its ids come back in order (a cut through a
-    multi-byte character changes the last few). Data made with ``tok`` gives
-    back nearly all of them; data made with another tokenizer of the same size
-    (whose ids mean other pieces) gives back nearly none. NullTokenizer data is
-    not text and is not checked.
+    multi-byte character changes the last few). NullTokenizer data is not text.
 
     Returns:
-        ``{"documents": n, "given_back": k}`` (``{"skipped": reason}`` when
-        nothing can be checked).
-
-    Raises:
-        DataMismatchError: fewer than half of the documents come back, naming
-            the prefix, the tokenizer, the counts and a document that did not.
+        ``{"documents": n, "given_back": k, "misread": text}`` (``text``: the
+        start of the document that came back least, or None), or
+        ``{"skipped": reason}`` when nothing can be checked.
     """
     import difflib
 
@@ -358,20 +353,39 @@ def check_text(prefix: str, tok: Tokenizer) -> dict:
         same = difflib.SequenceMatcher(None, ids.tolist(), back, autojunk=False).ratio()
         if same < _TEXT_SAME:
             bad.append((same, text))
-    result = {"documents": len(docs), "given_back": len(docs) - len(bad)}
-    if result["given_back"] < _TEXT_NEEDED * len(docs):
+    worst = min(bad, key=lambda b: b[0])[1][:80] if bad else None
+    return {"documents": len(docs), "given_back": len(docs) - len(bad), "misread": worst}
+
+
+def check_text(prefix: str, tok: Tokenizer) -> dict:
+    """Refuse ``tok`` for ``prefix`` when the data does not read as text under it.
+
+    Data made with ``tok`` gives back nearly every document of
+    :func:`text_round_trip`; data made with another tokenizer of the same size
+    (whose ids mean other pieces) nearly none.
+
+    Returns:
+        ``{"documents": n, "given_back": k}``, or ``{"skipped": reason}``.
+
+    Raises:
+        DataMismatchError: fewer than half of the documents come back, naming
+            the prefix, the tokenizer, the counts and how one document reads.
+    """
+    result = text_round_trip(prefix, tok)
+    if "skipped" in result:
+        return result
+    n, k = result["documents"], result["given_back"]
+    if k < _TEXT_NEEDED * n:
         how = f"{tok.spec.get('kind', '?')} tokenizer {tok.spec.get('path', '')}".rstrip()
-        text = min(bad, key=lambda b: b[0])[1][:80]
         raise DataMismatchError(
-            f"{prefix}: the data does not read as text under the {how}: of {len(docs)} "
-            f"sampled documents decoded and encoded again, {result['given_back']} came back "
-            f"as they were (the dataset's own tokenizer gives back nearly all); one reads "
-            f"{text!r}. Most likely the dataset was made with another tokenizer of that size: "
-            "name "
+            f"{prefix}: the data does not read as text under the {how}: of {n} sampled "
+            f"documents decoded and encoded again, {k} came back as they were (the "
+            f"dataset's own tokenizer gives back nearly all); one reads {result['misread']!r}."
+            " Most likely the dataset was made with another tokenizer of that size: name "
             "that one (--tokenizer-type/--tokenizer-model), or pass --no-text-check if the "
             "data is not text"
         )
-    return result
+    return {"documents": n, "given_back": k}
 
 
 def check_splits(prefixes, split: str, seq_length: int, sizes, *, extra_token: bool = True) -> None:

