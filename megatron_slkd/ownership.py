@@ -21,6 +21,18 @@ A shard under construction, the output of ``merge-cache``, ``thin-cache`` and
   create and write) counts as stale once older than the timeout.
 - Otherwise the claim fails with :class:`OwnershipError` naming the owner and
   what to do; commands exit with status 2 before loading any model.
+
+An output published to object storage (:mod:`megatron_slkd.publish`) is built
+in a local staging directory, and two jobs given different staging
+directories would not see each other's owner files. So every claim under a
+staging directory is also made in the store, as the object ``<name>.owner``
+beside the output's objects: a live owner there (heartbeat in the record
+younger than the timeout, or a live pid on this host) refuses the claim as a
+local one does; a dead one is taken over. An object store has no exclusive
+create, so of two claims made in the same instant the last written wins: the
+other process sees the foreign token at its next heartbeat and stops at its
+next commit, having published nothing of that output. The heartbeat rewrites
+the object with a fresh time; releasing deletes it.
 """
 
 from __future__ import annotations
@@ -36,10 +48,25 @@ from pathlib import Path
 from megatron_slkd.errors import SlkdError
 from megatron_slkd.records import dump_record, parse_record
 
-__all__ = ["OwnershipError", "OwnerLock", "claim", "add_lock_argument", "DEFAULT_TIMEOUT_S"]
+__all__ = [
+    "OwnershipError",
+    "OwnerLock",
+    "claim",
+    "claim_in_store",
+    "add_lock_argument",
+    "DEFAULT_TIMEOUT_S",
+]
 
 DEFAULT_TIMEOUT_S = 300.0
 _log = logging.getLogger(__name__)
+_STORES: list[tuple[Path, object]] = []  # (staging directory, ObjectStore): claimed in both
+
+
+def claim_in_store(staging, store) -> None:
+    """Make every later claim of a path directly under ``staging`` in ``store`` as well
+    (``store``: the :class:`~megatron_slkd.storage.ObjectStore` that directory is published
+    to)."""
+    _STORES.append((Path(staging).resolve(), store))
 
 
 class OwnershipError(SlkdError):
@@ -93,6 +120,9 @@ class OwnerLock:
         self._stop = threading.Event()
         self._lost: str | None = None
         self._thread: threading.Thread | None = None
+        here = self.target.parent.resolve()
+        self.store = next((st for root, st in _STORES if root == here), None)
+        self.store_name = self.path.name
 
     # -- claiming ---------------------------------------------------------
     def _create(self) -> bool:
@@ -121,16 +151,78 @@ class OwnerLock:
             if age > self.timeout_s:
                 return True, f"an unreadable owner file {age:.0f} s old"
             return False, f"an owner file being written ({age:.0f} s old)"
+        return self._judge(owner, age)
+
+    def _judge(self, owner: dict, age: float) -> tuple[bool, str]:
+        """Whether ``owner``, heard from ``age`` seconds ago, may be taken over, and why."""
         if owner.get("host") == self.me["host"] and not _pid_alive(int(owner["pid"])):
             return True, f"{_describe(owner)}: that process has exited"
         if age > self.timeout_s:
             return True, f"{_describe(owner)}: no heartbeat for {age:.0f} s"
         return False, f"{_describe(owner)} (heartbeat {age:.0f} s ago)"
 
+    # -- the same claim in an object store ----------------------------------
+    def _store_owner(self) -> dict | None:
+        """The owner record in the store (None: no object; {}: an unreadable one)."""
+        from megatron_slkd.errors import ObjectNotFoundError
+
+        try:
+            data = self.store.read(self.store_name)
+        except ObjectNotFoundError:
+            return None
+        try:
+            owner = parse_record(data.decode("utf-8"), self.store_name, OwnershipError)
+        except (OwnershipError, UnicodeDecodeError):
+            return {}  # objects appear whole: this one was damaged, not half-written
+        return owner if "pid" in owner and "beat" in owner else {}
+
+    def _write_store_owner(self) -> None:
+        self.store.write(self.store_name, dump_record({**self.me, "beat": time.time()}).encode())
+
+    def _claim_store(self) -> None:
+        owner = self._store_owner()
+        if owner:
+            stale, why = self._judge(owner, time.time() - float(owner["beat"]))
+            if not stale and owner.get("token") != self.me["token"]:
+                raise OwnershipError(
+                    f"{self.store.url}/{self.target.name}: {self.what} is being written by "
+                    f"{why}, from another staging directory; wait for it to finish, or stop "
+                    f"it (a dead owner is taken over after --lock-timeout "
+                    f"{self.timeout_s:.0f} s without heartbeat)"
+                )
+            if stale:
+                _log.warning("taking over %s/%s (%s): owner was %s", self.store.url,
+                             self.target.name, self.what, why)  # fmt: skip
+        elif owner == {}:
+            _log.warning("taking over %s/%s (%s): its owner object is unreadable",
+                         self.store.url, self.target.name, self.what)  # fmt: skip
+        self._write_store_owner()
+
+    def _beat_store(self) -> None:
+        """Check that the store's claim is still ours, then renew its time."""
+        from megatron_slkd.errors import ObjectStoreError
+
+        try:
+            owner = self._store_owner()
+            if owner is not None and owner.get("token") != self.me["token"]:
+                where = self.store.url
+                self._lost = (f"taken over in {where} by {_describe(owner)}" if owner
+                              else f"owner object in {where} damaged")  # fmt: skip
+                return
+            self._write_store_owner()
+        except ObjectStoreError as exc:  # retried already; the next beat tries again
+            _log.warning("%s: renewing the claim failed (%s)", self.store.url, exc)
+
     def acquire(self) -> OwnerLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(8):  # a few rounds: another process may take over at the same moment
             if self._create():
+                if self.store is not None:
+                    try:
+                        self._claim_store()
+                    except BaseException:
+                        self.path.unlink(missing_ok=True)
+                        raise
                 self._start_heartbeat()
                 return self
             stale, why = self._stale()
@@ -176,6 +268,10 @@ class OwnerLock:
             except (OSError, OwnershipError) as exc:
                 self._lost = f"owner file gone or damaged ({exc})"
                 return
+            if self.store is not None:
+                self._beat_store()
+                if self._lost is not None:
+                    return
 
     def check(self) -> None:
         """Raise :class:`OwnershipError` if another process took this output over."""
@@ -196,6 +292,14 @@ class OwnerLock:
                 self.path.unlink()
         except (OSError, OwnershipError):
             pass
+        if self.store is not None and self._lost is None:
+            from megatron_slkd.errors import ObjectStoreError
+
+            try:
+                if (self._store_owner() or {}).get("token") == self.me["token"]:
+                    self.store.delete(self.store_name)
+            except ObjectStoreError as exc:  # left behind: taken over once its beat is old
+                _log.warning("%s: removing the claim failed (%s)", self.store.url, exc)
 
     def __enter__(self) -> OwnerLock:
         return self.acquire() if self._thread is None else self

@@ -21,6 +21,9 @@ skips it as it skips its own finished shards (a run resumed on another node,
 with an empty staging directory, downloads them once). Under ``mpirun`` or
 ``torchrun`` rank 0 publishes; the staging directory must then be one that
 rank 0 sees (one node, or ``--staging-dir`` on a shared file system).
+Every claim of an output in the staging directory is made in the store too
+(:mod:`megatron_slkd.ownership`), so a second job writing the same shard or
+manifest from another staging directory is refused before it starts work.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import threading
 from pathlib import Path
 
+from megatron_slkd.ownership import claim_in_store
 from megatron_slkd.records import parse_record
 from megatron_slkd.storage import ObjectStore
 
@@ -80,6 +84,8 @@ class Publisher:
         self.url = self.store.url
         self.staging = Path(staging) if staging else _local_dir("staging", self.url)
         self.staging.mkdir(parents=True, exist_ok=True)
+        # Jobs with other staging directories see this one's claims in the store.
+        claim_in_store(self.staging, self.store)
         self._published: dict[str, str | None] = {}  # sidecar/manifest name -> record key
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

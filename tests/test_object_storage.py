@@ -5,7 +5,10 @@ requests."""
 
 import json
 import os
+import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,9 @@ from megatron_slkd.errors import (  # noqa: E402
     ObjectTimeoutError,
 )
 from megatron_slkd.object_testing import FaultProxy, S3Server, msc_config  # noqa: E402
+from megatron_slkd.ownership import OwnershipError, claim, claim_in_store  # noqa: E402
+from megatron_slkd.records import dump_record, parse_record  # noqa: E402
+from megatron_slkd.storage import ObjectStore  # noqa: E402
 
 BUCKET = "slkd-test"
 
@@ -296,6 +302,55 @@ def test_merge_and_thin_read_their_inputs_from_the_store(store, tmp_path):
          tmp_path / "thin-there")  # fmt: skip
     for f in (tmp_path / "thin-here").glob("*.slkd"):
         assert (tmp_path / "thin-there" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_a_job_writing_the_same_url_from_another_staging_directory_is_refused(store, tmp_path):
+    # Owner files in a staging directory are not seen by a job staging elsewhere (another
+    # node's SLKD_OBJECT_CACHE_DIR, another --staging-dir): the claim is in the store too.
+    parts = write_synthetic_cache(tmp_path / "parts", [200, 900, 30, 1200], num_shards=2,
+                                  write_manifest=False, sidecars=True)  # fmt: skip
+    url = f"s3://{BUCKET}/claimed"
+    st = ObjectStore(url)
+    other = {"host": "node-7", "pid": 4242, "slurm_job": "991", "slurm_array_task": None,
+             "since": "2026-11-29T10:00:00+0000", "token": "f" * 32,
+             "beat": time.time()}  # fmt: skip
+    st.write("manifest.json.owner", dump_record(other).encode())
+    merge = ["merge-cache", parts.path, "--output", url, "--lock-timeout", "300"]
+    r = slkd(*merge, "--staging-dir", tmp_path / "s1", check=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and re.match(
+        rf"slkd merge-cache: error: {url}/manifest.json: merged cache is being written by host "
+        r"node-7 pid 4242, Slurm job 991, since 2026-11-29T10:00:00\+0000 \(heartbeat \d+ s "
+        r"ago\), from another staging directory", last), last  # fmt: skip
+    assert sorted(_objects("claimed")) == ["manifest.json.owner"]  # nothing published
+    # Its heartbeat older than --lock-timeout: taken over; the claim goes with the command.
+    st.write("manifest.json.owner", dump_record({**other, "beat": time.time() - 600}).encode())
+    r = slkd(*merge, "--staging-dir", tmp_path / "s2")
+    assert re.search(rf"taking over {url}/manifest.json \(merged cache\): owner was host "
+                     r"node-7 pid 4242.*: no heartbeat for 60\d s", r.stderr), r.stderr
+    published = sorted(_objects("claimed"))  # the owner object went with the command
+    assert published == ["manifest.json", *sorted(p.name for p in parts.path.glob("*.slkd"))]
+
+
+def test_a_claim_overwritten_in_the_store_is_lost_at_the_next_heartbeat(store, tmp_path):
+    # No exclusive create in an object store: of two claims written at once the last wins,
+    # and the other process learns it at its next heartbeat (then stops at its next commit).
+    st = ObjectStore(f"s3://{BUCKET}/raced")
+    claim_in_store(tmp_path / "staging", st)
+    lock = claim(tmp_path / "staging" / "shard-00000-of-00001.slkd", what="cache shard",
+                 timeout_s=0.4)  # fmt: skip
+    mine = parse_record(st.read("shard-00000-of-00001.slkd.owner").decode(), "o", ValueError)
+    assert mine["token"] == lock.me["token"] and mine["host"] == socket.gethostname()
+    st.write("shard-00000-of-00001.slkd.owner", dump_record(
+        {**mine, "host": "node-9", "pid": 77, "token": "e" * 32, "beat": time.time()}).encode())
+    deadline = time.time() + 10
+    while lock._lost is None and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(OwnershipError, match=r"lost its ownership \(taken over in s3://.*raced "
+                                             r"by host node-9 pid 77"):  # fmt: skip
+        lock.check()
+    lock.release()  # the other process's claim stays
+    assert "node-9" in st.read("shard-00000-of-00001.slkd.owner").decode()
 
 
 @pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"),
