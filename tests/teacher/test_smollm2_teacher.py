@@ -2,7 +2,7 @@
 
 import json
 import logging
-import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +11,11 @@ from helpers import next_token_hit_rate, prepare_hf_dataset, slkd, write_dataset
 from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.verify import verify_cache
 from megatron_slkd.data import PrepareConfig, open_dataset, prepare_data
+from megatron_slkd.data.corpus import stdlib_docstrings
+from megatron_slkd.data.describe import tokenizer_record
+from megatron_slkd.data.tokenizers import HFTokenizer
 from megatron_slkd.errors import CacheMismatchError
+from megatron_slkd.records import dump_record
 from megatron_slkd.teacher import BuildConfig, HFTeacher, build_cache, smollm2_gguf
 
 pytestmark = [
@@ -105,14 +109,15 @@ def test_a_teacher_reading_misread_text_is_warned_about(teacher, tmp_path, caplo
     # Data made with another tokenizer of the same size (here SmolLM2's ids under a fixed
     # permutation, <|endoftext|> kept), its record made with --no-text-check: the build
     # goes on, and warns once, after 128 measured positions, naming the NLL.
-    prefix = prepare_hf_dataset(tmp_path / "smol", smollm2_gguf(), 8)
+    tok = HFTokenizer(str(smollm2_gguf()))
+    tok.set_eod("<|endoftext|>")  # as prepare-data --eod-token makes SmolLM2 datasets
+    text = np.concatenate([tok.encode(t) for t in stdlib_docstrings(40)])[:1400]
+    assert len(text) == 1400 and tok.eod == 0
     perm = np.random.default_rng(0).permutation(49152)
     perm[perm == 0], perm[0] = perm[0], 0
-    ds = open_dataset(prefix)  # kept: get() returns views of its memory map
-    text = np.concatenate([ds.get(d)[:-1] for d in range(len(ds))])[:1400].astype(np.int64)
-    assert len(text) == 1400
     misread = write_dataset(tmp_path / "misread", [[*perm[text], 0]])
-    shutil.copy(prefix + ".meta.json", misread + ".meta.json")
+    Path(misread + ".meta.json").write_text(dump_record(
+        {"tokenizer": tokenizer_record(tok), "prefix": misread}))  # fmt: skip
     cfg = BuildConfig(data_prefix=misread, output=str(tmp_path / "cache"), context_length=256,
                       stride=128, tokens_per_batch=1024, progress=False)  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="megatron_slkd.teacher.build"):
