@@ -341,11 +341,15 @@ def test_a_claim_overwritten_in_the_store_is_lost_at_the_next_heartbeat(store, t
                  timeout_s=0.4)  # fmt: skip
     mine = parse_record(st.read("shard-00000-of-00001.slkd.owner").decode(), "o", ValueError)
     assert mine["token"] == lock.me["token"] and mine["host"] == socket.gethostname()
-    st.write("shard-00000-of-00001.slkd.owner", dump_record(
-        {**mine, "host": "node-9", "pid": 77, "token": "e" * 32, "beat": time.time()}).encode())
-    deadline = time.time() + 10
-    while lock._lost is None and time.time() < deadline:
-        time.sleep(0.05)
+    other = {**mine, "host": "node-9", "pid": 77, "token": "e" * 32}
+    deadline = time.time() + 20
+    while lock._lost is None:
+        assert time.time() < deadline, "the overwritten claim was never noticed"
+        # Written between a heartbeat's read and its renewal, the other claim is renewed
+        # over, and that other process is the one to stop at its next beat: write again.
+        st.write("shard-00000-of-00001.slkd.owner",
+                 dump_record({**other, "beat": time.time()}).encode())  # fmt: skip
+        time.sleep(0.35)  # three heartbeats
     with pytest.raises(OwnershipError, match=r"lost its ownership \(taken over in s3://.*raced "
                                              r"by host node-9 pid 77"):  # fmt: skip
         lock.check()
