@@ -183,16 +183,15 @@ class OwnerLock:
         owner = self._store_owner()
         if owner:
             stale, why = self._judge(owner, time.time() - float(owner["beat"]))
-            if not stale and owner.get("token") != self.me["token"]:
+            if not stale:
                 raise OwnershipError(
                     f"{self.store.url}/{self.target.name}: {self.what} is being written by "
                     f"{why}, from another staging directory; wait for it to finish, or stop "
                     f"it (a dead owner is taken over after --lock-timeout "
                     f"{self.timeout_s:.0f} s without heartbeat)"
                 )
-            if stale:
-                _log.warning("taking over %s/%s (%s): owner was %s", self.store.url,
-                             self.target.name, self.what, why)  # fmt: skip
+            _log.warning("taking over %s/%s (%s): owner was %s", self.store.url,
+                         self.target.name, self.what, why)  # fmt: skip
         elif owner == {}:
             _log.warning("taking over %s/%s (%s): its owner object is unreadable",
                          self.store.url, self.target.name, self.what)  # fmt: skip

@@ -329,9 +329,9 @@ def text_round_trip(prefix: str, tok: Tokenizer) -> dict:
     multi-byte character changes the last few). NullTokenizer data is not text.
 
     Returns:
-        ``{"documents": n, "given_back": k, "misread": text}`` (``text``: the
-        start of the document that came back least, or None), or
-        ``{"skipped": reason}`` when nothing can be checked.
+        ``{"documents": n, "given_back": k, "refused": fewer than half came back,
+        "misread": text}`` (``text``: the start of the document that came back
+        least, or None), or ``{"skipped": reason}`` when nothing can be checked.
     """
     import difflib
 
@@ -354,7 +354,9 @@ def text_round_trip(prefix: str, tok: Tokenizer) -> dict:
         if same < _TEXT_SAME:
             bad.append((same, text))
     worst = min(bad, key=lambda b: b[0])[1][:80] if bad else None
-    return {"documents": len(docs), "given_back": len(docs) - len(bad), "misread": worst}
+    k = len(docs) - len(bad)
+    return {"documents": len(docs), "given_back": k, "refused": k < _TEXT_NEEDED * len(docs),
+            "misread": worst}  # fmt: skip
 
 
 def check_text(prefix: str, tok: Tokenizer) -> dict:
@@ -375,7 +377,7 @@ def check_text(prefix: str, tok: Tokenizer) -> dict:
     if "skipped" in result:
         return result
     n, k = result["documents"], result["given_back"]
-    if k < _TEXT_NEEDED * n:
+    if result["refused"]:
         how = f"{tok.spec.get('kind', '?')} tokenizer {tok.spec.get('path', '')}".rstrip()
         raise DataMismatchError(
             f"{prefix}: the data does not read as text under the {how}: of {n} sampled "
