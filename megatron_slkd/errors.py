@@ -19,9 +19,11 @@ __all__ = [
     "DataPreparationError",
     "DataMismatchError",
     "ConfigError",
+    "PeerFailedError",
     "StorageError",
     "ObjectStoreError",
     "ObjectNotFoundError",
+    "ObjectChangedError",
     "ObjectPermissionError",
     "ObjectTimeoutError",
 ]
@@ -59,6 +61,17 @@ class ConfigError(SlkdError):
     """An option value cannot work with the data or the launch (say which and why)."""
 
 
+class PeerFailedError(SlkdError):
+    """Another process of this model-parallel group failed, so this one stops with it.
+
+    The message quotes the other process's error; the exit status is its status.
+    """
+
+    def __init__(self, message: str, exit_status: int = 2):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 class StorageError(SlkdError):
     """The file system refused a read or write: out of space, read-only, no permission.
 
@@ -94,6 +107,10 @@ class ObjectStoreError(StorageError):
 
 class ObjectNotFoundError(ObjectStoreError):
     """No object at the URL (a cache not there, or not finished: its manifest is written last)."""
+
+
+class ObjectChangedError(ObjectStoreError):
+    """A conditional request failed: the object exists, or changed since it was read."""
 
 
 class ObjectPermissionError(ObjectStoreError):

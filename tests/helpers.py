@@ -171,8 +171,9 @@ def same_rows_fraction(a_dir, b_dir) -> float:
     return float(np.mean(same))
 
 
-def torchrun_slkd(nproc: int, *args) -> subprocess.CompletedProcess:
-    """Run ``slkd`` under torchrun with ``nproc`` local processes; asserts success."""
+def torchrun_slkd(nproc: int, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``slkd`` under torchrun with ``nproc`` local processes; asserts success unless
+    ``check`` is false."""
     import os
     import shutil
 
@@ -180,7 +181,7 @@ def torchrun_slkd(nproc: int, *args) -> subprocess.CompletedProcess:
     r = subprocess.run([torchrun, "--nproc-per-node", str(nproc), "-m", "megatron_slkd",
                         *map(str, args)], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0 or not check, r.stderr[-3000:]
     return r
 
 

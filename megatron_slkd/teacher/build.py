@@ -31,7 +31,13 @@ from megatron_slkd.cache.writer import (
     differences,
 )
 from megatron_slkd.data.indexed import dataset_fingerprint, open_dataset
-from megatron_slkd.errors import CacheMismatchError, ConfigError
+from megatron_slkd.errors import (
+    CacheMismatchError,
+    ConfigError,
+    PeerFailedError,
+    SlkdError,
+    StorageError,
+)
 from megatron_slkd.sampling import sample_sparse_targets
 from megatron_slkd.teacher.windows import document_windows
 
@@ -304,14 +310,21 @@ class _Parallel:
 
     Every rank of the model-parallel group (TP x PP) walks the same batches; the
     last pipeline stage samples over its TP group, and its TP rank 0 writes.
+
+    Only the writer touches the shard, so only it can fail there (out of space, a
+    claim taken over): :meth:`on_writer` holds such an error until the group's next
+    :meth:`agree`, where every rank stops with it. The others would otherwise wait
+    in the group's next collective: NCCL gives up only at its timeout (10 minutes).
     """
 
-    def __init__(self, teacher):
+    def __init__(self, teacher, output: str | None = None):
         tp = getattr(teacher, "tp_group", None)
         self.tp_group = tp if tp is not None and dist.get_world_size(tp) > 1 else None
         self.tp_rank = dist.get_rank(tp) if self.tp_group is not None else 0
         self.samples = getattr(teacher, "has_logits", True)
         self.writes = self.samples and self.tp_rank == 0
+        self.output = output
+        self.failure: Exception | None = None
         mp = getattr(teacher, "model_parallel_group", None)
         self.mp_group = mp if mp is not None and dist.get_world_size(mp) > 1 else None
         if self.mp_group is not None:
@@ -326,22 +339,58 @@ class _Parallel:
         if self.tp_group is not None:
             dist.all_reduce(t, op=op, group=self.tp_group)
 
+    def on_writer(self, work, *args):
+        """``work(*args)`` on the writing rank (None elsewhere, and once it failed).
+
+        Alone, its error is raised at once; in a group it is held for :meth:`agree`."""
+        if not self.writes or self.failure is not None:
+            return None
+        try:
+            return work(*args)
+        except Exception as exc:
+            if self.mp_group is None:
+                raise
+            self.failure = exc
+            return None
+
     def agree(self, value):
-        """``value`` as the writing rank has it, on every rank of the model-parallel group."""
+        """``value`` as the writing rank has it, on every rank of the model-parallel group.
+
+        Raises the writer's held error instead: the error itself on the writer,
+        :class:`~megatron_slkd.errors.PeerFailedError` quoting it on the others.
+        """
         if self.mp_group is None:
             return value
-        box = [value]
+        box = [(value, None if self.failure is None else self._describe(self.failure))]
         dist.broadcast_object_list(box, src=self.src, group=self.mp_group)
-        return box[0]
+        value, failed = box[0]
+        if self.failure is not None:
+            raise self.failure
+        if failed is not None:
+            status, text = failed
+            raise PeerFailedError(
+                f"the writing process of this model-parallel group (rank {self.src}) failed, "
+                f"so this one stops too: {text}",
+                status,
+            )
+        return value
+
+    def _describe(self, exc: Exception) -> tuple[int, str]:
+        """(exit status, one line) of ``exc`` as the CLI reports it."""
+        if isinstance(exc, OSError):
+            exc = StorageError.from_os_error(exc, self.output)
+        line = (str(exc).splitlines() or [""])[0]
+        if not isinstance(exc, SlkdError):  # not a typed error: a traceback on the writer
+            return 1, f"{type(exc).__name__}: {line}"
+        return getattr(exc, "exit_status", 2), line
 
 
 def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar, stats, locks,
                  watch=None):  # fmt: skip
     """Build one shard: all model-parallel ranks run the teacher; the writer returns its record."""
     vocab = base.tokenizer["vocab_size"]
-    writer = None
-    if par.writes:
-        writer = ShardWriter.open(
+    writer = par.on_writer(
+        lambda: ShardWriter.open(
             path,
             encoding=base.encoding,
             vocab_size=vocab,
@@ -349,6 +398,7 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
             doc_end=doc_range[1],
             key=base.compatibility_key(),
         )
+    )
     first = par.agree(writer.next_document if writer else None)
     bar.update(int(ds.sequence_lengths[doc_range[0] : first].sum()))
     pending: dict[int, _DocumentRows] = {}
@@ -368,30 +418,34 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
 
     next_doc = first
 
+    def write(doc: _DocumentRows, commit: bool) -> None:
+        writer.add_document(doc.tokens, *doc.arrays(), stats=doc.stats)
+        if commit:
+            for lock in locks:
+                lock.check()
+            writer.commit()
+
     def write_ready():
         """Write the documents whose rows are all in, in order, committing as due."""
         nonlocal next_doc, since_commit
         while next_doc in pending and pending[next_doc].rows == pending[next_doc].length:
             doc = pending.pop(next_doc)
-            if writer is not None:
-                writer.add_document(doc.tokens, *doc.arrays(), stats=doc.stats)
-            stats.add(doc.stats)
-            stats.warn_if_implausible(vocab, cfg.data_prefix)
             since_commit += doc.length
+            commit = since_commit >= cfg.commit_tokens
+            par.on_writer(write, doc, commit)
+            stats.add(doc.stats)
+            if par.writes:  # once per group
+                stats.warn_if_implausible(vocab, cfg.data_prefix)
             bar.update(doc.length)
             next_doc += 1
-            if since_commit >= cfg.commit_tokens:
-                if writer is not None:
-                    for lock in locks:
-                        lock.check()
-                    writer.commit()
+            if commit:
                 since_commit = 0
 
     for batch in _batches(windows(), cfg.tokens_per_batch):
         # Every rank of the model-parallel group asks here (earlier pipeline stages skip the
         # rest of the loop body); the writer's decision holds for all.
         if par.agree(watch is not None and watch.requested):
-            _stop(writer, path, next_doc, doc_range, watch)
+            _stop(par, writer, path, next_doc, doc_range, watch)
         if all(d < first for d, _, _ in batch):
             continue
         t0 = time.perf_counter()
@@ -449,10 +503,11 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
     # Empty documents have no window: those after the last batch (or a shard of nothing
     # else) are written here.
     write_ready()
-    if writer is None:
-        return None
     t3 = time.perf_counter()
-    record = writer.finalize(sidecar=base)
+    record = par.on_writer(lambda: writer.finalize(sidecar=base))
+    par.agree(None)  # the others go on to the next shard once this one is whole
+    if record is None:
+        return None
     stats.write_s += time.perf_counter() - t3
     stats.tokens += record["num_tokens"]
     stats.entries += record["num_entries"]
@@ -460,13 +515,17 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
     return record
 
 
-def _stop(writer, path, next_doc: int, doc_range, watch) -> None:
-    """End the build on a preemption signal with the shard's progress durable."""
+def _stop(par: _Parallel, writer, path, next_doc: int, doc_range, watch) -> None:
+    """End the build on a preemption signal with the shard's progress durable (on every
+    rank of the group: none exits before the writer has committed)."""
     from megatron_slkd.preempt import Preempted
 
-    if writer is not None:
+    def commit():
         writer.commit()
         writer.close()
+
+    par.on_writer(commit)
+    par.agree(None)
     done = "before its first document"
     if next_doc > doc_range[0]:
         done = f"through document {next_doc - 1}"
@@ -559,7 +618,7 @@ def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None,
     mine = _my_shards(cfg)
     todo_tokens = sum(int(lengths[a:b].sum()) for a, b in (plan[i] for i in mine))
     start = time.time()
-    par = _Parallel(teacher)
+    par = _Parallel(teacher, cfg.output)
     bar = tqdm(
         total=todo_tokens,
         unit="tok",

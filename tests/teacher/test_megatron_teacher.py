@@ -6,6 +6,7 @@ sharded case (TP=2 is refused with a clear error, as megatron-core requires
 the heads to divide evenly).
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -121,3 +122,52 @@ def test_tiny_llama_cache_at_tp2_pp2_matches_the_hf_teacher(tiny, tiny_converted
     same = same_rows_fraction(tmp_path / "tp2pp2", tmp_path / "hf")
     # Logits agree to ~1e-5, so only draws that land right on a CDF boundary may move.
     assert same > 0.8, same
+
+
+def _mount_tmpfs(path: Path, size: int, remount: bool = False) -> str | None:
+    """Mount (or resize) a tmpfs of ``size`` bytes at ``path``; why not, when it cannot."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        return "not root"
+    opts = f"size={size}"
+    cmd = ["mount", "-o", f"remount,{opts}", str(path)] if remount else [
+        "mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    return None if r.returncode == 0 else f"mount refused: {r.stderr.strip()}"
+
+
+def test_a_writer_out_of_space_stops_its_whole_tp_group_with_one_typed_line(
+    tiny, tiny_converted, tmp_path
+):
+    # Only the writing rank touches the shard. Its error used to reach the other rank
+    # as a gloo "Connection closed by peer" traceback (under NCCL: a 10-minute wait
+    # in the next collective); now both stop at the next batch, each with one line.
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    why = _mount_tmpfs(disk, 64 << 10)  # about a third of the shard
+    if why:
+        pytest.skip(f"needs a small tmpfs: {why}")
+    try:
+        args = ["build-cache", "--teacher", tiny_converted / "teacher", "--data-prefix",
+                tiny / "data", "--output", disk / "cache", "--tensor-parallel-size", "2",
+                "--context-length", "256", "--stride", "128", "--commit-tokens", "600",
+                "--no-progress"]  # fmt: skip
+        r = torchrun_slkd(2, *args, check=False)
+        assert r.returncode != 0
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("slkd build-cache: ")]
+        writer = [ln for ln in lines if "No space left on device (errno 28)" in ln]
+        assert len(lines) == 2 and len(writer) == 2, r.stderr[-3000:]
+        assert sum("the writing process of this model-parallel group (rank 0) failed" in ln
+                   for ln in lines) == 1, lines  # fmt: skip
+        assert "[rank1]: Traceback" not in r.stderr and "Connection closed" not in r.stderr
+        progress = json.loads(next(disk.glob("cache/*.partial/progress.json")).read_text())
+        assert progress["docs"] > 0  # committed work is kept ...
+        assert _mount_tmpfs(disk, 8 << 20, remount=True) is None
+        torchrun_slkd(2, *args)  # ... and the build resumes from it once there is room
+        assert verify_cache(disk / "cache", str(tiny / "data"))["ok"]
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
