@@ -28,11 +28,15 @@ directories would not see each other's owner files. So every claim under a
 staging directory is also made in the store, as the object ``<name>.owner``
 beside the output's objects: a live owner there (heartbeat in the record
 younger than the timeout, or a live pid on this host) refuses the claim as a
-local one does; a dead one is taken over. An object store has no exclusive
-create, so of two claims made in the same instant the last written wins: the
-other process sees the foreign token at its next heartbeat and stops at its
-next commit, having published nothing of that output. The heartbeat rewrites
-the object with a fresh time; releasing deletes it.
+local one does; a dead one is taken over. The writes are conditional (S3's
+``If-None-Match: *`` to create, ``If-Match: ETAG`` to take over, renew and
+delete), so of two claims made in the same instant exactly one lands and the
+other process looks again and is refused. The heartbeat rewrites the object
+with a fresh time, only over the one this process wrote last; releasing
+deletes it. Where the client cannot send the conditions (an MSC profile with
+a metadata provider) or the store ignores them, the last claim written wins
+and the other process sees the foreign token at its next heartbeat and stops
+at its next commit, having published nothing of that output.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ class OwnerLock:
         here = self.target.parent.resolve()
         self.store = next((st for root, st in _STORES if root == here), None)
         self.store_name = self.path.name
+        self._store_etag: str | None = None  # of the claim this process wrote last
 
     # -- claiming ---------------------------------------------------------
     def _create(self) -> bool:
@@ -162,55 +167,83 @@ class OwnerLock:
         return False, f"{_describe(owner)} (heartbeat {age:.0f} s ago)"
 
     # -- the same claim in an object store ----------------------------------
-    def _store_owner(self) -> dict | None:
-        """The owner record in the store (None: no object; {}: an unreadable one)."""
+    def _store_owner(self) -> tuple[dict | None, str | None]:
+        """The owner record in the store (None: no object; {}: an unreadable one) and the
+        ETag it was read under (asked first: a change after it fails the next If-Match)."""
         from megatron_slkd.errors import ObjectNotFoundError
 
         try:
+            etag = self.store.etag(self.store_name)
             data = self.store.read(self.store_name)
         except ObjectNotFoundError:
-            return None
+            return None, None
         try:
             owner = parse_record(data.decode("utf-8"), self.store_name, OwnershipError)
         except (OwnershipError, UnicodeDecodeError):
-            return {}  # objects appear whole: this one was damaged, not half-written
-        return owner if "pid" in owner and "beat" in owner else {}
+            return {}, etag  # objects appear whole: this one was damaged, not half-written
+        return (owner if "pid" in owner and "beat" in owner else {}), etag
 
-    def _write_store_owner(self) -> None:
-        self.store.write(self.store_name, dump_record({**self.me, "beat": time.time()}).encode())
+    def _put_store_owner(self, if_match: str | None, *, renew: bool = False) -> None:
+        """Write the claim: created only where no object is (``if_match`` None), else only
+        over the object read under that ETag. A renewal where the claim was written without
+        conditions (the client cannot send them) is a plain write, as that claim was."""
+        record = dump_record({**self.me, "beat": time.time()}).encode()
+        if renew and if_match is None:
+            self.store.write(self.store_name, record)
+            return
+        self._store_etag = self.store.put(self.store_name, record, if_match=if_match)
 
     def _claim_store(self) -> None:
-        owner = self._store_owner()
-        if owner:
-            stale, why = self._judge(owner, time.time() - float(owner["beat"]))
-            if not stale:
-                raise OwnershipError(
-                    f"{self.store.url}/{self.target.name}: {self.what} is being written by "
-                    f"{why}, from another staging directory; wait for it to finish, or stop "
-                    f"it (a dead owner is taken over after --lock-timeout "
-                    f"{self.timeout_s:.0f} s without heartbeat)"
-                )
-            _log.warning("taking over %s/%s (%s): owner was %s", self.store.url,
-                         self.target.name, self.what, why)  # fmt: skip
-        elif owner == {}:
-            _log.warning("taking over %s/%s (%s): its owner object is unreadable",
-                         self.store.url, self.target.name, self.what)  # fmt: skip
-        self._write_store_owner()
+        from megatron_slkd.errors import ObjectChangedError, ObjectNotFoundError
+
+        where = f"{self.store.url}/{self.target.name}"
+        for _ in range(8):  # a few rounds: another claim may land between a read and a write
+            owner, etag = self._store_owner()
+            if owner and owner.get("token") == self.me["token"]:
+                self._store_etag = etag  # a retried create that had landed: ours
+                return
+            if owner:
+                stale, why = self._judge(owner, time.time() - float(owner["beat"]))
+                if not stale:
+                    raise OwnershipError(
+                        f"{where}: {self.what} is being written by {why}, from another "
+                        "staging directory; wait for it to finish, or stop it (a dead owner "
+                        f"is taken over after --lock-timeout {self.timeout_s:.0f} s without "
+                        "heartbeat)"
+                    )
+                _log.warning("taking over %s (%s): owner was %s", where, self.what, why)
+            elif owner == {}:
+                _log.warning("taking over %s (%s): its owner object is unreadable", where,
+                             self.what)  # fmt: skip
+            try:
+                self._put_store_owner(None if owner is None else etag)
+                return
+            except (ObjectChangedError, ObjectNotFoundError):
+                continue  # another claim came first, or the object went: look again
+        raise OwnershipError(f"{where}: could not claim {self.store_name}; too much contention")
 
     def _beat_store(self) -> None:
-        """Check that the store's claim is still ours, then renew its time."""
-        from megatron_slkd.errors import ObjectStoreError
+        """Check that the store's claim is still ours, then renew its time (only over the
+        object this process wrote last: a claim written over it in between is not lost)."""
+        from megatron_slkd.errors import ObjectChangedError, ObjectNotFoundError, ObjectStoreError
 
+        where = self.store.url
         try:
-            owner = self._store_owner()
+            owner, _ = self._store_owner()
             if owner is not None and owner.get("token") != self.me["token"]:
-                where = self.store.url
                 self._lost = (f"taken over in {where} by {_describe(owner)}" if owner
                               else f"owner object in {where} damaged")  # fmt: skip
                 return
-            self._write_store_owner()
+            self._put_store_owner(self._store_etag, renew=True)
+        except (ObjectChangedError, ObjectNotFoundError):
+            try:
+                owner, _ = self._store_owner()
+            except ObjectStoreError:
+                owner = None
+            self._lost = (f"taken over in {where} by {_describe(owner)}" if owner
+                          else f"owner object in {where} replaced or removed")  # fmt: skip
         except ObjectStoreError as exc:  # retried already; the next beat tries again
-            _log.warning("%s: renewing the claim failed (%s)", self.store.url, exc)
+            _log.warning("%s: renewing the claim failed (%s)", where, exc)
 
     def acquire(self) -> OwnerLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,8 +328,9 @@ class OwnerLock:
             from megatron_slkd.errors import ObjectStoreError
 
             try:
-                if (self._store_owner() or {}).get("token") == self.me["token"]:
-                    self.store.delete(self.store_name)
+                owner, _ = self._store_owner()
+                if (owner or {}).get("token") == self.me["token"]:
+                    self.store.delete_if(self.store_name, self._store_etag)
             except ObjectStoreError as exc:  # left behind: taken over once its beat is old
                 _log.warning("%s: removing the claim failed (%s)", self.store.url, exc)
 

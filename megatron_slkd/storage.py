@@ -30,6 +30,7 @@ import time
 
 from megatron_slkd.errors import (
     ConfigError,
+    ObjectChangedError,
     ObjectNotFoundError,
     ObjectPermissionError,
     ObjectStoreError,
@@ -231,3 +232,64 @@ class ObjectStore:
 
     def delete(self, name: str) -> None:
         self._call("delete", name, lambda c: c.delete(self._key(name)))
+
+    # -- conditional requests (S3's If-None-Match / If-Match) ----------------
+    @staticmethod
+    def _provider(client):
+        """The provider under ``client``, for the conditions its public calls do not take;
+        None where a request cannot carry them (a profile with a metadata provider maps
+        names to other objects)."""
+        if getattr(client, "_metadata_provider", None) is not None:
+            return None
+        provider = getattr(client, "_storage_provider", None)
+        return provider if hasattr(provider, "put_object") else None
+
+    def _conditional(self, what: str, name: str, request):
+        """``request(provider, key)``; None when conditions cannot be sent (see :meth:`put`)."""
+        from multistorageclient.types import PreconditionFailedError
+
+        def call(client):
+            provider = self._provider(client)
+            if provider is None:
+                return None
+            try:
+                request(provider, self._key(name))
+            except NotImplementedError:
+                return None
+            except PreconditionFailedError as exc:
+                raise ObjectChangedError(
+                    f"{join(self.url, name)}: {what} refused: the object exists or changed "
+                    "since it was read"
+                ) from exc
+            return True
+
+        return self._call(what, name, call)
+
+    def etag(self, name: str) -> str | None:
+        """The object's ETag (None where the store gives none)."""
+        return self._call("info", name, lambda c: c.info(self._key(name)).etag) or None
+
+    def put(self, name: str, data: bytes, *, if_match: str | None = None) -> str | None:
+        """Write ``data`` as one object only if no object has that name, or with ``if_match``
+        only if the object's ETag is still that; returns the new object's ETag.
+
+        Raises :class:`~megatron_slkd.errors.ObjectChangedError` when the condition does
+        not hold. Where the client cannot send the condition (a metadata provider, a
+        provider without it) the write is plain and None is returned. A store that
+        ignores the condition (some S3-compatible services) writes whatever it finds.
+        """
+        conditions = {"if_match": if_match} if if_match else {"if_none_match": "*"}
+        what = "conditional write" if if_match else "exclusive create"
+        sent = self._conditional(what, name, lambda p, key: p.put_object(key, data, **conditions))
+        if sent is None:
+            self.write(name, data)
+            return None
+        return self.etag(name)
+
+    def delete_if(self, name: str, etag: str | None) -> None:
+        """Delete the object if its ETag is still ``etag`` (plainly where none is known or
+        the client cannot send the condition)."""
+        if etag is None or self._conditional(
+            "conditional delete", name, lambda p, key: p.delete_object(key, if_match=etag)
+        ) is None:
+            self.delete(name)

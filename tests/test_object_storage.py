@@ -333,8 +333,9 @@ def test_a_job_writing_the_same_url_from_another_staging_directory_is_refused(st
 
 
 def test_a_claim_overwritten_in_the_store_is_lost_at_the_next_heartbeat(store, tmp_path):
-    # No exclusive create in an object store: of two claims written at once the last wins,
-    # and the other process learns it at its next heartbeat (then stops at its next commit).
+    # A claim written over this one without conditions (a client that cannot send them, a
+    # store that ignores them): this process learns it at its next heartbeat, then stops at
+    # its next commit.
     st = ObjectStore(f"s3://{BUCKET}/raced")
     claim_in_store(tmp_path / "staging", st)
     lock = claim(tmp_path / "staging" / "shard-00000-of-00001.slkd", what="cache shard",
@@ -355,6 +356,72 @@ def test_a_claim_overwritten_in_the_store_is_lost_at_the_next_heartbeat(store, t
         lock.check()
     lock.release()  # the other process's claim stays
     assert "node-9" in st.read("shard-00000-of-00001.slkd.owner").decode()
+
+
+def _claim_at_once(tmp_path, url: str, name: str, n: int = 6) -> list:
+    """``n`` threads claim ``name`` from their own staging directories at the same moment;
+    each one's lock, or the OwnershipError it got."""
+    import threading
+
+    st = ObjectStore(url)
+    for i in range(n):
+        claim_in_store(tmp_path / f"s{i}", st)
+    start, out = threading.Barrier(n), [None] * n
+
+    def one(i):
+        start.wait()
+        try:
+            out[i] = claim(tmp_path / f"s{i}" / name, what="cache shard", timeout_s=60)
+        except OwnershipError as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return out
+
+
+def test_of_claims_made_at_the_same_moment_exactly_one_lands(store, tmp_path):
+    # The store's writes are conditional (If-None-Match to create, If-Match to take over):
+    # claims from six staging directories at once leave one owner, the others refused
+    # then and there (not at a later heartbeat, after work was done).
+    name = "shard-00000-of-00001.slkd"
+    url = f"s3://{BUCKET}/at-once"
+    for round_ in ("create", "take over"):
+        got = _claim_at_once(tmp_path / round_.replace(" ", "-"), url, name)
+        won = [g for g in got if not isinstance(g, OwnershipError)]
+        assert len(won) == 1, got
+        refused = [str(g) for g in got if isinstance(g, OwnershipError)]
+        assert all("from another staging directory" in r for r in refused), refused
+        st = ObjectStore(url)
+        record = parse_record(st.read(name + ".owner").decode(), "o", ValueError)
+        assert record["token"] == won[0].me["token"]
+        won[0].release()
+        assert not st.exists(name + ".owner")
+        # The next round: a dead owner's claim (no heartbeat for 10 minutes) to take over.
+        st.write(name + ".owner", dump_record({**record, "host": "node-3", "pid": 5,
+                                               "beat": time.time() - 600}).encode())  # fmt: skip
+
+
+def test_conditional_writes_refuse_an_object_that_exists_or_changed(store):
+    from megatron_slkd.errors import ObjectChangedError
+
+    st = ObjectStore(f"s3://{BUCKET}/conditional")
+    first = st.put("o", b"one")
+    assert first and st.read("o") == b"one"
+    with pytest.raises(ObjectChangedError, match=r"s3://.*/conditional/o: exclusive create "
+                                                 r"refused"):  # fmt: skip
+        st.put("o", b"two")
+    second = st.put("o", b"three", if_match=first)
+    with pytest.raises(ObjectChangedError, match="conditional write refused"):
+        st.put("o", b"four", if_match=first)  # read before "three" was written
+    with pytest.raises(ObjectChangedError, match="conditional delete refused"):
+        st.delete_if("o", first)
+    assert st.read("o") == b"three"
+    st.delete_if("o", second)
+    assert not st.exists("o")
 
 
 @pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"),
