@@ -203,20 +203,25 @@ class _Stats:
         self.teacher_s = self.sample_s = self.write_s = 0.0
         self.figures = dict.fromkeys(_STAT_NAMES, 0.0)
         self.tokens = self.entries = self.documents = 0
+        self.seen = [0.0, 0.0]  # measured positions and their NLL, batch by batch
         self.warned = False
 
     def add(self, figures: dict) -> None:
         for k, v in figures.items():
             self.figures[k] += v
 
-    def warn_if_implausible(self, vocab_size: int, where: str) -> None:
+    def warn_if_implausible(self, figures: torch.Tensor, vocab_size: int, where: str) -> None:
         """Warn once when the teacher predicts the data hardly better than a uniform guess:
         the data misread (made with another tokenizer) or a teacher not trained or
-        converted wrongly. The build goes on; its summary gives the NLL too."""
-        n = self.figures["positions"]
+        converted wrongly. Counted over batches (``figures``: a batch's
+        :func:`_teacher_stats`), so a long document is not waited for. The build goes
+        on; its summary gives the NLL too."""
+        self.seen[0] += float(figures[0].sum())
+        self.seen[1] += float(figures[1].sum())
+        n = self.seen[0]
         if self.warned or n < _IMPLAUSIBLE_AFTER:
             return
-        nll, uniform = self.figures["nll"] / n, math.log(vocab_size)
+        nll, uniform = self.seen[1] / n, math.log(vocab_size)
         if nll >= _IMPLAUSIBLE_NLL * uniform:
             self.warned = True
             _log.warning(
@@ -434,8 +439,6 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
             commit = since_commit >= cfg.commit_tokens
             par.on_writer(write, doc, commit)
             stats.add(doc.stats)
-            if par.writes:  # once per group
-                stats.warn_if_implausible(vocab, cfg.data_prefix)
             bar.update(doc.length)
             next_doc += 1
             if commit:
@@ -481,6 +484,8 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
             ]
         )
         figures = _teacher_stats(rows, targets, positions, t, par, vocab)
+        if par.writes:  # once per group
+            stats.warn_if_implausible(figures, vocab, cfg.data_prefix)
         t2 = time.perf_counter()
         stats.sample_s += t2 - t1
         i = 0

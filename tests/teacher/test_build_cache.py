@@ -553,3 +553,30 @@ def test_a_pipelined_teacher_writes_the_same_cache_and_only_its_last_stage_keeps
     run_distributed(_pipelined_build, 2, prefix, str(tmp_path / "pp"))
     one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
     assert {p.name: p.read_bytes() for p in (tmp_path / "pp").iterdir()} == one
+
+
+def test_an_implausible_teacher_is_warned_about_before_a_long_document_ends(tmp_path):
+    # Random logits on random ids: an NLL far above 75% of log(64). The warning is counted
+    # batch by batch, so it comes once 128 positions are measured (every 8th of the first
+    # ~1024 tokens), not when the one 4000-token document is done.
+    import logging
+
+    rng = np.random.default_rng(1)
+    prefix = write_dataset(tmp_path / "long", [rng.integers(0, VOCAB, 4000)])
+    meta = {"tokenizer": {"fingerprint": "test-vocab", "vocab_size": VOCAB, "kind": "test"}}
+    (tmp_path / "long.meta.json").write_text(json.dumps(meta))
+    teacher, at = PrefixTeacher(), []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            if "of a uniform guess" in record.getMessage():
+                at.append(teacher.calls)
+
+    handler = Seen()
+    logging.getLogger("megatron_slkd.teacher.build").addHandler(handler)
+    try:
+        build_cache(_cfg(prefix, tmp_path / "c"), teacher)
+    finally:
+        logging.getLogger("megatron_slkd.teacher.build").removeHandler(handler)
+    assert len(at) == 1, at  # once
+    assert at[0] < 0.4 * teacher.calls, (at, teacher.calls)
