@@ -5,7 +5,8 @@ Every test is marked ``gpu`` and skips, saying why, where no CUDA device exists:
 - the RS sampler on CUDA equals the CPU kernels bit for bit, on float32 and bf16 logits;
 - the sparse KD loss on CUDA with bf16 logits against a float64 reference, value and
   gradient;
-- `slkd train` on the Transformer Engine layer spec in bf16 (skips without TE);
+- `slkd train` in bf16 on megatron-core's local layer spec and on the Transformer
+  Engine one (skips without TE);
 - `slkd build-cache` with the SmolLM2 teacher on CUDA: complete, verified, and its
   tokens per second and sampling/writing share printed.
 """
@@ -71,12 +72,14 @@ def test_loss_on_cuda_bf16_against_float64_reference():
     assert torch.allclose(zc.grad.double().cpu(), zr.grad, rtol=1e-2, atol=tol)
 
 
-def test_train_on_transformer_engine_in_bf16(tmp_path):
-    pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_train_in_bf16(tmp_path, impl):
+    if impl == "transformer_engine":
+        pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
     prefix, cache = write_markov_corpus(tmp_path / "data")
     r = subprocess.run([
         *SLKD, "train", "--data-path", prefix, "--kd-caches", f"{prefix}={cache}",
-        "--data-split", "90,10,0", "--model-transformer-impl", "transformer_engine",
+        "--data-split", "90,10,0", "--model-transformer-impl", impl,
         "--model-num-layers", "2", "--model-hidden-size", "128", "--model-ffn-hidden-size", "256",
         "--model-seq-length", "128", "--model-vocab-size", "128", "--train-device", "cuda",
         "--train-bf16", "--train-steps", "20", "--train-micro-batch-size", "4",
