@@ -530,7 +530,7 @@ def _stop(par: _Parallel, writer, path, next_doc: int, doc_range, watch) -> None
         writer.close()
 
     par.on_writer(commit)
-    par.agree(None)
+    next_doc = par.agree(next_doc)  # the writer's: an earlier pipeline stage keeps no rows
     done = "before its first document"
     if next_doc > doc_range[0]:
         done = f"through document {next_doc - 1}"

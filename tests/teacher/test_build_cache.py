@@ -580,3 +580,59 @@ def test_an_implausible_teacher_is_warned_about_before_a_long_document_ends(tmp_
         logging.getLogger("megatron_slkd.teacher.build").removeHandler(handler)
     assert len(at) == 1, at  # once
     assert at[0] < 0.4 * teacher.calls, (at, teacher.calls)
+
+
+def _pipelined_stop(rank, world, prefix, out, how):
+    """Both stages of StageTeacher build until the writer (rank 1) fails or is signalled
+    on its 4th batch; rank 0's own watch never fires. Both must stop at that batch."""
+    import errno
+
+    from megatron_slkd.cache.writer import ShardWriter
+    from megatron_slkd.errors import PeerFailedError
+    from megatron_slkd.preempt import Preempted
+
+    teacher, watch = StageTeacher(rank), None
+    if how == "preempted":
+        watch = _WatchAfter(4 if rank == 1 else 10**9)
+        want = Preempted
+    else:
+        commits = [0]
+        real = ShardWriter.commit
+
+        def commit(self):
+            commits[0] += 1
+            if commits[0] > 3:  # the first is at open: fail on the third commit of rows
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(self)
+
+        ShardWriter.commit = commit
+        want = OSError if rank == 1 else PeerFailedError
+    with pytest.raises(want) as got:
+        build_cache(_cfg(prefix, out), teacher, watch=watch)
+    calls = [None, None]
+    torch.distributed.all_gather_object(calls, teacher.calls)
+    assert calls[0] == calls[1], calls  # the same batches on both stages, none after the stop
+    if how == "preempted":
+        assert "committed through document" in str(got.value)
+    elif rank == 0:
+        assert got.value.exit_status == 2
+        assert str(got.value).startswith(
+            "the writing process of this model-parallel group (rank 1) failed, so this one "
+            f"stops too: writing under {out}: No space left on device (errno 28)"
+        ), got.value
+
+
+@pytest.mark.parametrize("how", ["preempted", "out of space"])
+def test_a_pipelined_group_stops_together_when_its_writer_stops(dataset, tmp_path, how):
+    # Only the writer touches the shard: its stop (a signal it saw, a write that failed)
+    # is agreed at the next batch, so the other stage neither runs on alone nor waits in
+    # a collective; what was committed resumes to the cache of an uninterrupted build.
+    from megatron_slkd.testing import run_distributed
+
+    prefix, _ = dataset
+    build_cache(_cfg(prefix, tmp_path / "one"), PrefixTeacher())
+    run_distributed(_pipelined_stop, 2, prefix, str(tmp_path / "pp"), how)
+    assert json.loads(next((tmp_path / "pp").glob("*.partial/progress.json")).read_text())["docs"]
+    build_cache(_cfg(prefix, tmp_path / "pp"), PrefixTeacher())
+    one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pp").iterdir()} == one

@@ -124,17 +124,15 @@ def test_tiny_llama_cache_at_tp2_pp2_matches_the_hf_teacher(tiny, tiny_converted
     assert same > 0.8, same
 
 
-def _mount_tmpfs(path: Path, size: int, remount: bool = False) -> str | None:
-    """Mount (or resize) a tmpfs of ``size`` bytes at ``path``; why not, when it cannot."""
+def _mount_tmpfs(path: Path, size: int) -> str | None:
+    """Mount a tmpfs of ``size`` bytes at ``path``; why not, when it cannot."""
     import os
     import subprocess
 
     if os.geteuid() != 0:
         return "not root"
-    opts = f"size={size}"
-    cmd = ["mount", "-o", f"remount,{opts}", str(path)] if remount else [
-        "mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)  # fmt: skip
     return None if r.returncode == 0 else f"mount refused: {r.stderr.strip()}"
 
 
@@ -164,10 +162,8 @@ def test_a_writer_out_of_space_stops_its_whole_tp_group_with_one_typed_line(
         assert sum("the writing process of this model-parallel group (rank 0) failed" in ln
                    for ln in lines) == 1, lines  # fmt: skip
         assert "[rank1]: Traceback" not in r.stderr and "Connection closed" not in r.stderr
+        # Committed work is kept (test_build_cache.py resumes a group's stopped build).
         progress = json.loads(next(disk.glob("cache/*.partial/progress.json")).read_text())
-        assert progress["docs"] > 0  # committed work is kept ...
-        assert _mount_tmpfs(disk, 8 << 20, remount=True) is None
-        torchrun_slkd(2, *args)  # ... and the build resumes from it once there is room
-        assert verify_cache(disk / "cache", str(tiny / "data"))["ok"]
+        assert progress["docs"] > 0
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
