@@ -5,7 +5,8 @@ separate process on a free port and stops it on ``close()``;
 ``server.environment()`` is what a user's S3 client reads (endpoint,
 credentials, region). ``FaultProxy(upstream)`` forwards every HTTP request to
 ``upstream`` after ``delay`` seconds, and can answer the next requests with an
-HTTP error (``fail(status, times)``) or hold them (``stall(seconds, times)``),
+HTTP error (``fail(status, times)``), forward them and lose the answer
+(``lose(status, times)``) or hold them (``stall(seconds, times)``),
 so latency, throttling, outages and timeouts are reproduced against a real
 server through the same clients.
 """
@@ -82,7 +83,7 @@ class FaultProxy:
         self._upstream = (up.hostname, up.port)
         self.delay = delay
         self.requests = 0
-        self._faults: list[tuple[str, float]] = []
+        self._faults: list[tuple[str, float, str | None]] = []  # (kind, value, method)
         self._lock = threading.Lock()
         proxy = self
 
@@ -95,7 +96,7 @@ class FaultProxy:
             def _relay(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                fault = proxy._next_fault()
+                fault = proxy._next_fault(self.command)
                 if proxy.delay:
                     time.sleep(proxy.delay)
                 if fault is not None and fault[0] == "stall":
@@ -116,6 +117,9 @@ class FaultProxy:
                     data = resp.read()
                 finally:
                     conn.close()
+                if fault is not None and fault[0] == "lose":  # applied, but its answer lost
+                    self.send_error(int(fault[1]))
+                    return
                 self.send_response(resp.status)
                 head = self.command == "HEAD"  # keeps the object's Content-Length
                 for k, v in resp.getheaders():
@@ -142,20 +146,38 @@ class FaultProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
-    def _next_fault(self):
+    def _next_fault(self, method: str):
         with self._lock:
             self.requests += 1
-            return self._faults.pop(0) if self._faults else None
+            for i, fault in enumerate(self._faults):
+                if fault[2] in (None, method):
+                    return self._faults.pop(i)
+            return None
 
-    def fail(self, status: int, times: int = 1) -> None:
-        """Answer the next ``times`` requests with HTTP ``status``."""
+    @property
+    def pending(self) -> int:
+        """Faults not yet applied."""
         with self._lock:
-            self._faults += [("status", float(status))] * times
+            return len(self._faults)
 
-    def stall(self, seconds: float, times: int = 1) -> None:
-        """Hold the next ``times`` requests for ``seconds`` before forwarding them."""
+    def fail(self, status: int, times: int = 1, method: str | None = None) -> None:
+        """Answer the next ``times`` requests (of ``method`` only, if given) with HTTP
+        ``status``, without forwarding them."""
         with self._lock:
-            self._faults += [("stall", float(seconds))] * times
+            self._faults += [("status", float(status), method)] * times
+
+    def lose(self, status: int = 503, times: int = 1, method: str | None = None) -> None:
+        """Forward the next ``times`` requests (of ``method`` only, if given), then answer
+        HTTP ``status`` instead of the server's answer: a write applied whose answer was
+        lost, which the client retries."""
+        with self._lock:
+            self._faults += [("lose", float(status), method)] * times
+
+    def stall(self, seconds: float, times: int = 1, method: str | None = None) -> None:
+        """Hold the next ``times`` requests (of ``method`` only, if given) for ``seconds``
+        before forwarding them."""
+        with self._lock:
+            self._faults += [("stall", float(seconds), method)] * times
 
     def clear(self) -> None:
         with self._lock:

@@ -237,9 +237,13 @@ class OwnerLock:
             self._put_store_owner(self._store_etag, renew=True)
         except (ObjectChangedError, ObjectNotFoundError):
             try:
-                owner, _ = self._store_owner()
-            except ObjectStoreError:
-                owner = None
+                owner, etag = self._store_owner()
+            except ObjectStoreError as exc:  # undecided: the next beat looks again
+                _log.warning("%s: renewing the claim failed (%s)", where, exc)
+                return
+            if owner and owner.get("token") == self.me["token"]:
+                self._store_etag = etag  # a retried renewal that had landed: still ours
+                return
             self._lost = (f"taken over in {where} by {_describe(owner)}" if owner
                           else f"owner object in {where} replaced or removed")  # fmt: skip
         except ObjectStoreError as exc:  # retried already; the next beat tries again

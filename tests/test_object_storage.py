@@ -424,6 +424,28 @@ def test_conditional_writes_refuse_an_object_that_exists_or_changed(store):
     assert not st.exists("o")
 
 
+def test_a_renewal_applied_but_answered_with_an_error_keeps_the_claim(store, tmp_path):
+    # The store wrote the renewed claim but its answer was lost (HTTP 503): the retry's
+    # If-Match names the ETag before that write and fails. The claim is read again and
+    # is still this process's own, so it is kept, not reported lost.
+    _, proxy, _ = store
+    st = ObjectStore(f"s3://{BUCKET}/renewed")
+    claim_in_store(tmp_path / "staging", st)
+    lock = claim(tmp_path / "staging" / "shard-00000-of-00001.slkd", what="cache shard",
+                 timeout_s=0.4)  # fmt: skip
+    proxy.lose(503, times=1, method="PUT")
+    deadline = time.time() + 20
+    while proxy.pending:
+        assert time.time() < deadline, "no renewal was made"
+        time.sleep(0.05)
+    time.sleep(0.5)  # several heartbeats more
+    lock.check()  # not lost
+    record = parse_record(st.read("shard-00000-of-00001.slkd.owner").decode(), "o", ValueError)
+    assert record["token"] == lock.me["token"] and time.time() - record["beat"] < 5
+    lock.release()
+    assert not st.exists("shard-00000-of-00001.slkd.owner")
+
+
 @pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"),
                     reason="set MEGATRON_LM_DIR to a Megatron-LM checkout to run")  # fmt: skip
 def test_the_megatron_lm_entry_reads_a_cache_on_s3(store, tmp_path):
