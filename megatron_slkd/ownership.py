@@ -329,12 +329,14 @@ class OwnerLock:
         except (OSError, OwnershipError):
             pass
         if self.store is not None and self._lost is None:
-            from megatron_slkd.errors import ObjectStoreError
+            from megatron_slkd.errors import ObjectNotFoundError, ObjectStoreError
 
             try:
-                owner, _ = self._store_owner()
+                owner, etag = self._store_owner()
                 if (owner or {}).get("token") == self.me["token"]:
-                    self.store.delete_if(self.store_name, self._store_etag)
+                    self.store.delete_if(self.store_name, etag)
+            except ObjectNotFoundError:
+                pass  # gone: a retried delete that had landed
             except ObjectStoreError as exc:  # left behind: taken over once its beat is old
                 _log.warning("%s: removing the claim failed (%s)", self.store.url, exc)
 
