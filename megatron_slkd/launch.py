@@ -10,6 +10,7 @@ ranks of one group build the same shards together.
 from __future__ import annotations
 
 import os
+import sys
 
 __all__ = [
     "process_rank",
@@ -20,6 +21,7 @@ __all__ = [
     "free_port",
     "host_all_reduce",
     "any_rank",
+    "close_distributed",
 ]
 
 _PAIRS = (
@@ -141,3 +143,29 @@ def any_rank(flag: bool, group=None) -> bool:
     import torch.distributed as dist
 
     return bool(host_all_reduce(torch.tensor([float(flag)]), dist.ReduceOp.MAX, group).item())
+
+
+def close_distributed() -> None:
+    """Destroy megatron-core's parallel state and the process groups, if any, before the
+    interpreter exits (called by every ``slkd`` command on its way out).
+
+    A gloo group destroyed with the interpreter, whether ``destroy_process_group`` was
+    called or not, may abort the process (``terminate called without an active
+    exception``: status 134 instead of the command's own, here about one exit in five).
+    So reference cycles that still hold groups (an exception's frames) are collected
+    first, while the groups can still be freed, and then the groups are destroyed.
+    """
+    if "torch.distributed" not in sys.modules:
+        return
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if not dist.is_initialized():
+        return
+    if "megatron.core.parallel_state" in sys.modules:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()

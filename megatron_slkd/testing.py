@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_slkd.launch import free_port
+from megatron_slkd.launch import close_distributed, free_port
 
 __all__ = ["free_port", "run_distributed", "write_tiny_teacher"]
 
@@ -62,11 +62,7 @@ def _worker(rank, world_size, port, fn, args, tp, pp, megatron, threads, cp=1):
     except BaseException as exc:
         raise RuntimeError(f"rank {rank} failed:\n{traceback.format_exc()}") from exc
     finally:
-        if megatron:
-            from megatron.core import parallel_state
-
-            parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        close_distributed()  # also the groups a cycle holds (pytest.raises keeps one)
 
 
 def run_distributed(

@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
         sys.stderr.write(f"slkd {name}: {kind}: {exc}\n")
         sys.stderr.flush()
         return status
+    finally:
+        from megatron_slkd.launch import close_distributed
+
+        close_distributed()
 
 
 if __name__ == "__main__":

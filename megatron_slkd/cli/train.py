@@ -47,14 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores among the ranks of this node
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
-    try:
-        final = train(cfg)
-        if args.json and dist.get_rank() == 0:
-            print(json.dumps(final, sort_keys=True))
-    finally:
-        if dist.is_initialized():
-            from megatron.core import parallel_state
-
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+    final = train(cfg)  # the process groups are closed by the CLI (launch.close_distributed)
+    if args.json and dist.get_rank() == 0:
+        print(json.dumps(final, sort_keys=True))
     return 0

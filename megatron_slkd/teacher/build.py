@@ -370,7 +370,8 @@ class _Parallel:
         dist.broadcast_object_list(box, src=self.src, group=self.mp_group)
         value, failed = box[0]
         if self.failure is not None:
-            raise self.failure
+            failure, self.failure = self.failure, None  # its frames hold self: no cycle
+            raise failure
         if failed is not None:
             status, text = failed
             raise PeerFailedError(
