@@ -26,6 +26,7 @@ __all__ = [
     "ObjectChangedError",
     "ObjectPermissionError",
     "ObjectTimeoutError",
+    "as_reported",
 ]
 
 
@@ -119,3 +120,13 @@ class ObjectPermissionError(ObjectStoreError):
 
 class ObjectTimeoutError(ObjectStoreError):
     """The store did not answer, or answered with retryable errors, after every retry."""
+
+
+def as_reported(exc: SlkdError | OSError, output: str | None = None) -> tuple[int, SlkdError]:
+    """(exit status, typed error) of ``exc`` as a command reports it: an ``OSError`` (disk
+    full, read-only, permissions) becomes a :class:`StorageError` naming ``output`` when it
+    names no file; the status is the error's ``exit_status`` (75: preempted, progress
+    durable), else 2."""
+    if isinstance(exc, OSError):
+        exc = StorageError.from_os_error(exc, output)
+    return getattr(exc, "exit_status", 2), exc

@@ -23,7 +23,7 @@ import json
 import sys
 import warnings
 
-from megatron_slkd.errors import SlkdError, StorageError
+from megatron_slkd.errors import SlkdError, as_reported
 
 __all__ = ["main", "build_parser"]
 
@@ -190,10 +190,8 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
                      for k, v in vars(args).items()}, allow=_OBJECT_URLS.get(name))  # fmt: skip
         return _run(name, args)
     except (SlkdError, OSError) as exc:
-        if isinstance(exc, OSError):  # disk full, read-only, permissions: one line as well
-            where = [getattr(args, k, None) for k in ("output", "cfg__checkpoint__dir")]
-            exc = StorageError.from_os_error(exc, next((w for w in where if w), None))
-        status = getattr(exc, "exit_status", 2)  # 75: preempted, progress durable
+        where = [getattr(args, k, None) for k in ("output", "cfg__checkpoint__dir")]
+        status, exc = as_reported(exc, next((w for w in where if w), None))
         kind = "stopped" if status != 2 else "error"
         # One write: the ranks of a job share its stderr, and print's two writes (text,
         # then newline) from two ranks can run their lines together.

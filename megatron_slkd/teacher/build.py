@@ -36,7 +36,7 @@ from megatron_slkd.errors import (
     ConfigError,
     PeerFailedError,
     SlkdError,
-    StorageError,
+    as_reported,
 )
 from megatron_slkd.sampling import sample_sparse_targets
 from megatron_slkd.teacher.windows import document_windows
@@ -383,12 +383,10 @@ class _Parallel:
 
     def _describe(self, exc: Exception) -> tuple[int, str]:
         """(exit status, one line) of ``exc`` as the CLI reports it."""
-        if isinstance(exc, OSError):
-            exc = StorageError.from_os_error(exc, self.output)
-        line = (str(exc).splitlines() or [""])[0]
-        if not isinstance(exc, SlkdError):  # not a typed error: a traceback on the writer
-            return 1, f"{type(exc).__name__}: {line}"
-        return getattr(exc, "exit_status", 2), line
+        if not isinstance(exc, (SlkdError, OSError)):  # untyped: a traceback on the writer
+            return 1, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        status, typed = as_reported(exc, self.output)
+        return status, (str(typed).splitlines() or [""])[0]
 
 
 def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar, stats, locks,
