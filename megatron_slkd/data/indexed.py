@@ -1,48 +1,179 @@
-"""Reading a Megatron IndexedDataset for alignment checks.
+"""Reading a Megatron IndexedDataset for the offline tools, checked when opened.
 
 A cache row is keyed by (document, offset) where "document" is a sequence of
 the IndexedDataset (``prepare-data`` writes one sequence per document, as
 Megatron's ``preprocess_data.py`` does without sentence splitting).
+
+The files are megatron-core's (``megatron/core/datasets/indexed_dataset.py``,
+written by its ``IndexedDatasetBuilder``). ``PREFIX.idx``, little-endian:
+
+=======  =====================  ==============================================
+bytes    field                  value
+=======  =====================  ==============================================
+9        magic                  ``MMIDIDX\\x00\\x00``
+8        version                u64, 1
+1        dtype code             u8: 1 uint8, 2 int8, 3 int16, 4 int32, 5 int64,
+                                6 float64, 7 float32, 8 uint16
+8        sequence count S       u64
+8        document count D       u64 (entries of the document index below)
+4 S      sequence lengths       i32, tokens per sequence
+8 S      sequence pointers      i64, byte offset of each sequence in ``.bin``
+8 D      document index         i64, first sequence of each document, then S
+=======  =====================  ==============================================
+
+(a multimodal index follows with one i8 mode per sequence, which text never
+reads). ``PREFIX.bin`` holds the tokens, in the dtype given.
+
+The training path reads the data through megatron-core itself; the commands
+that only check, scan or key the data (``build-cache``, ``verify-cache``,
+``remap-cache``, ``describe-data``, the checks before training) read it here,
+which costs no megatron-core import (about 3 s per command on 2 cores). Every
+structural fault, the kind an interrupted copy leaves, is found when the
+dataset is opened, before a teacher or student loads, as a
+:class:`~megatron_slkd.errors.DataFormatError` naming the file; megatron-core
+would fail on it with an assertion or a NumPy error, or, for a data file cut
+short, only when a sample reaches the missing tokens, mid-run.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from megatron_slkd.errors import CacheMismatchError, DataMismatchError
+from megatron_slkd.errors import DataFormatError, DataMismatchError
 
-__all__ = ["open_dataset", "iter_token_blocks", "dataset_fingerprint"]
+__all__ = ["IndexedData", "open_dataset", "iter_token_blocks", "dataset_fingerprint"]
+
+_MAGIC = b"MMIDIDX\x00\x00"
+_VERSION = 1
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D: 34 bytes
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
+           6: np.float64, 7: np.float32, 8: np.uint16}  # fmt: skip
 
 
-def open_dataset(prefix: str):
-    """megatron-core's ``IndexedDataset`` at ``prefix`` (memory-mapped).
+class IndexedData:
+    """A Megatron IndexedDataset opened read-only and checked (see the module docstring).
 
-    The arrays it returns (``get``, ``sequence_lengths``) are views of its
-    memory maps, which close when the dataset object is collected: keep a
-    reference to the dataset while they are in use (or copy them).
+    Attributes:
+        prefix: the path prefix of ``PREFIX.bin`` / ``PREFIX.idx``.
+        dtype: the token dtype.
+        sequence_lengths: ``[S]`` int32, tokens per sequence (a view of the index).
+        sequence_pointers: ``[S]`` int64, byte offset of each sequence in ``.bin``.
+        document_indices: ``[D]`` int64, first sequence of each document, then S.
+        bin_bytes: the size of ``PREFIX.bin``.
+
+    Arrays it returns are read-only views of its memory maps.
 
     Raises:
-        CacheMismatchError: ``PREFIX.bin`` or ``PREFIX.idx`` is missing.
-        DataMismatchError: ``PREFIX.bin`` is empty (no document has a token).
+        DataFormatError: a file is missing, the index is not megatron-core's (magic,
+            version, dtype code), it is shorter than its header announces, its values
+            are impossible, or it points past the end of ``.bin``.
+        DataMismatchError: ``.bin`` is empty (no document has a token).
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    for suffix in (".bin", ".idx"):
-        if not Path(prefix + suffix).is_file():
-            raise CacheMismatchError(f"{prefix}{suffix}: dataset file not found")
-    if Path(prefix + ".bin").stat().st_size == 0:
-        # megatron-core cannot memory-map it (and its reader then fails again when collected).
-        raise DataMismatchError(
-            f"{prefix}.bin is empty: the dataset holds no token (no document, or only empty "
-            "ones); there is nothing to distill or train on"
-        )
-    return IndexedDataset(prefix, mmap=True)
+    def __init__(self, prefix: str) -> None:
+        self.prefix = str(prefix)
+        idx, binary = self.prefix + ".idx", self.prefix + ".bin"
+        for path in (binary, idx):
+            if not Path(path).is_file():
+                raise DataFormatError(f"{path}: dataset file not found")
+        self.bin_bytes = os.path.getsize(binary)
+        if self.bin_bytes == 0:
+            raise DataMismatchError(
+                f"{binary} is empty: the dataset holds no token (no document, or only empty "
+                "ones); there is nothing to distill or train on"
+            )
+        self._read_index(idx)
+        self._check_pointers(binary)
+        # A memoryview keeps the map open for as long as any array read from it lives.
+        self._bin = memoryview(np.memmap(binary, dtype=np.uint8, mode="r"))
+
+    def _read_index(self, idx: str) -> None:
+        size = os.path.getsize(idx)
+        with open(idx, "rb") as f:
+            head = f.read(_HEADER.size)
+        if len(head) < _HEADER.size or not head.startswith(_MAGIC):
+            raise DataFormatError(
+                f"{idx}: not a megatron-core index (starts with {head[:9]!r}, expected "
+                f"{_MAGIC!r}); write the dataset with Megatron-LM's preprocess_data.py or "
+                "`slkd prepare-data`"
+            )
+        _, version, code, seqs, docs = _HEADER.unpack(head)
+        if version != _VERSION:
+            raise DataFormatError(
+                f"{idx}: index version {version}, this reader knows version {_VERSION}"
+            )
+        if code not in _DTYPES or not np.issubdtype(_DTYPES[code], np.integer):
+            name = np.dtype(_DTYPES[code]).name if code in _DTYPES else "unknown"
+            raise DataFormatError(
+                f"{idx}: dtype code {code} ({name}): token ids need an integer dtype "
+                "(codes 1-5 and 8); the index is damaged or not of token data"
+            )
+        self.dtype = np.dtype(_DTYPES[code])
+        need = _HEADER.size + 12 * seqs + 8 * docs
+        if size < need:
+            raise DataFormatError(
+                f"{idx}: {size} bytes, but its header announces {seqs} sequences and {docs} "
+                f"document boundaries, {need} bytes: the index is truncated (an interrupted "
+                "copy?); copy it again"
+            )
+        buf = memoryview(np.memmap(idx, dtype=np.uint8, mode="r"))
+        at = _HEADER.size
+        self.sequence_lengths = np.frombuffer(buf, np.int32, seqs, at)
+        self.sequence_pointers = np.frombuffer(buf, np.int64, seqs, at + 4 * seqs)
+        self.document_indices = np.frombuffer(buf, np.int64, docs, at + 12 * seqs)
+        if seqs and int(self.sequence_lengths.min()) < 0:
+            d = int(np.argmax(self.sequence_lengths < 0))
+            raise DataFormatError(
+                f"{idx}: sequence {d} has length {int(self.sequence_lengths[d])}: the index "
+                "is damaged; write it again"
+            )
+        bounds = self.document_indices
+        if docs and (int(bounds.min()) < 0 or int(bounds.max()) > seqs
+                     or bool(np.any(np.diff(bounds) < 0))):  # fmt: skip
+            raise DataFormatError(
+                f"{idx}: its document index is not an ordered list of sequence numbers "
+                f"0..{seqs}: the index is damaged; write it again"
+            )
+
+    def _check_pointers(self, binary: str) -> None:
+        if not len(self.sequence_lengths):
+            return
+        ends = self.sequence_pointers + self.sequence_lengths.astype(np.int64) * self.dtype.itemsize
+        last = int(np.argmax(ends))
+        first = int(self.sequence_pointers.min())
+        if int(ends[last]) > self.bin_bytes or first < 0:
+            raise DataFormatError(
+                f"{self.prefix}: the index points {int(ends[last])} bytes into {binary}, "
+                f"which has {self.bin_bytes} (sequence {last} of {len(ends)}); the two files "
+                "are not one dataset (a truncated copy, or the .idx of another .bin?)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``offset .. offset + length`` of sequence ``idx`` (to its end when
+        ``length`` is None), as megatron-core's ``IndexedDataset.get`` returns them."""
+        n = int(self.sequence_lengths[idx]) - offset if length is None else length
+        return self.read(int(self.sequence_pointers[idx]) + offset * self.dtype.itemsize, n)
+
+    def read(self, byte_offset: int, count: int) -> np.ndarray:
+        """``count`` tokens from ``byte_offset`` of ``.bin``."""
+        return np.frombuffer(self._bin, dtype=self.dtype, count=count, offset=byte_offset)
 
 
-def iter_token_blocks(ds, doc_start: int, doc_end: int, block_tokens: int = 1 << 22) -> Iterator:
+def open_dataset(prefix: str) -> IndexedData:
+    """The IndexedDataset at ``prefix``, opened and checked (see :class:`IndexedData`)."""
+    return IndexedData(prefix)
+
+
+def iter_token_blocks(ds: IndexedData, doc_start: int, doc_end: int,
+                      block_tokens: int = 1 << 22) -> Iterator[np.ndarray]:  # fmt: skip
     """Tokens of documents ``[doc_start, doc_end)`` in order, in blocks of about
     ``block_tokens``; each block is a numpy array in the dataset's dtype."""
     lengths = ds.sequence_lengths
@@ -52,23 +183,22 @@ def iter_token_blocks(ds, doc_start: int, doc_end: int, block_tokens: int = 1 <<
         while e < doc_end and (n == 0 or n + int(lengths[e]) <= block_tokens):
             n += int(lengths[e])
             e += 1
-        pointer = int(ds.index.sequence_pointers[d])
         yield (
-            ds.bin_reader.read(dtype=ds.index.dtype, count=n, offset=pointer)
+            ds.read(int(ds.sequence_pointers[d]), n)
             if _contiguous(ds, d, e)
             else np.concatenate([ds.get(i) for i in range(d, e)])
         )
         d = e
 
 
-def _contiguous(ds, d: int, e: int) -> bool:
-    ptr = ds.index.sequence_pointers
-    size = np.dtype(ds.index.dtype).itemsize
+def _contiguous(ds: IndexedData, d: int, e: int) -> bool:
+    ptr = ds.sequence_pointers
+    size = ds.dtype.itemsize
     span = int(ptr[e - 1]) + int(ds.sequence_lengths[e - 1]) * size - int(ptr[d])
     return span == int(ds.sequence_lengths[d:e].sum()) * size
 
 
-def dataset_fingerprint(prefix: str, ds=None) -> dict:
+def dataset_fingerprint(prefix: str, ds: IndexedData | None = None) -> dict:
     """``prefix``, ``num_documents`` and ``num_tokens`` of a dataset, as a manifest records them."""
     ds = ds if ds is not None else open_dataset(prefix)
     lengths = ds.sequence_lengths

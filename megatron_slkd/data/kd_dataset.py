@@ -63,11 +63,12 @@ _CACHES: dict[tuple[str, str], SparseKDCache] = {}
 _LOCK = threading.Lock()
 
 
-def _open_checked(prefix: str, cache_dir: str, ds, check_tokens: bool,
+def _open_checked(prefix: str, cache_dir: str, check_tokens: bool,
                   record: dict | None = None, config=None) -> SparseKDCache:  # fmt: skip
-    """The cache of ``prefix``, opened and checked against ``ds`` once per process and pair
-    (the train, validation and test splits of one prefix share it)."""
+    """The cache of ``prefix``, opened and checked against the data at ``prefix`` once per
+    process and pair (the train, validation and test splits of one prefix share it)."""
     from megatron_slkd.cache.verify import check_alignment, tokenizer_problems
+    from megatron_slkd.data.indexed import open_dataset
     from megatron_slkd.storage import is_object_url
 
     where = cache_dir if is_object_url(cache_dir) else str(Path(cache_dir).resolve())
@@ -96,7 +97,7 @@ def _open_checked(prefix: str, cache_dir: str, ds, check_tokens: bool,
                     missing,
                     prefix,
                 )
-            problems = check_alignment(cache, ds, tokens=check_tokens)
+            problems = check_alignment(cache, open_dataset(prefix), tokens=check_tokens)
             problems += tokenizer_problems(cache, prefix, record)
             if problems:
                 raise CacheMismatchError(
@@ -149,7 +150,7 @@ class SparseKDGPTDataset(GPTDataset):
                 f"data prefix {dataset_path} has no sparse-logit cache; add it to kd_caches "
                 f"(given: {sorted(caches)}) or build one with `slkd build-cache`"
             )
-        self.kd_cache = _open_checked(dataset_path, caches[dataset_path], indexed_dataset,
+        self.kd_cache = _open_checked(dataset_path, caches[dataset_path],
                                       getattr(config, "kd_check_tokens", True),
                                       (getattr(config, "kd_data_meta", None) or {}).get(
                                           dataset_path), config)  # fmt: skip
