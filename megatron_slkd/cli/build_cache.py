@@ -76,6 +76,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="PP size of a megatron-core teacher; the last stage samples and writes",
     )
+    p.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with a model-parallel teacher: stop, with one line naming it, when a process of "
+        "the group has sent no heartbeat for this long (killed, or hung), instead of waiting "
+        "for it in a collective (NCCL waits 10 minutes); committed documents are kept",
+    )
     p.add_argument("--dtype", default="float32", help="teacher dtype (float32, bfloat16)")
     p.add_argument("--device", default="cpu", help="teacher device (cpu, cuda)")
     p.add_argument("--dry-run", action="store_true", help="print the shard plan and exit")
@@ -181,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         stride=args.context_length // 2 if args.stride is None else args.stride,
         tokens_per_batch=args.tokens_per_batch,
         commit_tokens=args.commit_tokens,
+        peer_timeout_s=args.peer_timeout,
         progress=not args.no_progress,
         data_meta=record,
     )

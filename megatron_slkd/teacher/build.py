@@ -38,6 +38,7 @@ from megatron_slkd.errors import (
     SlkdError,
     as_reported,
 )
+from megatron_slkd.liveness import PeerWatch
 from megatron_slkd.sampling import sample_sparse_targets
 from megatron_slkd.teacher.windows import document_windows
 
@@ -90,6 +91,9 @@ class BuildConfig:
     """Show a progress bar."""
     data_meta: dict | None = None
     """The dataset's tokenizer record (None: read PREFIX.meta.json)."""
+    peer_timeout_s: float = 60.0
+    """With a model-parallel teacher: seconds a process of the group may go without a
+    heartbeat before the others stop (:mod:`megatron_slkd.liveness`)."""
 
 
 def shard_file_name(index: int, count: int) -> str:
@@ -322,7 +326,7 @@ class _Parallel:
     in the group's next collective: NCCL gives up only at its timeout (10 minutes).
     """
 
-    def __init__(self, teacher, output: str | None = None):
+    def __init__(self, teacher, output: str | None = None, peer_timeout_s: float = 60.0):
         tp = getattr(teacher, "tp_group", None)
         self.tp_group = tp if tp is not None and dist.get_world_size(tp) > 1 else None
         self.tp_rank = dist.get_rank(tp) if self.tp_group is not None else 0
@@ -336,6 +340,33 @@ class _Parallel:
             flags = [None] * dist.get_world_size(self.mp_group)
             dist.all_gather_object(flags, self.writes, group=self.mp_group)
             self.src = dist.get_global_rank(self.mp_group, flags.index(True))
+        self.peers = None
+        if self.mp_group is not None:
+            self.peers = PeerWatch(
+                dist.get_process_group_ranks(self.mp_group),
+                dist.get_rank(),
+                lambda why: f"slkd build-cache: stopped: {why}; this process stops rather than "
+                "wait for it in a collective (committed documents are kept: run the same "
+                "command again to resume)",
+                timeout_s=peer_timeout_s,
+            )
+
+    def __enter__(self) -> _Parallel:
+        if self.peers is not None:
+            self.peers.start()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if self.peers is not None:
+            self.peers.close()
+        if self.mp_group is not None and isinstance(exc, RuntimeError) and _peer_gone(exc):
+            # gloo fails at once where a peer died: a traceback, then often an abort at exit.
+            raise PeerFailedError(
+                "a process of this model-parallel group stopped (its own log says why): "
+                f"{(str(exc).splitlines() or [''])[0]}; committed documents are kept: run the "
+                "same command again to resume",
+                1,
+            ) from None
 
     def vocab_start(self, width: int) -> int:
         return self.tp_rank * width
@@ -387,6 +418,14 @@ class _Parallel:
             return 1, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
         status, typed = as_reported(exc, self.output)
         return status, (str(typed).splitlines() or [""])[0]
+
+
+def _peer_gone(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective's report of a peer that went away."""
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
 
 
 def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar, stats, locks,
@@ -621,46 +660,46 @@ def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None,
     )
     mine = _my_shards(cfg)
     todo_tokens = sum(int(lengths[a:b].sum()) for a, b in (plan[i] for i in mine))
-    start = time.time()
-    par = _Parallel(teacher, cfg.output)
-    bar = tqdm(
-        total=todo_tokens,
-        unit="tok",
-        unit_scale=True,
-        desc="teacher",
-        disable=not (cfg.progress and par.writes),
-    )
-    built, stats = 0, _Stats()
-    for i in mine:
-        path = out / shard_file_name(i, cfg.num_shards)
-        sidecar = Path(str(path) + ".json")
-        if par.agree(path.exists() and sidecar.exists()):
-            check_finished_shard(path, base)
-            bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
-            continue
-        _build_shard(cfg, teacher, par, ds, doc_tokens0, path, plan[i], base, bar, stats, locks,
-                     watch)  # fmt: skip
-        for lock in locks:  # finished: nobody need wait for this shard any more
-            if lock.target == path:
-                lock.release()
-        built += 1
-    bar.close()
-    complete = par.agree(_all_finished(out, cfg.num_shards))
-    if complete and par.writes and not (out / MANIFEST_NAME).exists():
-        merge_cache([out], out)
-    report = {
-        "output": str(out),
-        "shards_built": built,
-        "shards": cfg.num_shards,
-        "shard_indices": list(mine),
-        "complete": complete,
-        "tokens": todo_tokens,
-        "seconds": round(time.time() - start, 2),
-        **stats.report(),
-    }
-    if complete and par.writes:
-        report.update(_cache_summary(out))
-    return report
+    with _Parallel(teacher, cfg.output, cfg.peer_timeout_s) as par:
+        start = time.time()
+        bar = tqdm(
+            total=todo_tokens,
+            unit="tok",
+            unit_scale=True,
+            desc="teacher",
+            disable=not (cfg.progress and par.writes),
+        )
+        built, stats = 0, _Stats()
+        for i in mine:
+            path = out / shard_file_name(i, cfg.num_shards)
+            sidecar = Path(str(path) + ".json")
+            if par.agree(path.exists() and sidecar.exists()):
+                check_finished_shard(path, base)
+                bar.update(int(lengths[plan[i][0] : plan[i][1]].sum()))
+                continue
+            _build_shard(cfg, teacher, par, ds, doc_tokens0, path, plan[i], base, bar, stats, locks,
+                         watch)  # fmt: skip
+            for lock in locks:  # finished: nobody need wait for this shard any more
+                if lock.target == path:
+                    lock.release()
+            built += 1
+        bar.close()
+        complete = par.agree(_all_finished(out, cfg.num_shards))
+        if complete and par.writes and not (out / MANIFEST_NAME).exists():
+            merge_cache([out], out)
+        report = {
+            "output": str(out),
+            "shards_built": built,
+            "shards": cfg.num_shards,
+            "shard_indices": list(mine),
+            "complete": complete,
+            "tokens": todo_tokens,
+            "seconds": round(time.time() - start, 2),
+            **stats.report(),
+        }
+        if complete and par.writes:
+            report.update(_cache_summary(out))
+        return report
 
 
 def check_existing_shards(cfg: BuildConfig, teacher_hash: str | None) -> None:

@@ -167,3 +167,72 @@ def test_a_writer_out_of_space_stops_its_whole_tp_group_with_one_typed_line(
         assert progress["docs"] > 0
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def _srun_like(args, port: int, **popen) -> list:
+    """Both ranks of a TP=2 launch as srun starts them: two independent processes, each
+    told its rank (nothing stops the others when one dies, unlike torchrun)."""
+    import os
+    import subprocess
+    import sys
+
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "OMP_NUM_THREADS":
+               "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_slkd", *map(str, args)],
+                                      env=env, text=True, **popen))  # fmt: skip
+    return procs
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_a_lost_peer_stops_the_rest_of_its_group_with_one_line(tiny, tiny_converted, tmp_path,
+                                                               how):  # fmt: skip
+    # Rank 1 of a TP=2 group is SIGKILLed (gloo then fails at once: it used to print a
+    # traceback and often abort at exit) or SIGSTOPped (a process that hangs: its peer
+    # waited in the collective, under gloo 30 minutes, under NCCL 10). Rank 0 stops with
+    # one line; the build resumes to a cache aligned with the data.
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    from megatron_slkd.launch import free_port
+
+    out = tmp_path / "cache"
+    args = ["build-cache", "--teacher", tiny_converted / "teacher", "--data-prefix",
+            tiny / "data", "--output", out, "--tensor-parallel-size", "2", "--context-length",
+            "256", "--stride", "128", "--tokens-per-batch", "256", "--commit-tokens", "300",
+            "--peer-timeout", "4", "--no-progress"]  # fmt: skip
+    procs = _srun_like(args, free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not list(out.glob("*.partial")) and time.time() < deadline:  # the writer opened
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        time.sleep(0.05)
+    victim = procs[1]
+    if how == "killed":
+        victim.kill()
+    else:
+        os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        t = time.time()
+        err = procs[0].communicate(timeout=120)[1]
+        waited = time.time() - t
+        print(f"rank 0 stopped {waited:.1f} s after rank 1 was {how}")
+    finally:
+        victim.kill()  # a stopped process dies of SIGKILL too
+        victim.communicate()
+    lines = [ln for ln in err.splitlines() if ln.startswith("slkd ")]
+    assert procs[0].returncode == 1 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("slkd build-cache: stopped: ") and "Traceback" not in err, err
+    if how == "killed":
+        assert "a process of this model-parallel group stopped" in lines[0], lines
+    else:
+        who = f"rank 1 of this model-parallel group (host {socket.gethostname()}, pid {victim.pid})"
+        assert f"{who} has sent no heartbeat for" in lines[0], lines
+        assert waited < 30, waited  # 4 s of silence, then a beat interval or two
+    assert "committed documents are kept" in lines[0]
+    for p in _srun_like(args, free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE):
+        assert p.wait(timeout=300) == 0, p.communicate()[1][-3000:]
+    assert verify_cache(out, str(tiny / "data"))["ok"]

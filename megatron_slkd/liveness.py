@@ -1,0 +1,156 @@
+"""Heartbeats between the processes of one model-parallel group, so that a process whose
+peer died stops with one line instead of waiting in a collective.
+
+When a process of a tensor- or pipeline-parallel group is killed (the out-of-memory
+killer, a lost node, ``kill -9``), the others wait for it in their next collective.
+Under ``srun`` nothing stops them: NCCL gives up only at its timeout (10 minutes by
+default), with a C++ abort; gloo fails at once with a traceback. Each process of the
+group adds to a counter of its own in the launch's key-value store (the one
+``torch.distributed`` rendezvoused through, at ``MASTER_ADDR:MASTER_PORT``) every
+``interval_s`` from a daemon thread, and reads the others'. A peer whose counter has not
+moved for ``timeout_s``, or a store that stopped answering (its host, rank 0 or the
+torchrun agent, is gone), ends this process: one line on stderr naming the peer's rank,
+host and pid, then ``os._exit`` with the given status, since the main thread may be
+blocked inside a collective that no exception can reach. What was committed stays;
+running the same command again resumes.
+
+A peer that is alive but slow (a long checkpoint load, a stalled file system) keeps
+beating from its thread, so it is never taken for dead; a stopped process (``SIGSTOP``)
+or a frozen machine is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+__all__ = ["PeerWatch"]
+
+_log = logging.getLogger(__name__)
+
+
+class PeerWatch:
+    """Heartbeats of ``ranks`` (global ranks, this one among them) in the launch's store.
+
+    Args:
+        ranks: the global ranks of the group; this process beats for its own and reads
+            the others'.
+        rank: this process's global rank.
+        stop_line: called with the reason when a peer is lost; returns the line to print
+            (the command's usual ``slkd CMD: error: ...`` form).
+        timeout_s: seconds without a beat before a peer counts as lost.
+        interval_s: seconds between beats.
+        status: exit status of a process that stops because of a lost peer.
+        exit: called with ``status`` after the line is printed (``os._exit``; tests
+            replace it).
+    """
+
+    def __init__(
+        self,
+        ranks: Sequence[int],
+        rank: int,
+        stop_line: Callable[[str], str],
+        *,
+        timeout_s: float = 60.0,
+        interval_s: float | None = None,
+        status: int = 1,
+        exit: Callable[[int], None] = os._exit,
+    ) -> None:
+        self.peers = [r for r in ranks if r != rank]
+        self.rank = rank
+        self.stop_line = stop_line
+        self.timeout_s = float(timeout_s)
+        self.interval_s = interval_s or max(0.2, min(5.0, self.timeout_s / 6))
+        self.status = status
+        self.exit = exit
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._store = None
+
+    def start(self) -> PeerWatch:
+        """Connect to the store, beat once, and watch from a daemon thread (no-op alone)."""
+        if not self.peers:
+            return self
+        import torch.distributed as dist
+
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        self._where = f"{addr}:{port}"
+        try:
+            # A client of its own: the watch thread never shares a connection with the
+            # main thread's collectives and barriers.
+            base = dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=30))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            self._store = dist.PrefixStore(f"slkd-liveness/{attempt}/", base)
+            me = f"host {socket.gethostname()}, pid {os.getpid()}"
+            self._store.set(f"who/{self.rank}", me)
+            self._store.add(f"beat/{self.rank}", 1)
+        except Exception as exc:  # the work can go on; only the early stop is lost
+            _log.warning("no heartbeats between the group's processes (store %s: %s): a lost "
+                         "peer is found only at the collective's timeout", self._where,
+                         _first_line(exc))  # fmt: skip
+            return self
+        self._thread = threading.Thread(target=self._run, name="slkd-peer-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop beating and watching (the group is done with its collectives)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.interval_s + 30)
+            self._thread = None
+
+    def __enter__(self) -> PeerWatch:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        seen = {p: (-1, time.monotonic()) for p in self.peers}  # last count, when it moved
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._store.add(f"beat/{self.rank}", 1)
+                counts = {p: self._store.add(f"beat/{p}", 0) for p in self.peers}
+            except Exception as exc:  # the store's host is gone
+                if self._stop.is_set():
+                    return
+                self._lose(
+                    f"the launch's key-value store at {self._where} (rank 0 or the torchrun "
+                    f"agent) stopped answering ({_first_line(exc)}): that process is gone"
+                )
+                return
+            now = time.monotonic()
+            for p, count in counts.items():
+                if count != seen[p][0]:
+                    seen[p] = (count, now)
+                elif now - seen[p][1] > self.timeout_s and not self._stop.is_set():
+                    self._lose(
+                        f"rank {p} of this model-parallel group ({self._who(p)}) has sent no "
+                        f"heartbeat for {now - seen[p][1]:.0f} s: it was killed, or it or its "
+                        "machine hangs"
+                    )
+                    return
+
+    def _who(self, peer: int) -> str:
+        try:
+            if self._store.check([f"who/{peer}"]):  # get() would wait for a missing key
+                return self._store.get(f"who/{peer}").decode()
+        except Exception:
+            pass
+        return "host and pid unknown"
+
+    def _lose(self, reason: str) -> None:
+        sys.stderr.write(self.stop_line(reason) + "\n")
+        sys.stderr.flush()
+        self.exit(self.status)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
