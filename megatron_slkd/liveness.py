@@ -49,6 +49,7 @@ class PeerWatch:
         status: exit status of a process that stops because of a lost peer.
         exit: called with ``status`` after the line is printed (``os._exit``; tests
             replace it).
+        address: the store's (host, port); None: ``MASTER_ADDR`` and ``MASTER_PORT``.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class PeerWatch:
         interval_s: float | None = None,
         status: int = 1,
         exit: Callable[[int], None] = os._exit,
+        address: tuple[str, int] | None = None,
     ) -> None:
         self.peers = [r for r in ranks if r != rank]
         self.rank = rank
@@ -72,6 +74,7 @@ class PeerWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._store = None
+        self.address = address
 
     def start(self) -> PeerWatch:
         """Connect to the store, beat once, and watch from a daemon thread (no-op alone)."""
@@ -79,7 +82,7 @@ class PeerWatch:
             return self
         import torch.distributed as dist
 
-        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        addr, port = self.address or (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
         self._where = f"{addr}:{port}"
         try:
             # A client of its own: the watch thread never shares a connection with the
@@ -99,9 +102,16 @@ class PeerWatch:
         self._thread.start()
         return self
 
-    def close(self) -> None:
-        """Stop beating and watching (the group is done with its collectives)."""
+    def close(self, failure: str | None = None) -> None:
+        """Stop beating and watching: the group is done with its collectives, or, with
+        ``failure`` (one line), this process stops on an error, which its peers then
+        quote as they stop at their next look instead of waiting out the timeout."""
         self._stop.set()
+        if failure is not None and self._store is not None:
+            try:
+                self._store.set(f"gone/{self.rank}", failure)
+            except Exception:
+                pass  # the peers fall back on the heartbeat's timeout
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s + 30)
             self._thread = None
@@ -109,8 +119,8 @@ class PeerWatch:
     def __enter__(self) -> PeerWatch:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, exc, tb) -> None:
+        self.close(None if exc is None else _first_line(exc))
 
     def _run(self) -> None:
         seen = {p: (-1, time.monotonic()) for p in self.peers}  # last count, when it moved
@@ -130,13 +140,29 @@ class PeerWatch:
             for p, count in counts.items():
                 if count != seen[p][0]:
                     seen[p] = (count, now)
-                elif now - seen[p][1] > self.timeout_s and not self._stop.is_set():
+                    continue
+                if self._stop.is_set():
+                    return
+                failure = self._failure(p)
+                if failure is not None:
+                    self._lose(f"rank {p} of this model-parallel group ({self._who(p)}) "
+                               f"stopped: {failure}")  # fmt: skip
+                    return
+                if now - seen[p][1] > self.timeout_s:
                     self._lose(
                         f"rank {p} of this model-parallel group ({self._who(p)}) has sent no "
                         f"heartbeat for {now - seen[p][1]:.0f} s: it was killed, or it or its "
                         "machine hangs"
                     )
                     return
+
+    def _failure(self, peer: int) -> str | None:
+        try:
+            if self._store.check([f"gone/{peer}"]):
+                return self._store.get(f"gone/{peer}").decode()
+        except Exception:
+            pass
+        return None
 
     def _who(self, peer: int) -> str:
         try:

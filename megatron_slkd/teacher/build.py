@@ -358,7 +358,7 @@ class _Parallel:
 
     def __exit__(self, kind, exc, tb) -> None:
         if self.peers is not None:
-            self.peers.close()
+            self.peers.close(None if exc is None else (str(exc).splitlines() or [""])[0])
         if self.mp_group is not None and isinstance(exc, RuntimeError) and _peer_gone(exc):
             # gloo fails at once where a peer died: a traceback, then often an abort at exit.
             raise PeerFailedError(
@@ -684,22 +684,24 @@ def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None,
                     lock.release()
             built += 1
         bar.close()
+        # The group's last collective, so the heartbeats end here: past it, the other
+        # ranks may exit while the writer merges.
         complete = par.agree(_all_finished(out, cfg.num_shards))
-        if complete and par.writes and not (out / MANIFEST_NAME).exists():
-            merge_cache([out], out)
-        report = {
-            "output": str(out),
-            "shards_built": built,
-            "shards": cfg.num_shards,
-            "shard_indices": list(mine),
-            "complete": complete,
-            "tokens": todo_tokens,
-            "seconds": round(time.time() - start, 2),
-            **stats.report(),
-        }
-        if complete and par.writes:
-            report.update(_cache_summary(out))
-        return report
+    if complete and par.writes and not (out / MANIFEST_NAME).exists():
+        merge_cache([out], out)
+    report = {
+        "output": str(out),
+        "shards_built": built,
+        "shards": cfg.num_shards,
+        "shard_indices": list(mine),
+        "complete": complete,
+        "tokens": todo_tokens,
+        "seconds": round(time.time() - start, 2),
+        **stats.report(),
+    }
+    if complete and par.writes:
+        report.update(_cache_summary(out))
+    return report
 
 
 def check_existing_shards(cfg: BuildConfig, teacher_hash: str | None) -> None:
