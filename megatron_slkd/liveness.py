@@ -33,6 +33,7 @@ from datetime import timedelta
 __all__ = ["PeerWatch"]
 
 _log = logging.getLogger(__name__)
+_watches = 0  # watches started by this process
 
 
 class PeerWatch:
@@ -50,6 +51,8 @@ class PeerWatch:
         exit: called with ``status`` after the line is printed (``os._exit``; tests
             replace it).
         address: the store's (host, port); None: ``MASTER_ADDR`` and ``MASTER_PORT``.
+        name: the store keys' namespace, the same for every process of the group; None:
+            the torchrun restart and how many watches this process has started.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class PeerWatch:
         status: int = 1,
         exit: Callable[[int], None] = os._exit,
         address: tuple[str, int] | None = None,
+        name: str | None = None,
     ) -> None:
         self.peers = [r for r in ranks if r != rank]
         self.rank = rank
@@ -72,9 +76,11 @@ class PeerWatch:
         self.status = status
         self.exit = exit
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._store = None
         self.address = address
+        self.name = name
 
     def start(self) -> PeerWatch:
         """Connect to the store, beat once, and watch from a daemon thread (no-op alone)."""
@@ -88,8 +94,14 @@ class PeerWatch:
             # A client of its own: the watch thread never shares a connection with the
             # main thread's collectives and barriers.
             base = dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=30))
+            # Keys of an earlier watch of this launch (a torchrun restart, a build resumed
+            # in the same processes) must not be read as this one's: every rank makes
+            # its watches in the same order, so the count names the same watch everywhere.
+            global _watches
+            _watches += 1
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            self._store = dist.PrefixStore(f"slkd-liveness/{attempt}/", base)
+            name = self.name or f"{attempt}/{_watches}"
+            self._store = dist.PrefixStore(f"slkd-liveness/{name}/", base)
             me = f"host {socket.gethostname()}, pid {os.getpid()}"
             self._store.set(f"who/{self.rank}", me)
             self._store.add(f"beat/{self.rank}", 1)
@@ -106,7 +118,8 @@ class PeerWatch:
         """Stop beating and watching: the group is done with its collectives, or, with
         ``failure`` (one line), this process stops on an error, which its peers then
         quote as they stop at their next look instead of waiting out the timeout."""
-        self._stop.set()
+        with self._lock:  # a stop line being printed is this process's last word
+            self._stop.set()
         if failure is not None and self._store is not None:
             try:
                 self._store.set(f"gone/{self.rank}", failure)
@@ -173,9 +186,12 @@ class PeerWatch:
         return "host and pid unknown"
 
     def _lose(self, reason: str) -> None:
-        sys.stderr.write(self.stop_line(reason) + "\n")
-        sys.stderr.flush()
-        self.exit(self.status)
+        with self._lock:
+            if self._stop.is_set():  # the main thread got there first, with its own error
+                return
+            sys.stderr.write(self.stop_line(reason) + "\n")
+            sys.stderr.flush()
+            self.exit(self.status)
 
 
 def _first_line(exc: BaseException) -> str:

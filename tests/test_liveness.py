@@ -28,7 +28,8 @@ class _Exit:
 
 def _watch(rank, port, exit, timeout_s=1.0):
     return PeerWatch([0, 1], rank, lambda why: f"slkd test: stopped: {why}", timeout_s=timeout_s,
-                     interval_s=0.1, status=3, exit=exit, address=("127.0.0.1", port))  # fmt: skip
+                     interval_s=0.1, status=3, exit=exit, address=("127.0.0.1", port),
+                     name="test")  # fmt: skip
 
 
 @pytest.fixture
