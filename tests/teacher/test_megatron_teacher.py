@@ -233,6 +233,8 @@ def test_a_lost_peer_stops_the_rest_of_its_group_with_one_line(tiny, tiny_conver
         assert f"{who} has sent no heartbeat for" in lines[0], lines
         assert waited < 30, waited  # 4 s of silence, then a beat interval or two
     assert "committed documents are kept" in lines[0]
-    for p in _srun_like(args, free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE):
-        assert p.wait(timeout=300) == 0, p.communicate()[1][-3000:]
-    assert verify_cache(out, str(tiny / "data"))["ok"]
+    if how == "killed":  # and so it is: the rerun completes (once is enough for the suite)
+        for p in _srun_like(args, free_port(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE):  # fmt: skip
+            assert p.wait(timeout=300) == 0, p.communicate()[1][-3000:]
+        assert verify_cache(out, str(tiny / "data"))["ok"]
