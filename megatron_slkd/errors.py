@@ -28,6 +28,7 @@ __all__ = [
     "ObjectPermissionError",
     "ObjectTimeoutError",
     "as_reported",
+    "first_line",
 ]
 
 
@@ -137,3 +138,9 @@ def as_reported(exc: SlkdError | OSError, output: str | None = None) -> tuple[in
     if isinstance(exc, OSError):
         exc = StorageError.from_os_error(exc, output)
     return getattr(exc, "exit_status", 2), exc
+
+
+def first_line(exc: BaseException, default: str = "") -> str:
+    """The first line of ``exc``'s message (``default`` when it has none): what a one-line
+    report quotes of an error whose message may run to a traceback."""
+    return (str(exc).splitlines() or [default])[0]

@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
+from megatron_slkd.errors import first_line
+
 __all__ = ["PeerWatch"]
 
 _log = logging.getLogger(__name__)
@@ -90,17 +92,18 @@ class PeerWatch:
 
         addr, port = self.address or (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
         self._where = f"{addr}:{port}"
+        # Keys of an earlier watch of this launch (a torchrun restart, a build resumed in
+        # the same processes) must not be read as this one's: every rank makes its
+        # watches in the same order, so the count names the same watch everywhere
+        # (counted before connecting, so a rank that cannot connect keeps counting).
+        global _watches
+        _watches += 1
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        name = self.name or f"{attempt}/{_watches}"
         try:
             # A client of its own: the watch thread never shares a connection with the
             # main thread's collectives and barriers.
             base = dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=30))
-            # Keys of an earlier watch of this launch (a torchrun restart, a build resumed
-            # in the same processes) must not be read as this one's: every rank makes
-            # its watches in the same order, so the count names the same watch everywhere.
-            global _watches
-            _watches += 1
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            name = self.name or f"{attempt}/{_watches}"
             self._store = dist.PrefixStore(f"slkd-liveness/{name}/", base)
             me = f"host {socket.gethostname()}, pid {os.getpid()}"
             self._store.set(f"who/{self.rank}", me)
@@ -108,7 +111,7 @@ class PeerWatch:
         except Exception as exc:  # the work can go on; only the early stop is lost
             _log.warning("no heartbeats between the group's processes (store %s: %s): a lost "
                          "peer is found only at the collective's timeout", self._where,
-                         _first_line(exc))  # fmt: skip
+                         first_line(exc, type(exc).__name__))  # fmt: skip
             return self
         self._thread = threading.Thread(target=self._run, name="slkd-peer-watch", daemon=True)
         self._thread.start()
@@ -133,7 +136,7 @@ class PeerWatch:
         return self.start()
 
     def __exit__(self, kind, exc, tb) -> None:
-        self.close(None if exc is None else _first_line(exc))
+        self.close(None if exc is None else first_line(exc, type(exc).__name__))
 
     def _run(self) -> None:
         seen = {p: (-1, time.monotonic()) for p in self.peers}  # last count, when it moved
@@ -146,7 +149,8 @@ class PeerWatch:
                     return
                 self._lose(
                     f"the launch's key-value store at {self._where} (rank 0 or the torchrun "
-                    f"agent) stopped answering ({_first_line(exc)}): that process is gone"
+                    f"agent) stopped answering ({first_line(exc, type(exc).__name__)}): that "
+                    "process is gone"
                 )
                 return
             now = time.monotonic()
@@ -156,7 +160,7 @@ class PeerWatch:
                     continue
                 if self._stop.is_set():
                     return
-                failure = self._failure(p)
+                failure = self._read(f"gone/{p}")
                 if failure is not None:
                     self._lose(f"rank {p} of this model-parallel group ({self._who(p)}) "
                                f"stopped: {failure}")  # fmt: skip
@@ -169,21 +173,17 @@ class PeerWatch:
                     )
                     return
 
-    def _failure(self, peer: int) -> str | None:
+    def _read(self, key: str) -> str | None:
+        """The value at ``key``, or None when it is not there (or the store is gone)."""
         try:
-            if self._store.check([f"gone/{peer}"]):
-                return self._store.get(f"gone/{peer}").decode()
+            if self._store.check([key]):  # get() would wait for a missing key
+                return self._store.get(key).decode()
         except Exception:
             pass
         return None
 
     def _who(self, peer: int) -> str:
-        try:
-            if self._store.check([f"who/{peer}"]):  # get() would wait for a missing key
-                return self._store.get(f"who/{peer}").decode()
-        except Exception:
-            pass
-        return "host and pid unknown"
+        return self._read(f"who/{peer}") or "host and pid unknown"
 
     def _lose(self, reason: str) -> None:
         with self._lock:
@@ -192,7 +192,3 @@ class PeerWatch:
             sys.stderr.write(self.stop_line(reason) + "\n")
             sys.stderr.flush()
             self.exit(self.status)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]

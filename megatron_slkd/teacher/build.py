@@ -37,6 +37,7 @@ from megatron_slkd.errors import (
     PeerFailedError,
     SlkdError,
     as_reported,
+    first_line,
 )
 from megatron_slkd.liveness import PeerWatch
 from megatron_slkd.sampling import sample_sparse_targets
@@ -358,12 +359,12 @@ class _Parallel:
 
     def __exit__(self, kind, exc, tb) -> None:
         if self.peers is not None:
-            self.peers.close(None if exc is None else (str(exc).splitlines() or [""])[0])
+            self.peers.__exit__(kind, exc, tb)
         if self.mp_group is not None and isinstance(exc, RuntimeError) and _peer_gone(exc):
             # gloo fails at once where a peer died: a traceback, then often an abort at exit.
             raise PeerFailedError(
                 "a process of this model-parallel group stopped (its own log says why): "
-                f"{(str(exc).splitlines() or [''])[0]}; committed documents are kept: run the "
+                f"{first_line(exc)}; committed documents are kept: run the "
                 "same command again to resume",
                 1,
             ) from None
@@ -415,9 +416,9 @@ class _Parallel:
     def _describe(self, exc: Exception) -> tuple[int, str]:
         """(exit status, one line) of ``exc`` as the CLI reports it."""
         if not isinstance(exc, (SlkdError, OSError)):  # untyped: a traceback on the writer
-            return 1, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            return 1, f"{type(exc).__name__}: {first_line(exc)}"
         status, typed = as_reported(exc, self.output)
-        return status, (str(typed).splitlines() or [""])[0]
+        return status, first_line(typed)
 
 
 def _peer_gone(exc: RuntimeError) -> bool:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megatron_slkd.errors import first_line
 from megatron_slkd.records import dump_record
 from megatron_slkd.teacher.hf import TeacherError, checkpoint_hash
 from megatron_slkd.teacher.windows import pad_windows
@@ -291,7 +292,7 @@ class MegatronTeacher:
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - any failure: unreadable
             raise TeacherError(
                 f"{self.path / 'model'}: cannot load the checkpoint ({type(exc).__name__}: "
-                f"{(str(exc).splitlines() or [''])[0]}); convert the teacher again"
+                f"{first_line(exc)}); convert the teacher again"
             ) from exc
         self.model.load_state_dict(state, strict=False)
         self.model.eval()
