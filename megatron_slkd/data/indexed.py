@@ -133,7 +133,7 @@ class IndexedData:
                 "is damaged; write it again"
             )
         bounds = self.document_indices
-        if docs and (int(bounds.min()) < 0 or int(bounds.max()) > seqs
+        if docs and (int(bounds[0]) < 0 or int(bounds[-1]) > seqs
                      or bool(np.any(np.diff(bounds) < 0))):  # fmt: skip
             raise DataFormatError(
                 f"{idx}: its document index is not an ordered list of sequence numbers "
