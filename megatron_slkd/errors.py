@@ -21,6 +21,7 @@ __all__ = [
     "DataFormatError",
     "ConfigError",
     "PeerFailedError",
+    "LoaderFailedError",
     "StorageError",
     "ObjectStoreError",
     "ObjectNotFoundError",
@@ -79,6 +80,13 @@ class PeerFailedError(SlkdError):
     def __init__(self, message: str, exit_status: int = 2):
         super().__init__(message)
         self.exit_status = exit_status
+
+
+class LoaderFailedError(SlkdError):
+    """A data loader worker process died (the out-of-memory killer, shared memory run out):
+    training stops, keeping its checkpoints; exit status 1."""
+
+    exit_status = 1
 
 
 class StorageError(SlkdError):

@@ -1,22 +1,33 @@
-"""Heartbeats between the processes of one model-parallel group, so that a process whose
-peer died stops with one line instead of waiting in a collective.
+"""Heartbeats between the processes of a group (a teacher's model-parallel group, a
+training run), so that a process whose peer died or hangs stops with one line instead of
+waiting in a collective.
 
-When a process of a tensor- or pipeline-parallel group is killed (the out-of-memory
-killer, a lost node, ``kill -9``), the others wait for it in their next collective.
-Under ``srun`` nothing stops them: NCCL gives up only at its timeout (10 minutes by
-default), with a C++ abort; gloo fails at once with a traceback. Each process of the
-group adds to a counter of its own in the launch's key-value store (the one
-``torch.distributed`` rendezvoused through, at ``MASTER_ADDR:MASTER_PORT``) every
-``interval_s`` from a daemon thread, and reads the others'. A peer whose counter has not
-moved for ``timeout_s``, or a store that stopped answering (its host, rank 0 or the
-torchrun agent, is gone), ends this process: one line on stderr naming the peer's rank,
+When a process is killed (the out-of-memory killer, a lost node, ``kill -9``) or hangs,
+the others wait for it in their next collective. Under ``srun`` nothing stops them: NCCL
+gives up only at its timeout (10 minutes by default), with a C++ abort; gloo fails at once
+with a traceback. Each process of the group adds to a counter of its own in the launch's
+key-value store (the one ``torch.distributed`` rendezvoused through, at
+``MASTER_ADDR:MASTER_PORT``) every ``interval_s`` from a daemon thread, and reads the
+counter of the next rank of the group (the ranks form a ring, so each is watched by one
+other and the store's load grows with the group, not its square). A peer whose counter
+has not moved for ``timeout_s`` is lost: its watcher writes why to the group's ``stop``
+key, which every process reads at each beat, and stops. A process that stops on an error
+of its own writes that error there first, so the others quote the root cause at once
+instead of waiting out the timeout. A store that stopped answering (its host, rank 0 or
+the torchrun agent, is gone) is lost too. Stopping is one line on stderr naming the rank,
 host and pid, then ``os._exit`` with the given status, since the main thread may be
 blocked inside a collective that no exception can reach. What was committed stays;
 running the same command again resumes.
 
 A peer that is alive but slow (a long checkpoint load, a stalled file system) keeps
 beating from its thread, so it is never taken for dead; a stopped process (``SIGSTOP``)
-or a frozen machine is.
+or a frozen machine is. A process that ends normally says so (``done``), so a peer
+still busy after the group's last collective (writing a report) is not taken for lost
+by the rank that watches it; a process that read the group's reason to stop says so
+too, and a process that stops on its own error waits (a beat at most) for that before it
+exits, since the store may be its own. Store keys, under ``slkd-liveness/NAME/``:
+``who/R`` (host and pid), ``beat/R`` (the counter), ``done/R`` (ended, or has the
+word), and ``stop`` (the first reason).
 """
 
 from __future__ import annotations
@@ -30,31 +41,41 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
-from megatron_slkd.errors import first_line
+from megatron_slkd.errors import PeerFailedError, first_line
 
-__all__ = ["PeerWatch"]
+__all__ = ["PeerWatch", "peer_failure", "peer_gone", "stop_line"]
 
 _log = logging.getLogger(__name__)
 _watches = 0  # watches started by this process
+
+
+def _here() -> str:
+    return f"host {socket.gethostname()}, pid {os.getpid()}"
 
 
 class PeerWatch:
     """Heartbeats of ``ranks`` (global ranks, this one among them) in the launch's store.
 
     Args:
-        ranks: the global ranks of the group; this process beats for its own and reads
-            the others'.
+        ranks: the global ranks of the group; this process beats for its own and watches
+            the next one's (the last rank watches the first).
         rank: this process's global rank.
-        stop_line: called with the reason when a peer is lost; returns the line to print
-            (the command's usual ``slkd CMD: error: ...`` form).
+        stop_line: called with the reason when the group is lost; returns the line to
+            print (the command's usual ``slkd CMD: stopped: ...`` form).
+        what: how the reason names the group (``rank 3 of this run``).
         timeout_s: seconds without a beat before a peer counts as lost.
-        interval_s: seconds between beats.
+        interval_s: seconds between beats (None: a sixth of the timeout, 0.2 to 5 s).
+        grace_s: how long a process waits, once a peer has written a reason to stop,
+            for its own main thread to end the watch: errors that every rank raises
+            together (agreed after a collective, a preemption) reach them all within
+            moments, and each then reports its own.
         status: exit status of a process that stops because of a lost peer.
         exit: called with ``status`` after the line is printed (``os._exit``; tests
             replace it).
         address: the store's (host, port); None: ``MASTER_ADDR`` and ``MASTER_PORT``.
         name: the store keys' namespace, the same for every process of the group; None:
-            the torchrun restart and how many watches this process has started.
+            the torchrun restart, how many watches this process has started, and the
+            group's first rank (groups of one launch never share a ``stop`` key).
     """
 
     def __init__(
@@ -63,30 +84,38 @@ class PeerWatch:
         rank: int,
         stop_line: Callable[[str], str],
         *,
+        what: str = "this model-parallel group",
         timeout_s: float = 60.0,
         interval_s: float | None = None,
+        grace_s: float = 2.0,
         status: int = 1,
         exit: Callable[[int], None] = os._exit,
         address: tuple[str, int] | None = None,
         name: str | None = None,
     ) -> None:
-        self.peers = [r for r in ranks if r != rank]
+        group = sorted(set(ranks) | {rank})
+        self.ranks = group
         self.rank = rank
+        nxt = group[(group.index(rank) + 1) % len(group)]
+        self.watched = [] if nxt == rank else [nxt]
         self.stop_line = stop_line
+        self.what = what
         self.timeout_s = float(timeout_s)
         self.interval_s = interval_s or max(0.2, min(5.0, self.timeout_s / 6))
+        self.grace_s = grace_s
         self.status = status
         self.exit = exit
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._store = None
+        self._reason: str | None = None
         self.address = address
         self.name = name
 
     def start(self) -> PeerWatch:
         """Connect to the store, beat once, and watch from a daemon thread (no-op alone)."""
-        if not self.peers:
+        if not self.watched:
             return self
         import torch.distributed as dist
 
@@ -99,79 +128,105 @@ class PeerWatch:
         global _watches
         _watches += 1
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        name = self.name or f"{attempt}/{_watches}"
+        name = self.name or f"{attempt}/{_watches}/{self.ranks[0]}"
         try:
             # A client of its own: the watch thread never shares a connection with the
             # main thread's collectives and barriers.
             base = dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=30))
             self._store = dist.PrefixStore(f"slkd-liveness/{name}/", base)
-            me = f"host {socket.gethostname()}, pid {os.getpid()}"
-            self._store.set(f"who/{self.rank}", me)
+            self._store.set(f"who/{self.rank}", _here())
             self._store.add(f"beat/{self.rank}", 1)
         except Exception as exc:  # the work can go on; only the early stop is lost
-            _log.warning("no heartbeats between the group's processes (store %s: %s): a lost "
-                         "peer is found only at the collective's timeout", self._where,
-                         first_line(exc, type(exc).__name__))  # fmt: skip
+            _log.warning("no heartbeats between the processes of %s (store %s: %s): a lost "
+                         "peer is found only at the collective's timeout", self.what,
+                         self._where, first_line(exc, type(exc).__name__))  # fmt: skip
+            self._store = None
             return self
         self._thread = threading.Thread(target=self._run, name="slkd-peer-watch", daemon=True)
         self._thread.start()
         return self
 
     def close(self, failure: str | None = None) -> None:
-        """Stop beating and watching: the group is done with its collectives, or, with
-        ``failure`` (one line), this process stops on an error, which its peers then
-        quote as they stop at their next look instead of waiting out the timeout."""
+        """Stop beating and watching: this process is done with the group's collectives,
+        or, with ``failure`` (one line), it stops on an error, which the others then quote
+        as they stop at their next beat instead of waiting out the timeout. A failing
+        process waits (at most a beat interval and a second) until every other has read
+        its word or ended too: where it hosts the store (rank 0 under srun), its exit
+        would take the word with it."""
         with self._lock:  # a stop line being printed is this process's last word
             self._stop.set()
-        if failure is not None and self._store is not None:
+        if self._store is not None:
             try:
-                self._store.set(f"gone/{self.rank}", failure)
+                if failure is not None:
+                    self._announce(f"{self._name(self.rank)} stopped: {failure}")
+                self._store.set(f"done/{self.rank}", "1")
+                if failure is not None:
+                    others = [f"done/{r}" for r in self.ranks if r != self.rank]
+                    deadline = time.monotonic() + self.interval_s + 1.0
+                    while not self._store.check(others) and time.monotonic() < deadline:
+                        time.sleep(0.05)
             except Exception:
                 pass  # the peers fall back on the heartbeat's timeout
         if self._thread is not None:
-            self._thread.join(timeout=2 * self.interval_s + 30)
+            self._thread.join(timeout=2 * self.interval_s + self.grace_s + 30)
             self._thread = None
+
+    def reason(self) -> str | None:
+        """Why the group stopped, as the first process to stop wrote it (None: no word)."""
+        if self._store is not None:
+            self._reason = self._read("stop") or self._reason
+        return self._reason
 
     def __enter__(self) -> PeerWatch:
         return self.start()
 
     def __exit__(self, kind, exc, tb) -> None:
-        self.close(None if exc is None else first_line(exc, type(exc).__name__))
+        from megatron_slkd.preempt import EXIT_PREEMPTED
+
+        # A preemption stops every rank together, with its progress saved: not a failure.
+        ended = exc is None or getattr(exc, "exit_status", None) == EXIT_PREEMPTED
+        self.close(None if ended else first_line(exc, type(exc).__name__))
 
     def _run(self) -> None:
-        seen = {p: (-1, time.monotonic()) for p in self.peers}  # last count, when it moved
+        seen = {p: (-1, time.monotonic()) for p in self.watched}  # last count, when it moved
         while not self._stop.wait(self.interval_s):
             try:
                 self._store.add(f"beat/{self.rank}", 1)
-                counts = {p: self._store.add(f"beat/{p}", 0) for p in self.peers}
+                counts = {p: self._store.add(f"beat/{p}", 0) for p in self.watched}
+                reason = self._store.get("stop").decode() if self._store.check(["stop"]) else None
             except Exception as exc:  # the store's host is gone
-                if self._stop.is_set():
-                    return
                 self._lose(
                     f"the launch's key-value store at {self._where} (rank 0 or the torchrun "
                     f"agent) stopped answering ({first_line(exc, type(exc).__name__)}): that "
                     "process is gone"
                 )
                 return
+            if reason is not None:
+                self._reason = reason  # kept: the store's host may be the one stopping
+                try:
+                    self._store.set(f"done/{self.rank}", "1")  # word received
+                except Exception:
+                    pass
+                if not self._stop.wait(self.grace_s):  # not a stop this process makes too
+                    self._lose(reason)
+                return
             now = time.monotonic()
             for p, count in counts.items():
                 if count != seen[p][0]:
                     seen[p] = (count, now)
-                    continue
-                if self._stop.is_set():
+                elif now - seen[p][1] > self.timeout_s and self._read(f"done/{p}") is None:
+                    why = (f"{self._name(p)} has sent no heartbeat for {now - seen[p][1]:.0f} "
+                           "s: it was killed, or it or its machine hangs")  # fmt: skip
+                    try:  # the others learn it at their next beat
+                        self._announce(why)
+                    except Exception:
+                        pass
+                    self._lose(why)
                     return
-                failure = self._read(f"gone/{p}")
-                if failure is not None:
-                    self._lose(f"rank {p} of this model-parallel group ({self._who(p)}) "
-                               f"stopped: {failure}")  # fmt: skip
-                    return
-                if now - seen[p][1] > self.timeout_s:
-                    self._lose(
-                        f"rank {p} of this model-parallel group ({self._who(p)}) has sent no "
-                        f"heartbeat for {now - seen[p][1]:.0f} s: it was killed, or it or its "
-                        "machine hangs"
-                    )
-                    return
+
+    def _announce(self, reason: str) -> None:
+        """Write ``reason`` to the group's ``stop`` key, unless a first reason is there."""
+        self._store.compare_set("stop", "", reason)
 
     def _read(self, key: str) -> str | None:
         """The value at ``key``, or None when it is not there (or the store is gone)."""
@@ -182,8 +237,9 @@ class PeerWatch:
             pass
         return None
 
-    def _who(self, peer: int) -> str:
-        return self._read(f"who/{peer}") or "host and pid unknown"
+    def _name(self, rank: int) -> str:
+        who = _here() if rank == self.rank else self._read(f"who/{rank}")
+        return f"rank {rank} of {self.what} ({who or 'host and pid unknown'})"
 
     def _lose(self, reason: str) -> None:
         with self._lock:
@@ -192,3 +248,44 @@ class PeerWatch:
             sys.stderr.write(self.stop_line(reason) + "\n")
             sys.stderr.flush()
             self.exit(self.status)
+
+
+def peer_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's report of a peer that went away (gloo fails at
+    once: a traceback, then often an abort at exit)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or (
+        isinstance(exc, RuntimeError)
+        and any(s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                                    "Broken pipe"))  # fmt: skip
+    )
+
+
+def peer_failure(exc: BaseException, watch: PeerWatch | None, then: str) -> PeerFailedError | None:
+    """``exc`` as a :class:`PeerFailedError` (exit status 1) when :func:`peer_gone`, else
+    None. The message is the group's reason to stop where a process wrote one (its own
+    error, or a lost peer it found), else gloo's words; then ``then``."""
+    if not peer_gone(exc):
+        return None
+    what = watch.what if watch is not None else "this group"
+    reason = (watch.reason() if watch is not None else None) or (
+        f"a process of {what} stopped (its own log says why): {first_line(exc)}"
+    )
+    return PeerFailedError(_then(reason, then), 1)
+
+
+def stop_line(command: str, then: str) -> Callable[[str], str]:
+    """A :class:`PeerWatch` ``stop_line`` for ``slkd COMMAND``: the reason, then ``then``
+    (what was kept, how to go on)."""
+    return lambda reason: (
+        f"slkd {command}: stopped: "
+        + _then(f"{reason}; this process stops rather than wait for it in a collective", then)
+    )
+
+
+def _then(reason: str, then: str) -> str:
+    """``reason``, then ``then`` unless the reason (a peer's own error) already says how to
+    go on."""
+    return reason if "the same command" in reason else f"{reason}; {then}"

@@ -9,6 +9,13 @@ and re-raises the first failure in the caller. ``fn`` must be importable by
 name (a module-level function), as ``torch.multiprocessing`` spawns fresh
 interpreters.
 
+``srun_like(args, world)`` starts ``slkd ARGS`` as ``world`` processes the way srun
+starts a step's tasks, for tests of what one task's death does to the others.
+
+``lose_a_process(args, lost, logs)`` runs two of them, loses one process (a rank killed
+or stopped, a data-loader worker or megatron-core's checkpoint writer killed) once rank
+0 prints a given line, and reports how the others stopped.
+
 ``write_tiny_teacher(directory, tokenizer)`` saves a small random Llama with the
 vocabulary of a Hugging Face tokenizer (and that tokenizer) as a teacher
 directory: it loads in a second and runs thousands of tokens per second on one
@@ -18,6 +25,8 @@ core, for tests of everything around the teacher.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import traceback
 import warnings
 from collections.abc import Callable
@@ -29,7 +38,12 @@ import torch.multiprocessing as mp
 
 from megatron_slkd.launch import close_distributed, free_port
 
-__all__ = ["free_port", "run_distributed", "write_tiny_teacher"]
+__all__ = ["free_port", "lose_a_process", "run_distributed", "srun_like", "write_tiny_teacher"]
+
+LOST = ("rank killed", "rank stopped", "loader worker killed", "checkpoint writer killed")
+"""What :func:`lose_a_process` can lose: rank 1 (SIGKILL, or SIGSTOP: a hung process or
+machine), or a helper process of rank 0 (SIGKILL: the out-of-memory killer's usual
+victims), a data-loader worker or megatron-core's checkpoint writer."""
 
 _PORT_ERRORS = ("Address already in use", "EADDRINUSE", "address already in use")
 
@@ -127,3 +141,75 @@ def write_tiny_teacher(directory, tokenizer, *, seed: int = 0, layers: int = 2,
         initializer_range=1.0,  # logits of a few units, so comparisons mean something
     )
     LlamaForCausalLM(config).save_pretrained(directory)
+
+
+def srun_like(args, world: int = 2, *, stdout=None, stderr=None) -> list[subprocess.Popen]:
+    """``slkd ARGS`` as ``world`` independent processes, each told its rank and the
+    rendezvous as srun tells a step's tasks (``SLURM_PROCID``, ``SLURM_NTASKS``,
+    ``MASTER_ADDR``, ``MASTER_PORT`` on a free port): nothing stops the others when one
+    dies, unlike torchrun. ``stdout`` and ``stderr`` are given to every process, or
+    called with the rank for its own (a file, which its loader workers share)."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world),
+               "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        out, err = (f(rank) if callable(f) else f for f in (stdout, stderr))
+        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_slkd", *map(str, args)],
+                                      env=env, text=True, stdout=out, stderr=err))
+    return procs
+
+
+def lose_a_process(args, lost: str, logs, *, after: str = "step 7/", wait_s: float = 90.0) -> dict:
+    """Run ``slkd ARGS`` as two srun-like ranks, lose ``lost`` (one of :data:`LOST`) once
+    rank 0 prints a line starting with ``after``, and wait for the others.
+
+    Returns ``procs``, ``victim`` (rank 1's process where it was the one lost, else None),
+    ``waited`` (seconds from the loss until the last other rank exited; None when one
+    was still running after ``wait_s``, and then killed), ``said`` (rank -> seconds until
+    its first ``slkd`` line), and per rank its stderr (``errs``) and its ``slkd`` lines
+    (``lines``). Stderr goes to ``logs/rank-R.err``."""
+    import signal
+    import time
+    from pathlib import Path
+
+    logs = Path(logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    files = [open(logs / f"rank-{r}.err", "w") for r in (0, 1)]
+    procs = srun_like(args, stdout=lambda r: subprocess.PIPE if r == 0 else subprocess.DEVNULL,
+                      stderr=lambda r: files[r])  # fmt: skip
+    for f in files:
+        f.close()
+    victim, waited, said = None, None, {}
+    try:
+        if not any(line.startswith(after) for line in procs[0].stdout):
+            raise RuntimeError(f"rank 0 never printed {after!r}: "
+                               f"{(logs / 'rank-0.err').read_text()[-3000:]}")  # fmt: skip
+        how = signal.SIGKILL if lost.endswith(" killed") else signal.SIGSTOP
+        if lost.startswith("rank "):
+            victim = procs[1]
+            os.kill(victim.pid, how)
+        else:
+            want = "megatron_slkd" if lost.startswith("loader") else "multiprocessing.spawn"
+            kids = subprocess.run(["pgrep", "-P", str(procs[0].pid)], capture_output=True,
+                                  text=True).stdout.split()  # fmt: skip
+            os.kill(next(int(k) for k in kids if want in Path(f"/proc/{k}/cmdline").read_text()),
+                    how)  # fmt: skip
+        t = time.perf_counter()
+        others = [r for r, p in enumerate(procs) if p is not victim]
+        while time.perf_counter() - t < wait_s:
+            for r in others:
+                if r not in said and "\nslkd " in "\n" + (logs / f"rank-{r}.err").read_text():
+                    said[r] = time.perf_counter() - t
+            if all(procs[r].poll() is not None for r in others):
+                waited = time.perf_counter() - t
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+    errs = [(logs / f"rank-{r}.err").read_text() for r in (0, 1)]
+    return {"procs": procs, "victim": victim, "waited": waited, "said": said, "errs": errs,
+            "lines": [[ln for ln in e.splitlines() if ln.startswith("slkd ")] for e in errs]}

@@ -1,6 +1,7 @@
-"""Heartbeats between the processes of a model-parallel group (megatron_slkd.liveness):
-a silent peer, a peer that stopped on an error and a lost store each end the watching
-process with one line; peers that beat, or that end together, never do."""
+"""Heartbeats between the processes of a group (megatron_slkd.liveness): a silent peer, a
+peer that stopped on an error and a lost store each end the watching processes with one
+line, across a ring of watchers; peers that beat, that end together, that end before the
+others or that stop together on an error they agreed on, never do."""
 
 import subprocess
 import sys
@@ -26,10 +27,10 @@ class _Exit:
         self.done.set()
 
 
-def _watch(rank, port, exit, timeout_s=1.0):
-    return PeerWatch([0, 1], rank, lambda why: f"slkd test: stopped: {why}", timeout_s=timeout_s,
-                     interval_s=0.1, status=3, exit=exit, address=("127.0.0.1", port),
-                     name="test")  # fmt: skip
+def _watch(rank, port, exit, timeout_s=1.0, ranks=(0, 1), grace_s=0.5):
+    return PeerWatch(ranks, rank, lambda why: f"slkd test: stopped: {why}", timeout_s=timeout_s,
+                     interval_s=0.1, grace_s=grace_s, status=3, exit=exit,
+                     address=("127.0.0.1", port), name="test")  # fmt: skip
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def test_a_peer_that_stopped_on_an_error_is_quoted_at_once(store, capfd):
     with pytest.raises(OSError), _watch(1, port, _Exit()):
         time.sleep(0.3)
         raise OSError("writing shard-00000: No space left on device")
-    assert mine.done.wait(5), "the watcher waited for the timeout instead"
+    assert mine.done.wait(5), "the watcher waited for the timeout instead"  # 0.5 s of grace
     watch.close()
     err = capfd.readouterr().err.strip().splitlines()
     assert err == [f"slkd test: stopped: rank 1 of this model-parallel group ({_me()}) stopped: "
@@ -81,6 +82,53 @@ def test_peers_that_end_together_do_not_stop_each_other(store):
         w.close()
     time.sleep(2.5)
     assert [e.status for e in exits] == [None, None]
+
+
+def test_a_peer_that_ended_is_not_taken_for_lost_by_one_still_busy(store):
+    # Rank 1 is done after the last collective; rank 0 still writes its report for longer
+    # than the timeout.
+    _, port = store
+    exits = [_Exit(), _Exit()]
+    watches = [_watch(r, port, exits[r], timeout_s=0.5).start() for r in (0, 1)]
+    time.sleep(0.3)
+    watches[1].close()
+    time.sleep(2.0)
+    watches[0].close()
+    assert [e.status for e in exits] == [None, None]
+
+
+def test_an_error_every_rank_raises_together_is_each_ranks_own(store, capfd):
+    # Every rank raises the same error after agreeing on it (or is preempted): each
+    # reports it itself; none is stopped by the others' word in the store.
+    _, port = store
+    exits = [_Exit() for _ in range(3)]
+    watches = [_watch(r, port, exits[r], ranks=range(3), grace_s=1.0).start() for r in range(3)]
+    time.sleep(0.3)
+    for w in watches:
+        w.close("ConfigError: the same for all")
+        time.sleep(0.05)
+    time.sleep(1.5)
+    assert [e.status for e in exits] == [None] * 3
+    assert "slkd test" not in capfd.readouterr().err
+
+
+def test_a_ring_of_watchers_stops_every_process_with_the_first_reason(store, capfd):
+    # Four ranks, each watching the next: rank 2 freezes; rank 1 finds it, says why in
+    # the store, and ranks 0 and 3 (which do not watch it) stop with that line.
+    _, port = store
+    exits = [_Exit() for _ in range(4)]
+    watches = [_watch(r, port, exits[r], ranks=range(4)).start() for r in range(4)]
+    assert [w.watched for w in watches] == [[1], [2], [3], [0]]
+    time.sleep(0.5)
+    watches[2]._stop.set()
+    for r in (0, 1, 3):
+        assert exits[r].done.wait(10), f"rank {r} never stopped"
+    for w in watches:
+        w.close()
+    err = capfd.readouterr().err.strip().splitlines()
+    want = f"slkd test: stopped: rank 2 of this model-parallel group ({_me()}) has sent no"
+    assert len(err) == 3 and all(ln.startswith(want) for ln in err), err
+    assert exits[2].status is None
 
 
 def test_a_lost_store_ends_the_watcher(capfd):

@@ -39,7 +39,7 @@ from megatron_slkd.errors import (
     as_reported,
     first_line,
 )
-from megatron_slkd.liveness import PeerWatch
+from megatron_slkd.liveness import PeerWatch, peer_failure, stop_line
 from megatron_slkd.sampling import sample_sparse_targets
 from megatron_slkd.teacher.windows import document_windows
 
@@ -315,6 +315,9 @@ def _teacher_stats(rows, targets, positions, t, par, vocab_size: int) -> torch.T
 _STAT_NAMES = ("positions", "nll", "entropy", "sample_kl")
 
 
+_RESUME = "committed documents are kept: run the same command again to resume"
+
+
 class _Parallel:
     """The teacher's model-parallel layout as the builder sees it (a no-op when alone).
 
@@ -346,9 +349,7 @@ class _Parallel:
             self.peers = PeerWatch(
                 dist.get_process_group_ranks(self.mp_group),
                 dist.get_rank(),
-                lambda why: f"slkd build-cache: stopped: {why}; this process stops rather than "
-                "wait for it in a collective (committed documents are kept: run the same "
-                "command again to resume)",
+                stop_line("build-cache", _RESUME),
                 timeout_s=peer_timeout_s,
             )
 
@@ -358,16 +359,13 @@ class _Parallel:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
+        typed = None
+        if self.mp_group is not None and exc is not None:
+            typed = peer_failure(exc, self.peers, _RESUME)
         if self.peers is not None:
-            self.peers.__exit__(kind, exc, tb)
-        if self.mp_group is not None and isinstance(exc, RuntimeError) and _peer_gone(exc):
-            # gloo fails at once where a peer died: a traceback, then often an abort at exit.
-            raise PeerFailedError(
-                "a process of this model-parallel group stopped (its own log says why): "
-                f"{first_line(exc)}; committed documents are kept: run the "
-                "same command again to resume",
-                1,
-            ) from None
+            self.peers.__exit__(kind, typed or exc, tb)
+        if typed is not None:
+            raise typed from None
 
     def vocab_start(self, width: int) -> int:
         return self.tp_rank * width
@@ -419,14 +417,6 @@ class _Parallel:
             return 1, f"{type(exc).__name__}: {first_line(exc)}"
         status, typed = as_reported(exc, self.output)
         return status, first_line(typed)
-
-
-def _peer_gone(exc: RuntimeError) -> bool:
-    """Whether ``exc`` is a collective's report of a peer that went away."""
-    text = str(exc)
-    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-    )
 
 
 def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar, stats, locks,
@@ -618,6 +608,8 @@ def check_settings(cfg: BuildConfig, max_context: int | None) -> None:
         )
     if cfg.method == "topk" and not cfg.k:
         raise ConfigError("--method topk needs --k")
+    if not cfg.peer_timeout_s > 0:
+        raise ConfigError(f"--peer-timeout {cfg.peer_timeout_s} must be positive (seconds)")
 
 
 def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None,

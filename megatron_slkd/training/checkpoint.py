@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from megatron_slkd.errors import SlkdError
+from megatron_slkd.liveness import peer_gone
 from megatron_slkd.records import dump_record, parse_record
 
 __all__ = ["CheckpointError", "latest_checkpoint", "save_checkpoint", "load_checkpoint"]
@@ -123,9 +125,15 @@ def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: 
     """Save step ``step`` (all ranks call this); returns the checkpoint directory.
 
     Raises:
-        CheckpointError: on every rank when any could not write (a full or read-only
-            file system, a dead writer process); the partial directory is removed and
-            ``latest`` still names the previous checkpoint.
+        CheckpointError: where a rank could not write (a full or read-only file system,
+            a dead writer process); ``latest`` still names the previous checkpoint, and the
+            partial directory is removed (by the next save where rank 0 wrote fine).
+            megatron-core's save runs collectives of its own (planning, a barrier before
+            the metadata), so a rank that fails inside it cannot agree with the others,
+            which may be waiting in one: it stops alone, and the run's peer watch
+            (:mod:`megatron_slkd.liveness`) stops them with its message. Errors that
+            torch's checkpointing gathers (a write that fails on any rank) reach every
+            rank at once.
     """
     from megatron.core import dist_checkpointing
 
@@ -152,7 +160,14 @@ def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: 
     sd = _sharded_state(chunks, optimizer, loading=False, rng=_rng_state(), reshardable=reshardable)
     sd.update(step=step, consumed_samples=consumed, scheduler=scheduler.state_dict(),
               layout=list(_layout()[0]), reshardable=reshardable)  # fmt: skip
-    _together(lambda: dist_checkpointing.save(sd, str(tmp)), tmp, step)
+    try:
+        dist_checkpointing.save(sd, str(tmp))
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - reported
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if peer_gone(exc):  # another rank failed and left: the run's watch quotes it
+            raise
+        raise _write_error(exc, tmp, step) from exc
     _together(publish if rank == 0 else None, tmp, step)
     return final
 
@@ -160,8 +175,6 @@ def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: 
 def _together(fn, tmp: Path, step: int) -> None:
     """Run ``fn`` (None: nothing on this rank), then agree: if it failed anywhere, every
     rank raises (none is left waiting in a collective) and the partial save is removed."""
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
     from megatron_slkd.launch import any_rank
 
     error = None
@@ -177,17 +190,29 @@ def _together(fn, tmp: Path, step: int) -> None:
     if error is None:
         raise CheckpointError(f"{tmp}: another rank could not write the checkpoint of step "
                               f"{step} (see its message)")  # fmt: skip
+    raise _write_error(error, tmp, step) from error
+
+
+def _write_error(error: BaseException, tmp: Path, step: int) -> CheckpointError:
+    """``error`` of writing ``tmp`` as one line, with the space left there."""
     lines = str(error).strip().splitlines()  # a CheckpointException holds tracebacks
     why = lines[-1] if lines else type(error).__name__
+    if isinstance(error, (BrokenPipeError, ConnectionResetError, EOFError)):
+        return CheckpointError(
+            f"{tmp}: the checkpoint of step {step} could not be written: megatron-core's "
+            f"writer process is gone ({why}; the out-of-memory killer, most likely: give "
+            "the job more host memory); rerun the same command: it resumes from the last "
+            "complete checkpoint"
+        )
     try:
         free = f"{shutil.disk_usage(tmp.parent).free / 2**20:.0f} MiB free there"
     except OSError:
         free = "its file system is unreadable"
-    raise CheckpointError(
+    return CheckpointError(
         f"{tmp}: the checkpoint of step {step} could not be written ({why}; {free}); free "
         "space or fix the file system, then rerun the same command: it resumes from the "
         "last complete checkpoint"
-    ) from error
+    )
 
 
 def _materialize_optimizer_state(optimizer) -> None:

@@ -95,6 +95,10 @@ class ParallelConfig:
     """megatron-core sequence parallelism (needs tensor > 1)."""
     distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (megatron-core distributed optimizer)."""
+    peer_timeout: float = 60.0
+    """Seconds a process of the run may go without a heartbeat (killed, or it or its
+    machine hangs) before the others stop with one line naming it, instead of waiting for
+    it in a collective (NCCL: 10 minutes). Its own errors reach the others at once."""
 
 
 @dataclasses.dataclass
@@ -114,6 +118,10 @@ class DataConfig:
     """Directory for megatron-core's dataset index files (default: <checkpoint.dir>/index-cache)."""
     num_workers: int = 1
     """DataLoader worker processes per data-loading rank (0 reads in the training process)."""
+    loader_timeout: float = 600.0
+    """Seconds the worker processes may take to hand over one micro-batch before the run
+    stops with one line (a worker that hangs: a stalled file system, a deadlock), where it
+    would wait for ever; 0 waits for ever. Only with num_workers > 0."""
     seed: int = 1234
     """Seed of megatron-core's document and sample shuffles."""
     tokenizer_type: str | None = None
@@ -308,6 +316,11 @@ class TrainConfig:
             )
         if p.virtual_pipeline is not None and (p.virtual_pipeline < 2 or p.pipeline < 2):
             raise ConfigError("parallel.virtual_pipeline needs pipeline >= 2 and at least 2 chunks")
+        if self.data.loader_timeout < 0:
+            raise ConfigError(f"data.loader_timeout={self.data.loader_timeout} must be 0 "
+                              "(wait for ever) or positive (seconds)")  # fmt: skip
+        if not p.peer_timeout > 0:
+            raise ConfigError(f"parallel.peer_timeout={p.peer_timeout} must be positive (seconds)")
         if p.sequence_parallel and p.tensor == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
         if p.sequence_parallel and (m.transformer_impl == "local" or not _have_te()):

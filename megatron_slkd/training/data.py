@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,13 @@ from pathlib import Path
 import torch
 
 from megatron_slkd.data.batch import collate_kd
-from megatron_slkd.errors import CacheMismatchError, ConfigError, SlkdError
+from megatron_slkd.errors import (
+    CacheMismatchError,
+    ConfigError,
+    LoaderFailedError,
+    SlkdError,
+    first_line,
+)
 from megatron_slkd.training.config import TrainConfig, parse_blend
 
 __all__ = [
@@ -260,11 +267,13 @@ def with_read_ahead(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int
 
 
 def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
-                num_workers: int, keep_kd: bool = True, readahead: int = 0):  # fmt: skip
+                num_workers: int, keep_kd: bool = True, readahead: int = 0,
+                timeout: float = 0.0):  # fmt: skip
     """Micro-batches of this data-parallel rank from sample ``consumed`` on (None: no data here).
 
     ``readahead``: micro-batches whose cache chunks each loader process fetches ahead, for
-    caches on object storage (:class:`ReadAhead`).
+    caches on object storage (:class:`ReadAhead`). ``timeout``: seconds to wait for the
+    workers' next micro-batch before torch raises (0: for ever).
     """
     if dataset is None:
         return None
@@ -278,6 +287,7 @@ def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp: int,
         collate_fn=functools.partial(_collate, keep_kd=keep_kd),
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
+        timeout=timeout if num_workers else 0,
         worker_init_fn=functools.partial(_worker_signals, exiting=_exiting())
         if num_workers
         else None,
@@ -345,6 +355,81 @@ class TimedIterator:
             raise type(exc)(_worker_message(exc)) from None
         finally:
             self.wait += time.perf_counter() - t
+
+
+def stop_workers(iterator) -> None:
+    """Kill the worker processes of a DataLoader ``iterator`` at once, for a run that stops on
+    an error: torch's own shutdown waits 5 s for each, then 5 s more after SIGTERM (which
+    they outlive, see :func:`_worker_signals`), and for ever for one that hangs. Their
+    deaths are unregistered first, so torch's SIGCHLD handler does not report them."""
+    workers = getattr(iterator, "_workers", None)
+    if not workers:
+        return
+    try:
+        from torch.utils.data._utils import signal_handling
+
+        if getattr(iterator, "_worker_pids_set", False):
+            signal_handling._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+        for w in workers:
+            w.join(timeout=5)
+        iterator._shutdown = True  # nothing left for torch's own shutdown to wait for
+    except Exception:  # private torch internals: torch's own shutdown is the fallback
+        pass
+
+
+_TIMED_OUT = re.compile(r"DataLoader timed out after ([\d.]+) seconds")
+_DIED = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (.*?)(?:\. |\.?$)", re.M)
+_HINTS = {
+    "Killed": "the out-of-memory killer, most likely: give the job more host memory or use "
+    "fewer --data-num-workers",
+    "Bus error": "out of shared memory (/dev/shm), most likely: raise its size (a "
+    "container's --shm-size) or use fewer --data-num-workers",
+}
+
+
+def worker_death(exc: BaseException) -> LoaderFailedError | None:
+    """A loader worker that died or hangs (not an error it raised), typed; None for
+    anything else.
+
+    torch reports it from its SIGCHLD handler, wherever the main thread is (inside the
+    backward pass, a collective), or from the loader's next batch; or the batch being
+    passed from the dying worker breaks first (its connection reset)."""
+    how = pids = None
+    if isinstance(exc, RuntimeError) and (late := _TIMED_OUT.search(str(exc))):
+        return LoaderFailedError(
+            f"the data loader workers of this process handed over no micro-batch for "
+            f"{float(late.group(1)):g} s (--data-loader-timeout): one hangs (a stalled file system, "
+            "a deadlock); checkpoints are kept: run the same command again to resume from "
+            "the last one"
+        )
+    if isinstance(exc, RuntimeError) and (found := _DIED.search(str(exc))):
+        pids, how = found.group(1).strip(), found.group(2)
+    elif isinstance(exc, (ConnectionError, EOFError)) and _through_multiprocessing(exc):
+        how = f"is gone (its connection: {first_line(exc, type(exc).__name__)})"
+    if how is None:
+        return None
+    signal = how.removeprefix("is killed by signal: ") if "by signal" in how else ""
+    hint = _HINTS.get(signal, "killed, by the out-of-memory killer most likely, or it "
+                      "crashed: its own output above would say why")
+    return LoaderFailedError(
+        f"a data loader worker of this process{f' (pid {pids})' if pids else ''} "
+        f"{how.replace('is killed', 'was killed', 1)} ({hint}); checkpoints are kept: run "
+        "the same command again to resume from the last one"
+    )
+
+
+def _through_multiprocessing(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised passing data between processes."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if f"{os.sep}multiprocessing{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _worker_message(exc: Exception) -> str:

@@ -245,6 +245,15 @@ def evaluate(run: _Run, chunks, valid, forward_backward, dp: int) -> dict | None
     return summary
 
 
+def _stop_workers_on_error(source, kind, exc, tb) -> None:
+    """Kill the loader's workers when the run stops on an error (a preemption keeps them
+    to the end of its step, and leaves them to torch's shutdown)."""
+    from megatron_slkd.training.data import stop_workers
+
+    if exc is not None and not isinstance(exc, Preempted):
+        stop_workers(source)
+
+
 def _chunk_iterators(loader, n: int):
     """One iterator per model chunk over the same micro-batches (None where no data is read)."""
     if loader is None:
@@ -257,18 +266,49 @@ def _chunk_iterators(loader, n: int):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run ``cfg`` (see :func:`_train`); the run directory has one owner while it runs, and
-    SIGTERM / SIGUSR1 end it after the current step with a checkpoint (exit status 75)."""
+    """Run ``cfg`` (see :func:`_train`); the run directory has one owner while it runs,
+    SIGTERM / SIGUSR1 end it after the current step with a checkpoint (exit status 75), and
+    a process of the run that dies or hangs stops the others (exit status 1)."""
     owner: list = []
     try:
-        with PreemptionWatch() as watch:
-            return _train(cfg, owner, watch)
+        with PreemptionWatch() as watch, contextlib.ExitStack() as stack:
+            return _train(cfg, owner, watch, stack)
     finally:
         for lock in owner:
             lock.release()
 
 
-def _train(cfg: TrainConfig, owner: list, watch) -> dict:
+_RESUME = "checkpoints are kept: run the same command again to resume from the last one"
+
+
+@contextlib.contextmanager
+def _watched_peers(cfg: TrainConfig):
+    """The run's processes watch each other (:mod:`megatron_slkd.liveness`): one that dies
+    or hangs stops the others with one line, where they would wait in a collective (NCCL:
+    10 minutes, then an abort) or print gloo's traceback. A process's own error is typed
+    before the watch hears of it (a loader worker's death, gloo's report of a peer gone),
+    so the others quote the root cause."""
+    from megatron_slkd.liveness import PeerWatch, peer_failure, stop_line
+    from megatron_slkd.training.data import worker_death
+
+    watch = PeerWatch(
+        range(dist.get_world_size()),
+        dist.get_rank(),
+        stop_line("train", _RESUME),
+        what="this run",
+        timeout_s=cfg.parallel.peer_timeout,
+    )
+    with watch:
+        try:
+            yield watch
+        except BaseException as exc:
+            typed = worker_death(exc) or peer_failure(exc, watch, _RESUME)
+            if typed is None:
+                raise
+            raise typed from None
+
+
+def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) -> dict:
     """Run (or resume) the student pretraining of ``cfg``; returns the final metrics (all ranks)."""
     import yaml
     from megatron.core import parallel_state as ps
@@ -291,6 +331,7 @@ def _train(cfg: TrainConfig, owner: list, watch) -> dict:
     init_distributed(cfg.parallel.tensor, device, cfg.parallel.pipeline,
                      virtual_pipeline=cfg.parallel.virtual_pipeline)  # fmt: skip
     dp = cfg.check_world(dist.get_world_size())
+    stack.enter_context(_watched_peers(cfg))
     t = cfg.train
     micro_per_step = t.global_batch_size // (t.micro_batch_size * dp)
     bf16 = device.startswith("cuda") if t.bf16 is None else t.bf16
@@ -342,8 +383,11 @@ def _train(cfg: TrainConfig, owner: list, watch) -> dict:
     loader = make_loader(train_ds, consumed=consumed, micro=t.micro_batch_size,
                          dp_rank=ps.get_data_parallel_rank(), dp=dp,
                          num_workers=cfg.data.num_workers, keep_kd=kd_train,
-                         readahead=cfg.kd.readahead_batches)  # fmt: skip
-    iters = _chunk_iterators(loader, len(chunks))
+                         readahead=cfg.kd.readahead_batches,
+                         timeout=cfg.data.loader_timeout)  # fmt: skip
+    source = None if loader is None else iter(loader)  # forks the workers, if any
+    stack.push(functools.partial(_stop_workers_on_error, source))
+    iters = _chunk_iterators(source, len(chunks))
     timed = [i for i in (iters if isinstance(iters, list) else [iters]) if i is not None]
     forward_backward = get_forward_backward_func()
     logger = _Logger(run_dir, cfg, step)

@@ -169,22 +169,6 @@ def test_a_writer_out_of_space_stops_its_whole_tp_group_with_one_typed_line(
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
-def _srun_like(args, port: int, **popen) -> list:
-    """Both ranks of a TP=2 launch as srun starts them: two independent processes, each
-    told its rank (nothing stops the others when one dies, unlike torchrun)."""
-    import os
-    import subprocess
-    import sys
-
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "OMP_NUM_THREADS":
-               "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_slkd", *map(str, args)],
-                                      env=env, text=True, **popen))  # fmt: skip
-    return procs
-
-
 @pytest.mark.parametrize("how", ["killed", "stopped"])
 def test_a_lost_peer_stops_the_rest_of_its_group_with_one_line(tiny, tiny_converted, tmp_path,
                                                                how):  # fmt: skip
@@ -198,14 +182,14 @@ def test_a_lost_peer_stops_the_rest_of_its_group_with_one_line(tiny, tiny_conver
     import subprocess
     import time
 
-    from megatron_slkd.launch import free_port
+    from megatron_slkd.testing import srun_like
 
     out = tmp_path / "cache"
     args = ["build-cache", "--teacher", tiny_converted / "teacher", "--data-prefix",
             tiny / "data", "--output", out, "--tensor-parallel-size", "2", "--context-length",
             "256", "--stride", "128", "--tokens-per-batch", "256", "--commit-tokens", "300",
             "--peer-timeout", "4", "--no-progress"]  # fmt: skip
-    procs = _srun_like(args, free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    procs = srun_like(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
     while not list(out.glob("*.partial")) and time.time() < deadline:  # the writer opened
         assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
@@ -234,7 +218,6 @@ def test_a_lost_peer_stops_the_rest_of_its_group_with_one_line(tiny, tiny_conver
         assert waited < 30, waited  # 4 s of silence, then a beat interval or two
     assert "committed documents are kept" in lines[0]
     if how == "killed":  # and so it is: the rerun completes (once is enough for the suite)
-        for p in _srun_like(args, free_port(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE):  # fmt: skip
+        for p in srun_like(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE):
             assert p.wait(timeout=300) == 0, p.communicate()[1][-3000:]
         assert verify_cache(out, str(tiny / "data"))["ok"]
