@@ -49,6 +49,17 @@ _log = logging.getLogger(__name__)
 _watches = 0  # watches started by this process
 
 
+def _end(status: int) -> None:
+    """End this process now, whatever its main thread is doing, and its helper processes
+    with it (loader workers, megatron-core's checkpoint writer): ``os._exit`` runs no exit
+    handler, and they would outlive it, orphaned."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(status)
+
+
 def _here() -> str:
     return f"host {socket.gethostname()}, pid {os.getpid()}"
 
@@ -70,7 +81,7 @@ class PeerWatch:
             together (agreed after a collective, a preemption) reach them all within
             moments, and each then reports its own.
         status: exit status of a process that stops because of a lost peer.
-        exit: called with ``status`` after the line is printed (``os._exit``; tests
+        exit: called with ``status`` after the line is printed (None: :func:`_end`; tests
             replace it).
         address: the store's (host, port); None: ``MASTER_ADDR`` and ``MASTER_PORT``.
         name: the store keys' namespace, the same for every process of the group; None:
@@ -89,7 +100,7 @@ class PeerWatch:
         interval_s: float | None = None,
         grace_s: float = 2.0,
         status: int = 1,
-        exit: Callable[[int], None] = os._exit,
+        exit: Callable[[int], None] | None = None,
         address: tuple[str, int] | None = None,
         name: str | None = None,
     ) -> None:
@@ -104,7 +115,7 @@ class PeerWatch:
         self.interval_s = interval_s or max(0.2, min(5.0, self.timeout_s / 6))
         self.grace_s = grace_s
         self.status = status
-        self.exit = exit
+        self.exit = exit or _end
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None

@@ -148,14 +148,18 @@ def srun_like(args, world: int = 2, *, stdout=None, stderr=None) -> list[subproc
     rendezvous as srun tells a step's tasks (``SLURM_PROCID``, ``SLURM_NTASKS``,
     ``MASTER_ADDR``, ``MASTER_PORT`` on a free port): nothing stops the others when one
     dies, unlike torchrun. ``stdout`` and ``stderr`` are given to every process, or
-    called with the rank for its own (a file, which its loader workers share)."""
+    called with the rank for its own (a file, which its loader workers share). Each leads
+    a process group of its own, with its helpers: ``os.killpg(p.pid, SIGKILL)`` ends them
+    all, as Slurm ends a step's processes (a process killed alone leaves its helpers
+    orphaned)."""
     port, procs = free_port(), []
     for rank in range(world):
         env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world),
                "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         out, err = (f(rank) if callable(f) else f for f in (stdout, stderr))
         procs.append(subprocess.Popen([sys.executable, "-m", "megatron_slkd", *map(str, args)],
-                                      env=env, text=True, stdout=out, stderr=err))
+                                      env=env, text=True, stdout=out, stderr=err,
+                                      start_new_session=True))
     return procs
 
 
@@ -206,7 +210,10 @@ def lose_a_process(args, lost: str, logs, *, after: str = "step 7/", wait_s: flo
             time.sleep(0.05)
     finally:
         for p in procs:
-            p.kill()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # with the helpers it left behind
+            except ProcessLookupError:
+                pass
             p.wait()
             if p.stdout is not None:
                 p.stdout.close()

@@ -401,10 +401,10 @@ def worker_death(exc: BaseException) -> LoaderFailedError | None:
     how = pids = None
     if isinstance(exc, RuntimeError) and (late := _TIMED_OUT.search(str(exc))):
         return LoaderFailedError(
-            f"the data loader workers of this process handed over no micro-batch for "
-            f"{float(late.group(1)):g} s (--data-loader-timeout): one hangs (a stalled file system, "
-            "a deadlock); checkpoints are kept: run the same command again to resume from "
-            "the last one"
+            "the data loader workers of this process handed over no micro-batch for "
+            f"{float(late.group(1)):g} s (--data-loader-timeout): one hangs (a stalled file "
+            "system, a deadlock); checkpoints are kept: run the same command again to resume "
+            "from the last one"
         )
     if isinstance(exc, RuntimeError) and (found := _DIED.search(str(exc))):
         pids, how = found.group(1).strip(), found.group(2)

@@ -39,7 +39,9 @@ def _args(prefix, cache, run_dir, steps=40):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lost", LOST)
+# (rank 1 killed: the same path as stopped here, where gloo does not notice first; it is
+# in benchmarks/peer_loss.py, and the build's test kills a peer)
+@pytest.mark.parametrize("lost", [x for x in LOST if x != "rank killed"])
 def test_a_lost_process_stops_the_run_with_one_line(markov, tmp_path, lost):
     prefix, cache = markov
     run_dir = tmp_path / "run"
