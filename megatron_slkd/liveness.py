@@ -32,6 +32,7 @@ word), and ``stop`` (the first reason).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -43,7 +44,7 @@ from datetime import timedelta
 
 from megatron_slkd.errors import PeerFailedError, first_line
 
-__all__ = ["PeerWatch", "peer_failure", "peer_gone", "stop_line"]
+__all__ = ["PeerWatch", "peer_failure", "peer_gone", "stop_line", "watching"]
 
 _log = logging.getLogger(__name__)
 _watches = 0  # watches started by this process
@@ -274,17 +275,32 @@ def peer_gone(exc: BaseException) -> bool:
     )
 
 
-def peer_failure(exc: BaseException, watch: PeerWatch | None, then: str) -> PeerFailedError | None:
+def peer_failure(exc: BaseException, watch: PeerWatch, then: str) -> PeerFailedError | None:
     """``exc`` as a :class:`PeerFailedError` (exit status 1) when :func:`peer_gone`, else
     None. The message is the group's reason to stop where a process wrote one (its own
     error, or a lost peer it found), else gloo's words; then ``then``."""
     if not peer_gone(exc):
         return None
-    what = watch.what if watch is not None else "this group"
-    reason = (watch.reason() if watch is not None else None) or (
-        f"a process of {what} stopped (its own log says why): {first_line(exc)}"
+    reason = watch.reason() or (
+        f"a process of {watch.what} stopped (its own log says why): {first_line(exc)}"
     )
     return PeerFailedError(_then(reason, then), 1)
+
+
+@contextlib.contextmanager
+def watching(watch: PeerWatch, then: str,
+             typed: Callable[[BaseException], Exception | None] = lambda exc: None):  # fmt: skip
+    """Run the body under ``watch``. An error it raises is typed before the watch closes
+    (``typed(exc)``, else :func:`peer_failure` with ``then``), so the word the others read
+    from the store is the typed one."""
+    with watch:
+        try:
+            yield watch
+        except BaseException as exc:
+            error = typed(exc) or peer_failure(exc, watch, then)
+            if error is None:
+                raise
+            raise error from None
 
 
 def stop_line(command: str, then: str) -> Callable[[str], str]:

@@ -38,7 +38,8 @@ import torch.multiprocessing as mp
 
 from megatron_slkd.launch import close_distributed, free_port
 
-__all__ = ["free_port", "lose_a_process", "run_distributed", "srun_like", "write_tiny_teacher"]
+__all__ = ["LOST", "free_port", "lose_a_process", "run_distributed", "srun_like",
+           "write_tiny_teacher"]
 
 LOST = ("rank killed", "rank stopped", "loader worker killed", "checkpoint writer killed")
 """What :func:`lose_a_process` can lose: rank 1 (SIGKILL, or SIGSTOP: a hung process or

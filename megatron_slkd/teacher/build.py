@@ -39,7 +39,7 @@ from megatron_slkd.errors import (
     as_reported,
     first_line,
 )
-from megatron_slkd.liveness import PeerWatch, peer_failure, stop_line
+from megatron_slkd.liveness import PeerWatch, stop_line, watching
 from megatron_slkd.sampling import sample_sparse_targets
 from megatron_slkd.teacher.windows import document_windows
 
@@ -344,28 +344,25 @@ class _Parallel:
             flags = [None] * dist.get_world_size(self.mp_group)
             dist.all_gather_object(flags, self.writes, group=self.mp_group)
             self.src = dist.get_global_rank(self.mp_group, flags.index(True))
-        self.peers = None
+        # Heartbeats within the group, so that a process that dies or hangs stops the
+        # others with one line (megatron_slkd.liveness); a peer's loss is raised typed.
+        self._watched = None
         if self.mp_group is not None:
-            self.peers = PeerWatch(
+            self._watched = watching(PeerWatch(
                 dist.get_process_group_ranks(self.mp_group),
                 dist.get_rank(),
                 stop_line("build-cache", _RESUME),
                 timeout_s=peer_timeout_s,
-            )
+            ), _RESUME)  # fmt: skip
 
     def __enter__(self) -> _Parallel:
-        if self.peers is not None:
-            self.peers.start()
+        if self._watched is not None:
+            self._watched.__enter__()
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        typed = None
-        if self.mp_group is not None and exc is not None:
-            typed = peer_failure(exc, self.peers, _RESUME)
-        if self.peers is not None:
-            self.peers.__exit__(kind, typed or exc, tb)
-        if typed is not None:
-            raise typed from None
+        if self._watched is not None:
+            self._watched.__exit__(kind, exc, tb)
 
     def vocab_start(self, width: int) -> int:
         return self.tp_rank * width

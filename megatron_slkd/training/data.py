@@ -381,6 +381,8 @@ def stop_workers(iterator) -> None:
         pass
 
 
+RESUME = "checkpoints are kept: run the same command again to resume from the last one"
+"""How a training run that stopped goes on, as its one-line errors end."""
 _TIMED_OUT = re.compile(r"DataLoader timed out after ([\d.]+) seconds")
 _DIED = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (.*?)(?:\. |\.?$)", re.M)
 _HINTS = {
@@ -403,8 +405,7 @@ def worker_death(exc: BaseException) -> LoaderFailedError | None:
         return LoaderFailedError(
             "the data loader workers of this process handed over no micro-batch for "
             f"{float(late.group(1)):g} s (--data-loader-timeout): one hangs (a stalled file "
-            "system, a deadlock); checkpoints are kept: run the same command again to resume "
-            "from the last one"
+            f"system, a deadlock); {RESUME}"
         )
     if isinstance(exc, RuntimeError) and (found := _DIED.search(str(exc))):
         pids, how = found.group(1).strip(), found.group(2)
@@ -417,8 +418,7 @@ def worker_death(exc: BaseException) -> LoaderFailedError | None:
                       "crashed: its own output above would say why")
     return LoaderFailedError(
         f"a data loader worker of this process{f' (pid {pids})' if pids else ''} "
-        f"{how.replace('is killed', 'was killed', 1)} ({hint}); checkpoints are kept: run "
-        "the same command again to resume from the last one"
+        f"{how.replace('is killed', 'was killed', 1)} ({hint}); {RESUME}"
     )
 
 

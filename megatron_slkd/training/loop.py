@@ -278,34 +278,23 @@ def train(cfg: TrainConfig) -> dict:
             lock.release()
 
 
-_RESUME = "checkpoints are kept: run the same command again to resume from the last one"
-
-
-@contextlib.contextmanager
 def _watched_peers(cfg: TrainConfig):
     """The run's processes watch each other (:mod:`megatron_slkd.liveness`): one that dies
     or hangs stops the others with one line, where they would wait in a collective (NCCL:
     10 minutes, then an abort) or print gloo's traceback. A process's own error is typed
     before the watch hears of it (a loader worker's death, gloo's report of a peer gone),
     so the others quote the root cause."""
-    from megatron_slkd.liveness import PeerWatch, peer_failure, stop_line
-    from megatron_slkd.training.data import worker_death
+    from megatron_slkd.liveness import PeerWatch, stop_line, watching
+    from megatron_slkd.training.data import RESUME, worker_death
 
     watch = PeerWatch(
         range(dist.get_world_size()),
         dist.get_rank(),
-        stop_line("train", _RESUME),
+        stop_line("train", RESUME),
         what="this run",
         timeout_s=cfg.parallel.peer_timeout,
     )
-    with watch:
-        try:
-            yield watch
-        except BaseException as exc:
-            typed = worker_death(exc) or peer_failure(exc, watch, _RESUME)
-            if typed is None:
-                raise
-            raise typed from None
+    return watching(watch, RESUME, worker_death)
 
 
 def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) -> dict:
