@@ -151,9 +151,7 @@ def _spec_from_hf(cfg) -> dict:
     }
 
 
-def _transformer_config(spec: dict, tp: int, pp: int, dtype: torch.dtype):
-    from megatron.core.transformer import TransformerConfig
-
+def _check_layout(spec: dict, tp: int, pp: int) -> None:
     for name in ("num_attention_heads", "num_query_groups", "padded_vocab_size"):
         if spec[name] % tp:
             raise TeacherError(
@@ -162,6 +160,11 @@ def _transformer_config(spec: dict, tp: int, pp: int, dtype: torch.dtype):
             )
     if spec["num_layers"] % pp:
         raise TeacherError(f"pipeline size {pp} does not divide {spec['num_layers']} layers")
+
+
+def _transformer_config(spec: dict, tp: int, pp: int, dtype: torch.dtype):
+    from megatron.core.transformer import TransformerConfig
+
     return TransformerConfig(
         num_layers=spec["num_layers"],
         hidden_size=spec["hidden_size"],
@@ -190,11 +193,15 @@ def _transformer_config(spec: dict, tp: int, pp: int, dtype: torch.dtype):
 
 
 def _build_model(spec: dict, dtype: torch.dtype):
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    _check_layout(spec, tp, pp)
     if spec["architecture"] == "megatron-lm":
         from megatron_slkd.teacher import megatron_lm
 
         return megatron_lm.build_model(spec, dtype)
-    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.random import (
@@ -202,8 +209,6 @@ def _build_model(spec: dict, dtype: torch.dtype):
         model_parallel_cuda_manual_seed,
     )
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    pp = ps.get_pipeline_model_parallel_world_size()
     config = _transformer_config(spec, tp, pp, dtype)
     if not get_cuda_rng_tracker().is_initialized():
         # Attention forks the model-parallel RNG (for dropout, which is off here).

@@ -13,7 +13,8 @@ other activation flags set the activation, ``--group-query-attention`` the
 query groups, and the position embedding, rotary settings, tied or untied
 output layer and padded vocabulary come from the same arguments. It runs on
 megatron-core's local layer spec, whose checkpoint keys are Transformer
-Engine's (a checkpoint trained with either loads). Tensor and pipeline sizes
+Engine's (megatron-core maps them), so a checkpoint trained with either spec
+has the keys this loads. Tensor and pipeline sizes
 are this run's own: ``dist_checkpointing`` reshards on load. Parallel layouts,
 fusions, recomputation and low-precision recipes of the training run are
 replaced by this run's: they change how the forward is computed, not what.
@@ -78,6 +79,9 @@ _REFUSED = (
     ("mrope_section", None, "multimodal RoPE"),
     ("linear_attention_freq", None, "linear attention layers"),
     ("quick_geglu", False, "the quick-GeGLU activation"),
+    # megatron-core's torch norms (the local spec without Apex) refuse it.
+    ("layernorm_zero_centered_gamma", False, "zero-centered norm weights"),
+    ("apply_layernorm_1p", False, "zero-centered norm weights"),
 )
 
 # What a TransformerConfig field copied from the arguments must become for this run:
@@ -376,7 +380,7 @@ def tokenizer_from_args(spec: dict, override: str | None = None):
         raise TeacherError(f"{where}: cannot load the run's tokenizer ({first_line(exc)})") from exc
 
 
-def _config(args: argparse.Namespace, tp: int, pp: int, dtype: torch.dtype):
+def _config(args: argparse.Namespace, tp: int, pp: int, dtype: torch.dtype, where: str):
     """The run's TransformerConfig, as Megatron-LM derives it, at this run's layout."""
     from megatron.core.transformer import TransformerConfig
 
@@ -405,15 +409,14 @@ def _config(args: argparse.Namespace, tp: int, pp: int, dtype: torch.dtype):
         return TransformerConfig(**kw)
     except (AssertionError, ValueError, TypeError) as exc:
         raise TeacherError(
-            f"the checkpoint's arguments do not make a model here ({type(exc).__name__}: "
-            f"{first_line(exc)})"
+            f"{where}: the checkpoint's arguments do not make a model here "
+            f"({type(exc).__name__}: {first_line(exc)})"
         ) from exc
 
 
 def build_model(spec: dict, dtype: torch.dtype):
     """A GPTModel of the checkpoint's architecture at this process's TP/PP rank."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.random import (
         get_cuda_rng_tracker,
@@ -425,11 +428,24 @@ def build_model(spec: dict, dtype: torch.dtype):
         model_parallel_cuda_manual_seed(0)  # attention forks it (for dropout, off here)
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    config = _config(args, tp, pp, dtype)
+    config = _config(args, tp, pp, dtype, spec["checkpoint"])
     layer = get_gpt_layer_local_spec(
         qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
         normalization=getattr(args, "normalization", "LayerNorm"),
     )
+    try:
+        return _gpt_model(spec, args, config, layer)
+    except (AssertionError, ValueError, TypeError, NotImplementedError) as exc:
+        raise TeacherError(
+            f"{spec['checkpoint']}: the checkpoint's model cannot be built here "
+            f"({type(exc).__name__}: {first_line(exc)})"
+        ) from exc
+
+
+def _gpt_model(spec: dict, args: argparse.Namespace, config, layer):
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
     return GPTModel(
         config=config,
         transformer_layer_spec=layer,

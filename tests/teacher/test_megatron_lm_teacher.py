@@ -36,6 +36,15 @@ _ARCH = {
               "--position-embedding-type", "rope", "--rotary-base", "500000",
               "--disable-bias-linear", "--untie-embeddings-and-output-weights"],
     "gpt2": ["--num-layers", "2", "--bf16", "--qk-layernorm", "--add-qkv-bias"],
+    # Written only with a checkout at hand (no fixture): the other arguments the model takes.
+    "squared-relu": ["--num-layers", "2", "--squared-relu", "--position-embedding-type", "rope",
+                     "--rotary-percent", "0.5", "--rotary-interleaved", "--normalization",
+                     "RMSNorm", "--norm-epsilon", "1e-6"],
+    "llama3-scaling": ["--num-layers", "3", "--swiglu", "--position-embedding-type", "rope",
+                       "--use-rope-scaling", "--rotary-base", "500000",
+                       "--apply-residual-connection-post-layernorm"],
+    "nope": ["--num-layers", "2", "--position-embedding-type", "none",
+             "--kv-channels", "16", "--attention-softmax-in-fp32"],
 }  # fmt: skip
 _COMMON = ["--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
            "--max-position-embeddings", "64", "--tokenizer-type", "NullTokenizer",
@@ -110,6 +119,7 @@ def _with_args(tmp_path, **changes) -> Path:
     ({"multi_latent_attention": True}, "multi-latent attention"),
     ({"window_size": (128, 0)}, "sliding-window attention"),
     ({"position_embedding_type": "yarn"}, "position embedding 'yarn'"),
+    ({"apply_layernorm_1p": True}, "zero-centered norm weights"),
 ])  # fmt: skip
 def test_architectures_the_local_spec_cannot_rebuild_are_refused_by_name(tmp_path, changes, named):
     save = _with_args(tmp_path, **changes)
@@ -186,12 +196,12 @@ def test_reading_the_arguments_runs_no_code_from_the_file(tmp_path, monkeypatch)
 
 @pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"),
                     reason="set MEGATRON_LM_DIR to a Megatron-LM checkout to run")  # fmt: skip
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", list(_ARCH))
 def test_checkpoints_this_megatron_lm_writes_give_its_logits(arch, tmp_path):
-    """The fixtures' recipe, run with the Megatron-LM checkout at hand."""
+    """The fixtures' recipe, and more architectures, run with the Megatron-LM checkout."""
     path = os.pathsep.join(filter(None, [os.environ["MEGATRON_LM_DIR"],
                                          os.environ.get("MEGATRON_LM_EXTRA_PATH")]))  # fmt: skip
-    shutil.copy(CHECKPOINTS / arch / "tokens.pt", tmp_path / "tokens.pt")
+    shutil.copy(CHECKPOINTS / "llama" / "tokens.pt", tmp_path / "tokens.pt")
     r = subprocess.run([sys.executable, str(HARNESS), "save", "tokens.pt", "logits.pt",
                         *_COMMON, *_ARCH[arch]], cwd=tmp_path, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=path), timeout=600)  # fmt: skip
