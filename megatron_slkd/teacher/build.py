@@ -733,9 +733,14 @@ def check_existing_shards(cfg: BuildConfig, teacher_hash: str | None) -> None:
             want_i = want
         diff = differences(have, want_i)
         if diff:
+            iteration = (key.get("teacher", {}).get("source") or {}).get("megatron_lm_iteration")
+            hint = "" if iteration is None or "teacher" not in " ".join(diff) else (
+                f" (its teacher was Megatron-LM checkpoint iteration {iteration}: a --save "
+                "directory whose latest iteration moved on? give that iteration's directory "
+                "as --teacher)")  # fmt: skip
             raise CacheMismatchError(
-                f"{what} was built with other settings ({'; '.join(diff[:6])}); rerun with "
-                "those settings, or remove it (or use another --output) to start over"
+                f"{what} was built with other settings ({'; '.join(diff[:6])}){hint}; rerun "
+                "with those settings, or remove it (or use another --output) to start over"
             )
 
 

@@ -347,7 +347,8 @@ class MegatronTeacher:
         if megatron_lm:
             self.vocab_size = int(self._tokenizer.vocab_size)
             self.checkpoint_hash = _iteration_hash(self.spec["checkpoint"])
-            source = {"megatron_lm_checkpoint": self.spec["checkpoint"],
+            # The iteration's name, not its path: nodes may mount the checkpoint elsewhere.
+            source = {"megatron_lm_iteration": self.spec["iteration"],
                       "checkpoint_hash": self.checkpoint_hash}  # fmt: skip
         else:
             self.vocab_size = int(self.spec["vocab_size"])

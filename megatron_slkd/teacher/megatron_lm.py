@@ -54,6 +54,7 @@ __all__ = [
     "read_args",
     "teacher_spec",
     "build_model",
+    "tokenizer_files",
     "tokenizer_from_args",
 ]
 
@@ -347,8 +348,27 @@ def tokenizer_from_args(spec: dict, override: str | None = None):
     Raises:
         TeacherError: an unsupported type, or recorded files that are not here.
     """
-    from megatron_slkd.data.tokenizers import MEGATRON_TOKENIZER_TYPES, megatron_tokenizer
+    from megatron_slkd.data.tokenizers import megatron_tokenizer
     from megatron_slkd.errors import DataPreparationError
+
+    kind, model, vocab, merges = tokenizer_files(spec, override)
+    where = Path(spec["checkpoint"]) / "common.pt"
+    try:
+        return megatron_tokenizer(kind, model, vocab_file=vocab, merge_file=merges,
+                                  vocab_size=getattr(spec["args"], "vocab_size", None))  # fmt: skip
+    except (DataPreparationError, OSError, ValueError) as exc:
+        raise TeacherError(f"{where}: cannot load the run's tokenizer ({first_line(exc)})") from exc
+
+
+def tokenizer_files(spec: dict, override: str | None = None) -> tuple:
+    """(type, model, vocab file, merge file) of the run's tokenizer, each file checked to
+    be on this machine (cheap: nothing is loaded). ``override``: see
+    :func:`tokenizer_from_args`.
+
+    Raises:
+        TeacherError: an unsupported type, or recorded files that are not here.
+    """
+    from megatron_slkd.data.tokenizers import MEGATRON_TOKENIZER_TYPES
 
     args, where = spec["args"], Path(spec["checkpoint"]) / "common.pt"
     kind = getattr(args, "tokenizer_type", None)
@@ -373,11 +393,7 @@ def tokenizer_from_args(spec: dict, override: str | None = None):
             "this machine; give the same tokenizer's files with --teacher-tokenizer PATH "
             + ("(the directory holding them)" if kind == "GPT2BPETokenizer" else "")
         )
-    try:
-        return megatron_tokenizer(kind, model, vocab_file=vocab, merge_file=merges,
-                                  vocab_size=getattr(args, "vocab_size", None))  # fmt: skip
-    except (DataPreparationError, OSError, ValueError) as exc:
-        raise TeacherError(f"{where}: cannot load the run's tokenizer ({first_line(exc)})") from exc
+    return kind, model, vocab, merges
 
 
 def _config(args: argparse.Namespace, tp: int, pp: int, dtype: torch.dtype, where: str):
