@@ -388,10 +388,11 @@ def tokenizer_files(spec: dict, override: str | None = None) -> tuple:
     recorded = [f for f in (model, vocab, merges) if f and "/" in str(f)]
     gone = [f for f in recorded if not Path(f).exists()]
     if gone:
+        what = "the directory holding them" if kind == "GPT2BPETokenizer" else "its path here"
         raise TeacherError(
-            f"{where}: the teacher was trained with --tokenizer-type {kind} and {gone}, not on "
-            "this machine; give the same tokenizer's files with --teacher-tokenizer PATH "
-            + ("(the directory holding them)" if kind == "GPT2BPETokenizer" else "")
+            f"{where}: the teacher was trained with --tokenizer-type {kind} and "
+            f"{', '.join(map(str, gone))}, not on this machine; give the same tokenizer with "
+            f"--teacher-tokenizer PATH ({what})"
         )
     return kind, model, vocab, merges
 
