@@ -28,6 +28,10 @@ too, and a process that stops on its own error waits (a beat at most) for that b
 exits, since the store may be its own. Store keys, under ``slkd-liveness/NAME/``:
 ``who/R`` (host and pid), ``beat/R`` (the counter), ``done/R`` (ended, or has the
 word), and ``stop`` (the first reason).
+
+A process that hangs while its heartbeat thread goes on (its main thread blocked where no
+exception or timeout reaches) is not found by its peers; a :class:`Deadline` around such a
+call ends it the same way, and gives its reason to the group.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from datetime import timedelta
 
 from megatron_slkd.errors import PeerFailedError, first_line
 
-__all__ = ["PeerWatch", "peer_failure", "peer_gone", "stop_line", "watching"]
+__all__ = ["Deadline", "PeerWatch", "peer_failure", "peer_gone", "stop_line", "watching"]
 
 _log = logging.getLogger(__name__)
 _watches = 0  # watches started by this process
@@ -260,6 +264,51 @@ class PeerWatch:
             sys.stderr.write(self.stop_line(reason) + "\n")
             sys.stderr.flush()
             self.exit(self.status)
+
+
+class Deadline:
+    """A time limit on calls that can block where no exception or timeout reaches them.
+
+    ``with deadline:`` guards one call. When it has run ``seconds``, a daemon thread gives
+    ``reason`` to ``watch``'s group (where there is one: the others quote it and stop),
+    writes ``line`` to stderr, and ends this process with its helper processes (status
+    ``status``): its main thread cannot be interrupted. One thread per deadline, started
+    by the first guarded call.
+    """
+
+    def __init__(self, seconds: float, reason: str, line: str, *, watch: PeerWatch | None = None,
+                 status: int = 1, exit: Callable[[int], None] | None = None) -> None:  # fmt: skip
+        self.seconds = float(seconds)
+        self.reason, self.line, self.watch, self.status = reason, line, watch, status
+        self.exit = exit or _end
+        self._cv = threading.Condition()
+        self._due: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Deadline:
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="slkd-deadline",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+            self._due = time.monotonic() + self.seconds
+            self._cv.notify()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cv:
+            self._due = None
+            self._cv.notify()
+
+    def _run(self) -> None:
+        with self._cv:
+            while self._due is None or self._due > time.monotonic():
+                self._cv.wait(None if self._due is None else self._due - time.monotonic())
+        if self.watch is not None:
+            self.watch.close(self.reason)
+        sys.stderr.write(self.line + "\n")
+        sys.stderr.flush()
+        self.exit(self.status)
 
 
 def peer_gone(exc: BaseException) -> bool:

@@ -41,10 +41,12 @@ from megatron_slkd.launch import close_distributed, free_port
 __all__ = ["LOST", "free_port", "lose_a_process", "run_distributed", "srun_like",
            "write_tiny_teacher"]
 
-LOST = ("rank killed", "rank stopped", "loader worker killed", "checkpoint writer killed")
+LOST = ("rank killed", "rank stopped", "loader worker killed", "loader worker stopped",
+        "checkpoint writer killed")  # fmt: skip
 """What :func:`lose_a_process` can lose: rank 1 (SIGKILL, or SIGSTOP: a hung process or
 machine), or a helper process of rank 0 (SIGKILL: the out-of-memory killer's usual
-victims), a data-loader worker or megatron-core's checkpoint writer."""
+victims; SIGSTOP: a frozen one), a data-loader worker or megatron-core's checkpoint
+writer."""
 
 _PORT_ERRORS = ("Address already in use", "EADDRINUSE", "address already in use")
 

@@ -1,7 +1,8 @@
 """Heartbeats between the processes of a group (megatron_slkd.liveness): a silent peer, a
 peer that stopped on an error and a lost store each end the watching processes with one
 line, across a ring of watchers; peers that beat, that end together, that end before the
-others or that stop together on an error they agreed on, never do."""
+others or that stop together on an error they agreed on, never do; a call past its
+deadline ends its process and tells the group."""
 
 import subprocess
 import sys
@@ -159,3 +160,27 @@ def _me() -> str:
     import socket
 
     return f"host {socket.gethostname()}, pid {os.getpid()}"
+
+
+def test_a_call_past_its_deadline_ends_the_process_and_tells_the_group(store, capsys):
+    from megatron_slkd.liveness import Deadline
+
+    _, port = store
+    exits = [_Exit(), _Exit()]
+    w0, w1 = (_watch(r, port, exits[r], timeout_s=30.0) for r in (0, 1))
+    w0.start(), w1.start()
+    stuck = _Exit()
+    deadline = Deadline(0.3, "a wait that never ends", "slkd test: stopped: stuck", watch=w0,
+                        status=4, exit=stuck)  # fmt: skip
+    for _ in range(3):  # calls that end in time, re-armed each time
+        with deadline:
+            time.sleep(0.1)
+    time.sleep(0.5)
+    assert stuck.status is None
+    with deadline:
+        assert stuck.done.wait(5)  # the guarded call is still running
+    assert stuck.status == 4
+    assert capsys.readouterr().err.splitlines()[-1] == "slkd test: stopped: stuck"
+    assert exits[1].done.wait(5) and exits[1].status == 3  # the peer quotes it
+    assert "stopped: a wait that never ends" in w1.reason()
+    w1.close()

@@ -121,7 +121,9 @@ class DataConfig:
     loader_timeout: float = 600.0
     """Seconds the worker processes may take to hand over one micro-batch before the run
     stops with one line (a worker that hangs: a stalled file system, a deadlock), where it
-    would wait for ever; 0 waits for ever. Only with num_workers > 0."""
+    would wait for ever; a worker stopped or frozen whole while it hands one over, which
+    torch's timeout does not reach, stops the run 10 s later. 0 waits for ever. Only with
+    num_workers > 0."""
     seed: int = 1234
     """Seed of megatron-core's document and sample shuffles."""
     tokenizer_type: str | None = None

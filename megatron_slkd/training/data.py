@@ -12,6 +12,7 @@ seen without the interruption.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -338,11 +339,13 @@ def _worker_signals(_worker_id: int, exiting) -> None:
 
 
 class TimedIterator:
-    """An iterator that adds the time spent waiting in ``next`` to ``wait``."""
+    """An iterator that adds the time spent waiting in ``next`` to ``wait``; with a
+    ``deadline`` (:class:`~megatron_slkd.liveness.Deadline`), each ``next`` runs under it."""
 
-    def __init__(self, iterable) -> None:
+    def __init__(self, iterable, deadline=None) -> None:
         self._it = iter(iterable)
         self.wait = 0.0
+        self._deadline = deadline or contextlib.nullcontext()
 
     def __iter__(self):
         return self
@@ -350,7 +353,8 @@ class TimedIterator:
     def __next__(self):
         t = time.perf_counter()
         try:
-            return next(self._it)
+            with self._deadline:
+                return next(self._it)
         except SlkdError as exc:  # e.g. a damaged cache chunk, found on first read
             raise type(exc)(_worker_message(exc)) from None
         finally:
@@ -383,6 +387,29 @@ def stop_workers(iterator) -> None:
 
 RESUME = "checkpoints are kept: run the same command again to resume from the last one"
 """How a training run that stopped goes on, as its one-line errors end."""
+HANDOVER_GRACE_S = 10.0
+"""How long past ``data.loader_timeout`` a wait for a micro-batch may go before
+:func:`handover_deadline` ends the process (torch's own timeout, which raises, comes first
+where it can)."""
+
+
+def handover_deadline(timeout_s: float, watch=None):
+    """The :class:`~megatron_slkd.liveness.Deadline` of a wait for a micro-batch from the
+    loader's workers (None for ``timeout_s`` 0: wait for ever). torch's ``timeout`` covers
+    the wait for a batch to be queued, not its hand-over: a worker stopped or frozen whole
+    (SIGSTOP, a frozen cgroup) once its batch is queued blocks the training process in
+    passing the batch's shared memory, for ever."""
+    from megatron_slkd.liveness import Deadline
+
+    if not timeout_s:
+        return None
+    waited = timeout_s + HANDOVER_GRACE_S
+    reason = (
+        f"this process has waited {waited:g} s for a micro-batch from its data loader workers, "
+        f"past --data-loader-timeout ({timeout_s:g} s): a worker is stopped or frozen (SIGSTOP, "
+        f"a frozen cgroup) while it hands one over, where no timeout reaches; {RESUME}"
+    )
+    return Deadline(waited, reason, f"slkd train: stopped: {reason}", watch=watch)
 _TIMED_OUT = re.compile(r"DataLoader timed out after ([\d.]+) seconds")
 _DIED = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (.*?)(?:\. |\.?$)", re.M)
 _HINTS = {

@@ -254,15 +254,16 @@ def _stop_workers_on_error(source, kind, exc, tb) -> None:
         stop_workers(source)
 
 
-def _chunk_iterators(loader, n: int):
-    """One iterator per model chunk over the same micro-batches (None where no data is read)."""
+def _chunk_iterators(loader, n: int, deadline=None):
+    """One iterator per model chunk over the same micro-batches (None where no data is read),
+    each ``next`` under ``deadline`` where one is given."""
     if loader is None:
         return [None] * n if n > 1 else None
     from megatron_slkd.training.data import TimedIterator
 
     if n == 1:
-        return TimedIterator(loader)
-    return [TimedIterator(it) for it in itertools.tee(loader, n)]
+        return TimedIterator(loader, deadline)
+    return [TimedIterator(it, deadline) for it in itertools.tee(loader, n)]
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -309,7 +310,12 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
         load_checkpoint,
         save_checkpoint,
     )
-    from megatron_slkd.training.data import build_datasets, make_loader, read_tokenizer
+    from megatron_slkd.training.data import (
+        build_datasets,
+        handover_deadline,
+        make_loader,
+        read_tokenizer,
+    )
     from megatron_slkd.training.model import build_model, build_optimizer, build_scheduler
 
     cfg.validate()
@@ -320,7 +326,7 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
     init_distributed(cfg.parallel.tensor, device, cfg.parallel.pipeline,
                      virtual_pipeline=cfg.parallel.virtual_pipeline)  # fmt: skip
     dp = cfg.check_world(dist.get_world_size())
-    stack.enter_context(_watched_peers(cfg))
+    peers = stack.enter_context(_watched_peers(cfg))
     t = cfg.train
     micro_per_step = t.global_batch_size // (t.micro_batch_size * dp)
     bf16 = device.startswith("cuda") if t.bf16 is None else t.bf16
@@ -376,7 +382,8 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
                          timeout=cfg.data.loader_timeout)  # fmt: skip
     source = None if loader is None else iter(loader)  # forks the workers, if any
     stack.push(functools.partial(_stop_workers_on_error, source))
-    iters = _chunk_iterators(source, len(chunks))
+    deadline = handover_deadline(cfg.data.loader_timeout, peers) if cfg.data.num_workers else None
+    iters = _chunk_iterators(source, len(chunks), deadline)
     timed = [i for i in (iters if isinstance(iters, list) else [iters]) if i is not None]
     forward_backward = get_forward_backward_func()
     logger = _Logger(run_dir, cfg, step)

@@ -8,6 +8,10 @@ lost:
   NCCL would wait 10 minutes for and gloo 30);
 - a data loader worker of rank 0, killed (the out-of-memory killer's usual victim):
   torch's traceback on rank 0, then gloo's on rank 1, before;
+- a data loader worker of rank 0, stopped (SIGSTOP, a frozen cgroup): rank 0 hung for
+  ever in torch's hand-over of a queued batch, where no timeout reaches, and rank 1 with
+  it, since rank 0's heartbeat thread went on; now rank 0 stops 10 s past
+  ``--data-loader-timeout`` (``training.data.handover_deadline``), and rank 1 with it;
 - megatron-core's checkpoint writer process of rank 0: the next save failed on rank 0
   alone while rank 1 waited in the save's own barrier, and both hung.
 
@@ -46,6 +50,8 @@ def test_a_lost_process_stops_the_run_with_one_line(markov, tmp_path, lost):
     prefix, cache = markov
     run_dir = tmp_path / "run"
     args = _args(prefix, cache, run_dir)
+    if lost == "loader worker stopped":
+        args += ["--data-loader-timeout", "3"]  # then 10 s more: handover_deadline
     r = lose_a_process(args, lost, tmp_path / "logs")
     procs, victim, errs, lines = r["procs"], r["victim"], r["errs"], r["lines"]
     assert r["waited"] is not None, f"a rank was still running 90 s later: {errs}"
@@ -60,6 +66,15 @@ def test_a_lost_process_stops_the_run_with_one_line(markov, tmp_path, lost):
             assert f"rank 1 of this run (host {socket.gethostname()}, pid {victim.pid}) has " \
                 "sent no heartbeat for" in line, line  # fmt: skip
             assert r["waited"] < 30, r["waited"]  # 4 s of silence, then a beat or two
+    elif lost == "loader worker stopped":  # the hand-over hangs: only the deadline sees it
+        print(f"rank 0 stopped {r['said'][0]:.1f} s after its loader worker was stopped")
+        assert [p.returncode for p in procs] == [1, 1], errs
+        own = "this process has waited 13 s for a micro-batch from its data loader workers"
+        assert lines[0] == [f"slkd train: stopped: {own}{lines[0][0][21 + len(own):]}"], errs[0]
+        assert "stopped or frozen" in lines[0][0] and "resume" in lines[0][0], lines[0]
+        assert len(lines[1]) == 1 and lines[1][0].startswith(
+            f"slkd train: stopped: {who0}{own}"), errs[1][-3000:]  # fmt: skip
+        assert r["waited"] < 40, r["waited"]
     elif lost == "loader worker killed":
         assert [p.returncode for p in procs] == [1, 1], errs
         own = "slkd train: stopped: a data loader worker of this process "
