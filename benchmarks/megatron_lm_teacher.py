@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import record  # noqa: E402
 
 from megatron_slkd import gguf  # noqa: E402
-from megatron_slkd.cache import open_cache  # noqa: E402
 from megatron_slkd.data import PrepareConfig, open_dataset, prepare_data  # noqa: E402
 from megatron_slkd.teacher import HFTeacher, smollm2_gguf  # noqa: E402
+from megatron_slkd.testing import same_rows_fraction  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "system" / "megatron_lm_checkpoint.py"
@@ -48,17 +48,6 @@ SMOLLM2_ARGS = [
     "--seq-length", "2048", "--max-position-embeddings", "8192",
     "--make-vocab-size-divisible-by", "128", "--tokenizer-type", "HuggingFaceTokenizer",
 ]  # fmt: skip
-
-
-def _same_rows(a_dir, b_dir) -> float:
-    a, b = open_cache(a_dir), open_cache(b_dir)
-    ra, rb = a.read_tokens(0, a.num_tokens), b.read_tokens(0, b.num_tokens)
-    same = [
-        ra.num_entries[i] == rb.num_entries[i]
-        and np.array_equal(ra.ids[i, : ra.num_entries[i]], rb.ids[i, : rb.num_entries[i]])
-        for i in range(a.num_tokens)
-    ]
-    return float(np.mean(same))
 
 
 def _slkd(nproc: int, *args) -> subprocess.CompletedProcess:
@@ -132,7 +121,7 @@ def main() -> None:
                    tokens=rep["tokens"], teacher_nll=rep["teacher_nll"],
                    teacher_tokens_per_second=round(rep["tokens"] / rep["teacher_seconds"], 1),
                    processes=nproc, teacher=manifest["teacher"]["architecture"],
-                   same_rows_as_hf=_same_rows(tmp / "cache-hf", out),
+                   same_rows_as_hf=same_rows_fraction(tmp / "cache-hf", out),
                    context_length=args.context_length)  # fmt: skip
 
 

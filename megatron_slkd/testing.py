@@ -38,8 +38,8 @@ import torch.multiprocessing as mp
 
 from megatron_slkd.launch import close_distributed, free_port
 
-__all__ = ["LOST", "free_port", "lose_a_process", "run_distributed", "srun_like",
-           "write_tiny_teacher"]
+__all__ = ["LOST", "free_port", "lose_a_process", "run_distributed", "same_rows_fraction",
+           "srun_like", "write_tiny_teacher"]
 
 LOST = ("rank killed", "rank stopped", "loader worker killed", "loader worker stopped",
         "checkpoint writer killed")  # fmt: skip
@@ -223,3 +223,21 @@ def lose_a_process(args, lost: str, logs, *, after: str = "step 7/", wait_s: flo
     errs = [(logs / f"rank-{r}.err").read_text() for r in (0, 1)]
     return {"procs": procs, "victim": victim, "waited": waited, "said": said, "errs": errs,
             "lines": [[ln for ln in e.splitlines() if ln.startswith("slkd ")] for e in errs]}
+
+
+def same_rows_fraction(a_dir, b_dir) -> float:
+    """Share of positions whose entry ids agree between two caches of one dataset (two
+    teachers, or one at two layouts: logits that agree to about 1e-5 move only the draws
+    that land next to a CDF boundary)."""
+    import numpy as np
+
+    from megatron_slkd.cache import open_cache
+
+    a, b = open_cache(a_dir), open_cache(b_dir)
+    ra, rb = a.read_tokens(0, a.num_tokens), b.read_tokens(0, b.num_tokens)
+    same = [
+        ra.num_entries[i] == rb.num_entries[i]
+        and np.array_equal(ra.ids[i, : ra.num_entries[i]], rb.ids[i, : rb.num_entries[i]])
+        for i in range(a.num_tokens)
+    ]
+    return float(np.mean(same))

@@ -14,6 +14,7 @@ from megatron_slkd.cache import Manifest, ShardWriter, encoding_for
 from megatron_slkd.cache.manifest import MANIFEST_NAME
 from megatron_slkd.cache.writer import write_sidecar
 from megatron_slkd.sampling import sample_sparse_targets
+from megatron_slkd.testing import same_rows_fraction  # noqa: F401 - the tests' name for it
 
 
 @dataclasses.dataclass
@@ -155,20 +156,6 @@ def slkd(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
-
-
-def same_rows_fraction(a_dir, b_dir) -> float:
-    """Share of positions whose entry ids agree between two caches of one dataset."""
-    from megatron_slkd.cache import open_cache
-
-    a, b = open_cache(a_dir), open_cache(b_dir)
-    ra, rb = a.read_tokens(0, a.num_tokens), b.read_tokens(0, b.num_tokens)
-    same = [
-        ra.num_entries[i] == rb.num_entries[i]
-        and np.array_equal(ra.ids[i, : ra.num_entries[i]], rb.ids[i, : rb.num_entries[i]])
-        for i in range(a.num_tokens)
-    ]
-    return float(np.mean(same))
 
 
 def torchrun_slkd(nproc: int, *args, check: bool = True) -> subprocess.CompletedProcess:

@@ -194,14 +194,6 @@ def _transformer_config(spec: dict, tp: int, pp: int, dtype: torch.dtype):
 
 def _build_model(spec: dict, dtype: torch.dtype):
     from megatron.core import parallel_state as ps
-
-    tp = ps.get_tensor_model_parallel_world_size()
-    pp = ps.get_pipeline_model_parallel_world_size()
-    _check_layout(spec, tp, pp)
-    if spec["architecture"] == "megatron-lm":
-        from megatron_slkd.teacher import megatron_lm
-
-        return megatron_lm.build_model(spec, dtype)
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.random import (
@@ -209,22 +201,38 @@ def _build_model(spec: dict, dtype: torch.dtype):
         model_parallel_cuda_manual_seed,
     )
 
-    config = _transformer_config(spec, tp, pp, dtype)
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    _check_layout(spec, tp, pp)
+    if spec["architecture"] == "megatron-lm":
+        from megatron_slkd.teacher.megatron_lm import model_parts
+
+        config, layer, position = model_parts(spec, dtype)
+    else:
+        config = _transformer_config(spec, tp, pp, dtype)
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        position = dict(position_embedding_type="rope", rotary_base=spec["rotary_base"])
     if not get_cuda_rng_tracker().is_initialized():
         # Attention forks the model-parallel RNG (for dropout, which is off here).
         model_parallel_cuda_manual_seed(0)
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=spec["padded_vocab_size"],
-        max_sequence_length=spec["max_position_embeddings"],
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        parallel_output=True,
-        share_embeddings_and_output_weights=spec["tie_word_embeddings"],
-        position_embedding_type="rope",
-        rotary_base=spec["rotary_base"],
-    )
+    try:
+        return GPTModel(
+            config=config,
+            transformer_layer_spec=layer,
+            vocab_size=spec["padded_vocab_size"],
+            max_sequence_length=spec["max_position_embeddings"],
+            pre_process=ps.is_pipeline_first_stage(),
+            post_process=ps.is_pipeline_last_stage(),
+            parallel_output=True,
+            share_embeddings_and_output_weights=spec["tie_word_embeddings"],
+            **position,
+        )
+    except (AssertionError, ValueError, TypeError, NotImplementedError) as exc:
+        where = f"{spec['checkpoint']}: " if "checkpoint" in spec else ""
+        raise TeacherError(
+            f"{where}the teacher's model cannot be built here ({type(exc).__name__}: "
+            f"{first_line(exc)})"
+        ) from exc
 
 
 def _fuse_qkv(q, k, v, spec):

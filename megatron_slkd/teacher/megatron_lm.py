@@ -53,7 +53,7 @@ __all__ = [
     "is_megatron_lm_checkpoint",
     "read_args",
     "teacher_spec",
-    "build_model",
+    "model_parts",
     "tokenizer_files",
     "tokenizer_from_args",
 ]
@@ -431,18 +431,18 @@ def _config(args: argparse.Namespace, tp: int, pp: int, dtype: torch.dtype, wher
         ) from exc
 
 
-def build_model(spec: dict, dtype: torch.dtype):
-    """A GPTModel of the checkpoint's architecture at this process's TP/PP rank."""
+def model_parts(spec: dict, dtype: torch.dtype) -> tuple:
+    """(TransformerConfig, layer spec, GPTModel position arguments) of the checkpoint's
+    architecture at this process's TP/PP sizes, as Megatron-LM's ``gpt_builder`` makes
+    them (on the local layer spec).
+
+    Raises:
+        TeacherError: the arguments do not make a model here.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.tensor_parallel.random import (
-        get_cuda_rng_tracker,
-        model_parallel_cuda_manual_seed,
-    )
 
     args = spec["args"]
-    if not get_cuda_rng_tracker().is_initialized():
-        model_parallel_cuda_manual_seed(0)  # attention forks it (for dropout, off here)
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     config = _config(args, tp, pp, dtype, spec["checkpoint"])
@@ -450,30 +450,10 @@ def build_model(spec: dict, dtype: torch.dtype):
         qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
         normalization=getattr(args, "normalization", "LayerNorm"),
     )
-    try:
-        return _gpt_model(spec, args, config, layer)
-    except (AssertionError, ValueError, TypeError, NotImplementedError) as exc:
-        raise TeacherError(
-            f"{spec['checkpoint']}: the checkpoint's model cannot be built here "
-            f"({type(exc).__name__}: {first_line(exc)})"
-        ) from exc
-
-
-def _gpt_model(spec: dict, args: argparse.Namespace, config, layer):
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=layer,
-        vocab_size=spec["padded_vocab_size"],
-        max_sequence_length=spec["max_position_embeddings"],
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        parallel_output=True,
-        share_embeddings_and_output_weights=spec["tie_word_embeddings"],
+    position = dict(
         position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
         rotary_percent=float(getattr(args, "rotary_percent", 1.0)),
         rotary_base=getattr(args, "rotary_base", 10000),
         rope_scaling=bool(getattr(args, "use_rope_scaling", False)),
     )
+    return config, layer, position

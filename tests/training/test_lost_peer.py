@@ -42,6 +42,16 @@ def _args(prefix, cache, run_dir, steps=40):
     ]  # fmt: skip
 
 
+def _quotes(lines: list[str], word: str, err: str) -> None:
+    """Rank 1's one line quotes rank 0's ``word`` whole: from its collective's error (the
+    line ends there), or, where rank 0's exit took longer than the watch's grace (a loaded
+    machine), from its watch thread, which adds why it stops rather than wait."""
+    said = f"slkd train: stopped: {word}"
+    assert len(lines) == 1 and lines[0] in (
+        said, f"{said}; this process stops rather than wait for it in a collective"
+    ), err[-3000:]  # fmt: skip
+
+
 @pytest.mark.slow
 # (rank 1 killed: the same path as stopped here, where gloo does not notice first; it is
 # in benchmarks/peer_loss.py, and the build's test kills a peer)
@@ -79,12 +89,12 @@ def test_a_lost_process_stops_the_run_with_one_line(markov, tmp_path, lost):
         assert [p.returncode for p in procs] == [1, 1], errs
         own = "slkd train: stopped: a data loader worker of this process "
         assert len(lines[0]) == 1 and lines[0][0].startswith(own), errs[0][-3000:]
-        assert lines[1] == [f"slkd train: stopped: {who0}{lines[0][0][21:]}"], errs[1][-3000:]
+        _quotes(lines[1], f"{who0}{lines[0][0][21:]}", errs[1])
     else:
         assert [p.returncode for p in procs] == [2, 1], errs
         own = "megatron-core's writer process is gone"
         assert len(lines[0]) == 1 and own in lines[0][0], errs[0][-3000:]
-        assert lines[1] == [f"slkd train: stopped: {who0}{lines[0][0][19:]}"], errs[1][-3000:]
+        _quotes(lines[1], f"{who0}{lines[0][0][19:]}", errs[1])
     if victim is None:
         assert not any("Traceback" in e for e in errs), errs
     assert latest_checkpoint(run_dir) is not None
