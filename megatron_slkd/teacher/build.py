@@ -734,7 +734,8 @@ def check_existing_shards(cfg: BuildConfig, teacher_hash: str | None) -> None:
         diff = differences(have, want_i)
         if diff:
             iteration = (key.get("teacher", {}).get("source") or {}).get("megatron_lm_iteration")
-            hint = "" if iteration is None or "teacher" not in " ".join(diff) else (
+            other_teacher = have.get("teacher") != want_i.get("teacher")
+            hint = "" if iteration is None or not other_teacher else (
                 f" (its teacher was Megatron-LM checkpoint iteration {iteration}: a --save "
                 "directory whose latest iteration moved on? give that iteration's directory "
                 "as --teacher)")  # fmt: skip
