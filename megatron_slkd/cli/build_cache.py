@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_slkd.teacher.hf import HFTeacher, TeacherError, checkpoint_hash, smollm2_gguf
     from megatron_slkd.teacher.megatron import (
         MegatronTeacher,
+        check_layout,
         is_megatron_teacher,
         megatron_teacher_hash,
         read_spec,
@@ -169,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
             f"--teacher-tokenizer is for a Megatron-LM checkpoint teacher, and {path} is not "
             "one: leave it out (the teacher's own tokenizer is used)"
         )
+    if megatron:
+        check_layout(spec, args.tensor_parallel_size, args.pipeline_parallel_size)
     if megatron_lm:  # its architecture, then its tokenizer's files, before anything runs
         from megatron_slkd.teacher.megatron_lm import tokenizer_files
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_slkd.data.describe import add_tokenizer_arguments, describe_data, tokenizer_from_args
+from megatron_slkd.data.indexed import open_dataset
 from megatron_slkd.errors import DataPreparationError
 
 
@@ -38,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_slkd.cli import emit
 
+    open_dataset(args.data_prefix)  # damaged files are named before a tokenizer loads
     tok = tokenizer_from_args(args)
     if tok is None:
         raise DataPreparationError("describe-data needs --tokenizer-type (and its files)")

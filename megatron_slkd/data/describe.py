@@ -216,10 +216,15 @@ def resolve_meta(prefix: str, args=None, *, meta_path: str | None = None) -> dic
     ``--data-meta`` given directly.
 
     Raises:
-        DataMismatchError: no record and no flags, an unreadable record, or a
-            ``--data-meta`` record of another dataset.
+        DataFormatError: the dataset's files are missing or damaged (checked first: a
+            tokenizer may take seconds to load, megatron-core's to import).
+        DataMismatchError: no record and no flags, an unreadable record, a
+            ``--data-meta`` record of another dataset, or a dataset without tokens.
         DataPreparationError: the flags do not name a loadable tokenizer.
     """
+    from megatron_slkd.data.indexed import open_dataset
+
+    open_dataset(prefix)
     tok = tokenizer_from_args(args) if args is not None else None
     if tok is not None:
         record = {"tokenizer": tokenizer_record(tok), "prefix": str(prefix)}

@@ -151,7 +151,9 @@ def _spec_from_hf(cfg) -> dict:
     }
 
 
-def _check_layout(spec: dict, tp: int, pp: int) -> None:
+def check_layout(spec: dict, tp: int, pp: int) -> None:
+    """Refuse a TP size that does not divide the teacher's heads, query groups or padded
+    vocabulary, or a PP size that does not divide its layers (TeacherError)."""
     for name in ("num_attention_heads", "num_query_groups", "padded_vocab_size"):
         if spec[name] % tp:
             raise TeacherError(
@@ -203,7 +205,7 @@ def _build_model(spec: dict, dtype: torch.dtype):
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    _check_layout(spec, tp, pp)
+    check_layout(spec, tp, pp)
     if spec["architecture"] == "megatron-lm":
         from megatron_slkd.teacher.megatron_lm import model_parts
 

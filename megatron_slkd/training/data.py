@@ -75,6 +75,30 @@ def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
     return list(dict.fromkeys(prefixes)), None
 
 
+def check_inputs(cfg: TrainConfig) -> None:
+    """Refuse a prefix of the blend whose files are missing, damaged or empty, and (with
+    KD) one without a cache: cheap, so every rank runs it before megatron-core is imported
+    and any process group forms."""
+    from megatron_slkd.data.indexed import open_dataset
+
+    prefixes = data_prefixes(cfg)[0]
+    for p in prefixes:
+        if not Path(p + ".idx").is_file():
+            raise ConfigError(f"data prefix {p}: no {p}.idx; prepare it with `slkd prepare-data`")
+        open_dataset(p)
+    if cfg.kd.ce_only:
+        return
+    if not cfg.kd.caches:
+        raise ConfigError("no sparse-logit caches: give --kd-caches PREFIX=DIR, or --kd-ce-only")
+    missing = [p for p in prefixes if p not in cfg.kd.caches]
+    if missing:
+        raise CacheMismatchError(
+            f"data prefix(es) {missing} have no sparse-logit cache; give --kd-caches "
+            f"PREFIX=DIR for each (given: {sorted(cfg.kd.caches)}), build one with "
+            "`slkd build-cache`, or train with --kd-ce-only"
+        )
+
+
 def read_tokenizer(cfg: TrainConfig, *, check: bool = True) -> DataTokenizer:
     """The tokenizer shared by every prefix of the blend, after the pre-model checks of each
     prefix (files, token ids against the vocabulary, end-of-document id; with ``check``:
@@ -87,8 +111,6 @@ def read_tokenizer(cfg: TrainConfig, *, check: bool = True) -> DataTokenizer:
         raise ConfigError(f"data.meta names prefixes not in data.path: {unknown}")
     metas, records = {}, {}
     for p in prefixes:
-        if not Path(p + ".idx").is_file():
-            raise ConfigError(f"data prefix {p}: no {p}.idx; prepare it with `slkd prepare-data`")
         records[p] = resolve_meta(p, cfg.data, meta_path=cfg.data.meta.get(p))
         if check:
             check_dataset(p, records[p])
@@ -143,14 +165,7 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
     check_blend_splits(common["blend"], blends, cfg.data.split, cfg.model.seq_length,
                        [train_samples, valid_samples, 0])  # fmt: skip
     if with_cache:
-        caches = {str(k): str(v) for k, v in cfg.kd.caches.items()}
-        missing = [p for p in prefixes if p not in caches]
-        if missing:
-            raise CacheMismatchError(
-                f"data prefix(es) {missing} have no sparse-logit cache; give --kd-caches "
-                f"PREFIX=DIR for each (given: {sorted(caches)}), build one with "
-                "`slkd build-cache`, or train with --kd-ce-only"
-            )
+        caches = {str(k): str(v) for k, v in cfg.kd.caches.items()}  # check_inputs: all here
         cls, config = (
             SparseKDGPTDataset,
             SparseKDGPTDatasetConfig(

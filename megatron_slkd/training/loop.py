@@ -300,6 +300,11 @@ def _watched_peers(cfg: TrainConfig):
 
 def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) -> dict:
     """Run (or resume) the student pretraining of ``cfg``; returns the final metrics (all ranks)."""
+    from megatron_slkd.training.data import check_inputs
+
+    cfg.validate()
+    check_inputs(cfg)  # before megatron-core's import, seconds on a loaded node
+
     import yaml
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -318,7 +323,6 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
     )
     from megatron_slkd.training.model import build_model, build_optimizer, build_scheduler
 
-    cfg.validate()
     device = _device(cfg)
     _, world = process_rank()
     if not dist.is_initialized():
@@ -340,10 +344,6 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
             run_dir.mkdir(parents=True, exist_ok=True)
             owner.append(claim(run_dir / "run", what="training run",
                                timeout_s=cfg.checkpoint.lock_timeout))  # fmt: skip
-        if kd_train and not cfg.kd.caches:
-            raise ConfigError(
-                "no sparse-logit caches: give --kd-caches PREFIX=DIR, or --kd-ce-only"
-            )
         tokenizer = read_tokenizer(cfg, check=dist.get_rank() == 0)  # _checked shares the verdict
         if cfg.checkpoint.resume:
             _check_saved_config(run_dir, cfg)

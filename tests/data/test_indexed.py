@@ -124,12 +124,12 @@ def test_an_empty_data_file_is_no_dataset(tmp_path):
 
 @pytest.mark.parametrize("damage", ["idx cut short", "bin cut short"])
 def test_every_command_that_reads_data_refuses_damaged_files_first(tmp_path, damage):
-    """One typed line, exit status 2, before a teacher is looked for: the teacher named
-    does not exist, so any later check would report that instead."""
+    """One typed line, exit status 2, before a teacher or a tokenizer is looked for: the
+    ones named do not exist, so any later check would report them instead."""
     prefix = _damaged(tmp_path, damage)
     docs = [np.arange(1, 60) % 50] * 30
     cache = write_positional_cache(tmp_path / "cache", docs, vocab=64)
-    null = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "64"]
+    null = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tmp_path / "no-tok"]
     commands = {
         "build-cache": ["build-cache", "--data-prefix", prefix, "--teacher", tmp_path / "none",
                         "--output", tmp_path / "out", *null],  # fmt: skip
@@ -141,6 +141,9 @@ def test_every_command_that_reads_data_refuses_damaged_files_first(tmp_path, dam
         "remap-cache": ["remap-cache", cache, "--data-prefix", prefix, "--output",
                         tmp_path / "remapped", "--no-mpi"],  # fmt: skip
         "describe-data": ["describe-data", prefix, *null, "--no-text-check"],
+        "train": ["train", "--data-path", prefix, "--kd-ce-only", "--data-tokenizer-type",
+                  "HuggingFaceTokenizer", "--data-tokenizer-model", tmp_path / "no-tok",
+                  "--checkpoint-dir", tmp_path / "run"],  # fmt: skip
     }
     for name, argv in commands.items():
         r = slkd(*argv, check=False)

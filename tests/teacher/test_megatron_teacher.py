@@ -78,16 +78,16 @@ def test_tiny_llama_at_tp2_equals_hugging_face(tiny_converted):
         run_distributed(_logits_match, tp, str(tiny_converted), tp=tp, megatron=True)
 
 
-def _refuses_tp2(rank, world, root):
-    from megatron_slkd.teacher.hf import TeacherError
-    from megatron_slkd.teacher.megatron import MegatronTeacher
-
-    with pytest.raises(TeacherError, match="does not divide the teacher's num_attention_heads"):
-        MegatronTeacher(Path(root) / "teacher")
-
-
-def test_tp_that_does_not_divide_the_heads_is_refused(converted):
-    run_distributed(_refuses_tp2, 2, str(converted), tp=2, megatron=True)
+def test_tp_that_does_not_divide_the_heads_is_refused(converted, tmp_path):
+    # Before any process group forms (so without torchrun) and before the dataset is read.
+    r = slkd("build-cache", "--data-prefix", converted / "data", "--teacher",
+             converted / "teacher", "--tensor-parallel-size", "2", "--output", tmp_path / "c",
+             check=False)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "slkd build-cache: error: tensor parallel size 2 does not divide the teacher's "
+        "num_attention_heads (9); choose a TP size that divides it"
+    ), r.stderr[-2000:]
 
 
 def test_build_cache_with_tp3_undertorchrun_slkd(converted, tmp_path):
