@@ -74,8 +74,9 @@ def test_megatron_logits_match_hugging_face(converted, tp):
 
 
 def test_tiny_llama_at_tp2_equals_hugging_face(tiny_converted):
-    for tp in (1, 2):
-        run_distributed(_logits_match, tp, str(tiny_converted), tp=tp, megatron=True)
+    # Its query groups split across the two ranks (SmolLM2's 3 groups cannot); TP 1 is
+    # test_megatron_logits_match_hugging_face[1].
+    run_distributed(_logits_match, 2, str(tiny_converted), tp=2, megatron=True)
 
 
 def test_tp_that_does_not_divide_the_heads_is_refused(converted, tmp_path):
