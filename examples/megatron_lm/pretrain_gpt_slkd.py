@@ -15,13 +15,19 @@ with megatron-core 0.16) with megatron-slkd installed:
         --slkd-cache DATA_PREFIX=CACHE_DIR --slkd-alpha 0.0
 
 Every prefix of ``--data-path`` needs a cache built by ``slkd build-cache``
-with the tokenizer the run uses. Logged as ``lm loss`` (label cross-entropy),
+with the tokenizer the run uses. Before ``pretrain()`` starts, every rank checks
+that each prefix's files open and that its cache is given and has a manifest;
+otherwise the script stops in one line with exit status 2, before any process
+group, model or checkpoint load. Logged as ``lm loss`` (label cross-entropy),
 ``kd loss`` (what is optimized) and ``kl to teacher``.
 """
 
 import argparse
 import dataclasses
+import os
+import sys
 from functools import partial
+from types import SimpleNamespace
 
 import pretrain_gpt as base  # Megatron-LM's own script, from the checkout on PYTHONPATH
 import torch
@@ -30,16 +36,18 @@ from megatron.core import parallel_state as ps
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.enums import ModelType
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
+from megatron.training.arguments import parse_args
+from megatron.training.utils import get_blend_and_blend_per_split
 from model_provider import model_provider
 
 from megatron_slkd.cache import Manifest
 from megatron_slkd.data.batch import get_kd_batch
 from megatron_slkd.data.describe import check_blend_splits
 from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
-from megatron_slkd.errors import CacheMismatchError
+from megatron_slkd.errors import CacheMismatchError, SlkdError
 from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
 from megatron_slkd.training.config import key_by_prefix
-from megatron_slkd.training.data import with_read_ahead
+from megatron_slkd.training.data import check_kd_inputs, with_read_ahead
 
 
 def add_slkd_args(parser):
@@ -86,6 +94,19 @@ def _caches(args, config) -> dict[str, str]:
         raise CacheMismatchError(f"--slkd-cache takes PREFIX=DIR entries, got {args.slkd_cache}")
     blends = [config.blend] if config.blend else [b for b in config.blend_per_split or [] if b]
     return key_by_prefix(dict(pairs), [p for b in blends for p in b[0]])
+
+
+def check_slkd_inputs(args) -> None:
+    """Before ``pretrain()`` initializes anything (process groups, the model, its
+    checkpoint: minutes on a large job): every prefix of the blend opens, has a cache
+    in --slkd-cache, and that cache's manifest reads; raises the typed error otherwise."""
+    blend, per_split = get_blend_and_blend_per_split(args)
+    if blend is None and per_split is None:
+        return  # --mock-data: megatron-core's mock dataset, no teacher targets to check
+    caches = _caches(args, SimpleNamespace(blend=blend, blend_per_split=per_split))
+    blends = [blend] if blend else [b for b in per_split or [] if b]
+    prefixes = list(dict.fromkeys(p for b in blends for p in b[0]))
+    check_kd_inputs(prefixes, caches, flag="--slkd-cache")
 
 
 def _entry_bound(cache_dir: str, vocab_size: int) -> int:
@@ -167,6 +188,12 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
 
 
 if __name__ == "__main__":
+    try:  # Megatron-LM's own parser over the same command line
+        check_slkd_inputs(parse_args(extra_args_provider=add_slkd_args))
+    except (SlkdError, OSError) as exc:  # every rank stops; rank 0 says why, in one line
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"pretrain_gpt_slkd.py: error: {exc}\n")
+        sys.exit(2)
     train_valid_test_datasets_provider.is_distributed = True
     pretrain(
         train_valid_test_datasets_provider,

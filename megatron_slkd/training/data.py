@@ -24,6 +24,7 @@ import torch
 
 from megatron_slkd.data.batch import collate_kd
 from megatron_slkd.errors import (
+    CacheFormatError,
     CacheMismatchError,
     ConfigError,
     LoaderFailedError,
@@ -76,27 +77,55 @@ def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """Refuse a prefix of the blend whose files are missing, damaged or empty, and (with
-    KD) one without a cache: cheap, so every rank runs it before megatron-core is imported
-    and any process group forms."""
-    from megatron_slkd.data.indexed import open_dataset
-
+    """:func:`check_kd_inputs` for ``cfg``: cheap, so every rank runs it before
+    megatron-core is imported and any process group forms."""
     prefixes = data_prefixes(cfg)[0]
     for p in prefixes:
         if not Path(p + ".idx").is_file():
             raise ConfigError(f"data prefix {p}: no {p}.idx; prepare it with `slkd prepare-data`")
-        open_dataset(p)
-    if cfg.kd.ce_only:
-        return
-    if not cfg.kd.caches:
+    if not cfg.kd.ce_only and not cfg.kd.caches:
         raise ConfigError("no sparse-logit caches: give --kd-caches PREFIX=DIR, or --kd-ce-only")
-    missing = [p for p in prefixes if p not in cfg.kd.caches]
+    check_kd_inputs(prefixes, None if cfg.kd.ce_only else cfg.kd.caches, flag="--kd-caches",
+                    otherwise="train with --kd-ce-only")  # fmt: skip
+
+
+def check_kd_inputs(prefixes: list[str], caches: dict[str, str] | None, *, flag: str,
+                    otherwise: str | None = None) -> None:  # fmt: skip
+    """Refuse, before anything heavy, a data prefix whose files are missing, damaged or
+    empty and, unless ``caches`` is None (no KD), one without a cache in ``caches`` (given
+    with ``flag``) or whose cache has no readable manifest. A prefix on object storage
+    (Megatron-LM reads those itself) is not opened here.
+
+    Raises:
+        DataFormatError, DataMismatchError: the dataset's files.
+        CacheMismatchError: a prefix without a cache.
+        CacheFormatError, ObjectStoreError: a cache directory or manifest missing or
+            unreadable.
+    """
+    from megatron_slkd.cache import Manifest
+    from megatron_slkd.data.indexed import open_dataset
+    from megatron_slkd.storage import is_object_url
+
+    for p in prefixes:
+        if not is_object_url(p):
+            open_dataset(p)
+    if caches is None:
+        return
+    missing = [p for p in prefixes if p not in caches]
     if missing:
         raise CacheMismatchError(
-            f"data prefix(es) {missing} have no sparse-logit cache; give --kd-caches "
-            f"PREFIX=DIR for each (given: {sorted(cfg.kd.caches)}), build one with "
-            "`slkd build-cache`, or train with --kd-ce-only"
+            f"data prefix(es) {missing} have no sparse-logit cache; give {flag} "
+            f"PREFIX=DIR for each (given: {sorted(caches)}), build one with "
+            "`slkd build-cache`" + (f", or {otherwise}" if otherwise else "")
         )
+    for p in prefixes:
+        cache = str(caches[p])
+        if not is_object_url(cache) and not Path(cache).is_dir():
+            raise CacheFormatError(
+                f"{cache}: no such cache directory (the cache of data prefix {p}, given with "
+                f"{flag}); build it with `slkd build-cache` and `slkd merge-cache`"
+            )
+        Manifest.read(cache)
 
 
 def read_tokenizer(cfg: TrainConfig, *, check: bool = True) -> DataTokenizer:

@@ -8,6 +8,7 @@ installed (or in ``MEGATRON_LM_EXTRA_PATH``); without it the test skips.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 HARNESS = Path(__file__).resolve().parents[1] / "system" / "megatron_lm_harness.py"
+ENTRY = Path(__file__).resolve().parents[2] / "examples" / "megatron_lm" / "pretrain_gpt_slkd.py"
 TREE = os.environ.get("MEGATRON_LM_DIR")
 
 
@@ -33,3 +35,43 @@ def test_entry_script_trains_inside_megatron_lm(markov, tmp_path):
         assert set(rep) == {"lm loss", "kd loss", "kl to teacher"}
         assert 3.0 < rep["lm loss"] < 6.0 and rep["kl to teacher"] > 0
     assert grads["with_grad"] == grads["params"]
+
+
+@pytest.mark.skipif(not TREE, reason="set MEGATRON_LM_DIR to a Megatron-LM checkout to run")
+def test_entry_script_refuses_bad_inputs_before_megatron_lm_starts(markov, tmp_path):
+    # The script itself, as torchrun starts it on each rank: it stops before pretrain()
+    # (whose initialization would need CUDA here, and minutes on a cluster).
+    prefix, cache = markov
+    other = str(tmp_path / "other")
+    for ext in (".bin", ".idx"):
+        shutil.copy(prefix + ext, other + ext)
+    cut = str(tmp_path / "cut")
+    shutil.copy(prefix + ".bin", cut + ".bin")
+    Path(cut + ".idx").write_bytes(Path(prefix + ".idx").read_bytes()[:40])
+    model = [
+        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "2",
+        "--train-iters", "2", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127",
+    ]  # fmt: skip
+    cases = {
+        "no such cache directory": ["--data-path", prefix, "--slkd-cache",
+                                    f"{prefix}={tmp_path / 'typo'}"],
+        f"data prefix(es) ['{other}'] have no sparse-logit cache; give --slkd-cache": [
+            "--data-path", "0.5", prefix, "0.5", other, "--slkd-cache", f"{prefix}={cache}"],
+        "have no sparse-logit cache": ["--train-data-path", prefix, "--valid-data-path", other,
+                                       "--slkd-cache", f"{prefix}={cache}"],
+        "no manifest": ["--data-path", prefix, "--slkd-cache", f"{prefix}={tmp_path}"],
+        "the index is truncated": ["--data-path", cut, "--slkd-cache", f"{cut}={cache}"],
+    }  # fmt: skip
+    path = os.pathsep.join(filter(None, [TREE, os.environ.get("MEGATRON_LM_EXTRA_PATH")]))
+    runs = [(needle, data, "0") for needle, data in cases.items()]
+    runs.append((None, cases["no such cache directory"], "1"))  # one line per job, not per rank
+    for needle, data, rank in runs:
+        env = dict(os.environ, PYTHONPATH=path, RANK=rank, WORLD_SIZE="2")
+        r = subprocess.run([sys.executable, str(ENTRY), *model, *data], capture_output=True,
+                           text=True, env=env, timeout=300)  # fmt: skip
+        assert r.returncode == 2, (needle, r.stderr[-3000:])
+        assert "Traceback" not in r.stderr and "initializing" not in r.stdout, r.stderr
+        said = [ln for ln in r.stderr.splitlines() if "pretrain_gpt_slkd.py: error:" in ln]
+        assert len(said) == (rank == "0") and (needle is None or needle in said[0]), (
+            needle, r.stderr[-3000:])  # fmt: skip

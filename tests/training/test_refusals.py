@@ -37,6 +37,10 @@ def test_prefix_without_cache(markov, tmp_path):
     _refused(_base(prefix, tmp_path / "a"), "--kd-caches", "--kd-ce-only")
     _refused(_base(prefix, tmp_path / "b", "--kd-caches", f"{prefix}-other={cache}"),
              prefix, "no sparse-logit cache", "slkd build-cache")  # fmt: skip
+    _refused(_base(prefix, tmp_path / "c", "--kd-caches", f"{prefix}={tmp_path / 'typo'}"),
+             "typo: no such cache directory", prefix)  # fmt: skip
+    _refused(_base(prefix, tmp_path / "d", "--kd-caches", f"{prefix}={tmp_path}"),
+             "manifest.json: no manifest")  # fmt: skip
 
 
 def test_cache_of_another_tokenizer(markov, tmp_path):
