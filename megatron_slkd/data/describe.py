@@ -216,15 +216,16 @@ def resolve_meta(prefix: str, args=None, *, meta_path: str | None = None) -> dic
     ``--data-meta`` given directly.
 
     Raises:
-        DataFormatError: the dataset's files are missing or damaged (checked first: a
-            tokenizer may take seconds to load, megatron-core's to import).
+        DataFormatError: the dataset's files are missing or damaged (checked first, by
+            :func:`~megatron_slkd.data.indexed.check_files`: a tokenizer may take seconds
+            to load, megatron-core's to import).
         DataMismatchError: no record and no flags, an unreadable record, a
             ``--data-meta`` record of another dataset, or a dataset without tokens.
         DataPreparationError: the flags do not name a loadable tokenizer.
     """
-    from megatron_slkd.data.indexed import open_dataset
+    from megatron_slkd.data.indexed import check_files
 
-    open_dataset(prefix)
+    check_files(prefix)  # every rank of a run comes here: a few reads, whatever the size
     tok = tokenizer_from_args(args) if args is not None else None
     if tok is not None:
         record = {"tokenizer": tokenizer_record(tok), "prefix": str(prefix)}

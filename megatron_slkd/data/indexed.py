@@ -46,7 +46,8 @@ import numpy as np
 
 from megatron_slkd.errors import DataFormatError, DataMismatchError
 
-__all__ = ["IndexedData", "open_dataset", "iter_token_blocks", "dataset_fingerprint"]
+__all__ = ["IndexedData", "open_dataset", "check_files", "iter_token_blocks",
+           "dataset_fingerprint"]  # fmt: skip
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
@@ -78,49 +79,14 @@ class IndexedData:
     def __init__(self, prefix: str) -> None:
         self.prefix = str(prefix)
         idx, binary = self.prefix + ".idx", self.prefix + ".bin"
-        for path in (binary, idx):
-            if not Path(path).is_file():
-                raise DataFormatError(f"{path}: dataset file not found")
-        self.bin_bytes = os.path.getsize(binary)
-        if self.bin_bytes == 0:
-            raise DataMismatchError(
-                f"{binary} is empty: the dataset holds no token (no document, or only empty "
-                "ones); there is nothing to distill or train on"
-            )
+        self.bin_bytes = _bin_bytes(self.prefix)
         self._read_index(idx)
-        self._check_pointers(binary)
+        self._check_pointers()
         # A memoryview keeps the map open for as long as any array read from it lives.
         self._bin = memoryview(np.memmap(binary, dtype=np.uint8, mode="r"))
 
     def _read_index(self, idx: str) -> None:
-        size = os.path.getsize(idx)
-        with open(idx, "rb") as f:
-            head = f.read(_HEADER.size)
-        if len(head) < _HEADER.size or not head.startswith(_MAGIC):
-            raise DataFormatError(
-                f"{idx}: not a megatron-core index (starts with {head[:9]!r}, expected "
-                f"{_MAGIC!r}); write the dataset with Megatron-LM's preprocess_data.py or "
-                "`slkd prepare-data`"
-            )
-        _, version, code, seqs, docs = _HEADER.unpack(head)
-        if version != _VERSION:
-            raise DataFormatError(
-                f"{idx}: index version {version}, this reader knows version {_VERSION}"
-            )
-        if code not in _DTYPES or not np.issubdtype(_DTYPES[code], np.integer):
-            name = np.dtype(_DTYPES[code]).name if code in _DTYPES else "unknown"
-            raise DataFormatError(
-                f"{idx}: dtype code {code} ({name}): token ids need an integer dtype "
-                "(codes 1-5 and 8); the index is damaged or not of token data"
-            )
-        self.dtype = np.dtype(_DTYPES[code])
-        need = _HEADER.size + 12 * seqs + 8 * docs
-        if size < need:
-            raise DataFormatError(
-                f"{idx}: {size} bytes, but its header announces {seqs} sequences and {docs} "
-                f"document boundaries, {need} bytes: the index is truncated (an interrupted "
-                "copy?); copy it again"
-            )
+        self.dtype, seqs, docs = _read_header(idx)
         buf = memoryview(np.memmap(idx, dtype=np.uint8, mode="r"))
         at = _HEADER.size
         self.sequence_lengths = np.frombuffer(buf, np.int32, seqs, at)
@@ -140,18 +106,14 @@ class IndexedData:
                 f"0..{seqs}: the index is damaged; write it again"
             )
 
-    def _check_pointers(self, binary: str) -> None:
+    def _check_pointers(self) -> None:
         if not len(self.sequence_lengths):
             return
         ends = self.sequence_pointers + self.sequence_lengths.astype(np.int64) * self.dtype.itemsize
         last = int(np.argmax(ends))
         first = int(self.sequence_pointers.min())
         if int(ends[last]) > self.bin_bytes or first < 0:
-            raise DataFormatError(
-                f"{self.prefix}: the index points {int(ends[last])} bytes into {binary}, "
-                f"which has {self.bin_bytes} (sequence {last} of {len(ends)}); the two files "
-                "are not one dataset (a truncated copy, or the .idx of another .bin?)"
-            )
+            raise _past_end(self.prefix, int(ends[last]), self.bin_bytes, last, len(ends))
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
@@ -165,6 +127,86 @@ class IndexedData:
     def read(self, byte_offset: int, count: int) -> np.ndarray:
         """``count`` tokens from ``byte_offset`` of ``.bin``."""
         return np.frombuffer(self._bin, dtype=self.dtype, count=count, offset=byte_offset)
+
+
+def _bin_bytes(prefix: str) -> int:
+    """The size of ``PREFIX.bin``, both files being there and ``.bin`` not empty."""
+    idx, binary = prefix + ".idx", prefix + ".bin"
+    for path in (binary, idx):
+        if not Path(path).is_file():
+            raise DataFormatError(f"{path}: dataset file not found")
+    size = os.path.getsize(binary)
+    if size == 0:
+        raise DataMismatchError(
+            f"{binary} is empty: the dataset holds no token (no document, or only empty "
+            "ones); there is nothing to distill or train on"
+        )
+    return size
+
+
+def _read_header(idx: str) -> tuple[np.dtype, int, int]:
+    """(dtype, S, D) of the index ``idx``, checked against its size."""
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size or not head.startswith(_MAGIC):
+        raise DataFormatError(
+            f"{idx}: not a megatron-core index (starts with {head[:9]!r}, expected "
+            f"{_MAGIC!r}); write the dataset with Megatron-LM's preprocess_data.py or "
+            "`slkd prepare-data`"
+        )
+    _, version, code, seqs, docs = _HEADER.unpack(head)
+    if version != _VERSION:
+        raise DataFormatError(
+            f"{idx}: index version {version}, this reader knows version {_VERSION}"
+        )
+    if code not in _DTYPES or not np.issubdtype(_DTYPES[code], np.integer):
+        name = np.dtype(_DTYPES[code]).name if code in _DTYPES else "unknown"
+        raise DataFormatError(
+            f"{idx}: dtype code {code} ({name}): token ids need an integer dtype "
+            "(codes 1-5 and 8); the index is damaged or not of token data"
+        )
+    need = _HEADER.size + 12 * seqs + 8 * docs
+    if size < need:
+        raise DataFormatError(
+            f"{idx}: {size} bytes, but its header announces {seqs} sequences and {docs} "
+            f"document boundaries, {need} bytes: the index is truncated (an interrupted "
+            "copy?); copy it again"
+        )
+    return np.dtype(_DTYPES[code]), seqs, docs
+
+
+def check_files(prefix: str) -> None:
+    """The checks of :func:`open_dataset` that cost a few reads whatever the dataset's
+    size, for every rank of a job before it starts: both files there, ``.bin`` not
+    empty, the index header megatron-core's and as long as it announces, and the last
+    sequence inside ``.bin`` (a data file cut short). The index's values are checked
+    where the data is opened to be read.
+
+    Raises:
+        DataFormatError, DataMismatchError: as :func:`open_dataset`.
+    """
+    prefix = str(prefix)
+    bin_bytes = _bin_bytes(prefix)
+    dtype, seqs, _ = _read_header(prefix + ".idx")
+    if not seqs:
+        return
+    with open(prefix + ".idx", "rb") as f:
+        f.seek(_HEADER.size + 4 * (seqs - 1))
+        (length,) = struct.unpack("<i", f.read(4))
+        f.seek(_HEADER.size + 4 * seqs + 8 * (seqs - 1))
+        (pointer,) = struct.unpack("<q", f.read(8))
+    end = pointer + length * dtype.itemsize
+    if end > bin_bytes:
+        raise _past_end(prefix, end, bin_bytes, seqs - 1, seqs)
+
+
+def _past_end(prefix: str, end: int, bin_bytes: int, seq: int, seqs: int) -> DataFormatError:
+    return DataFormatError(
+        f"{prefix}: the index points {end} bytes into {prefix}.bin, which has {bin_bytes} "
+        f"(sequence {seq} of {seqs}); the two files are not one dataset (a truncated copy, "
+        "or the .idx of another .bin?)"
+    )
 
 
 def open_dataset(prefix: str) -> IndexedData:

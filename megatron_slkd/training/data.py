@@ -93,8 +93,10 @@ def check_kd_inputs(prefixes: list[str], caches: dict[str, str] | None, *, flag:
                     otherwise: str | None = None) -> None:  # fmt: skip
     """Refuse, before anything heavy, a data prefix whose files are missing, damaged or
     empty and, unless ``caches`` is None (no KD), one without a cache in ``caches`` (given
-    with ``flag``) or whose cache has no readable manifest. A prefix on object storage
-    (Megatron-LM reads those itself) is not opened here.
+    with ``flag``) or whose cache has no readable manifest. Every rank may run it: a few
+    reads per prefix and cache, whatever their size (the data's values are checked where
+    it is read). A prefix on object storage (Megatron-LM reads those itself) is not
+    looked at here.
 
     Raises:
         DataFormatError, DataMismatchError: the dataset's files.
@@ -103,12 +105,12 @@ def check_kd_inputs(prefixes: list[str], caches: dict[str, str] | None, *, flag:
             unreadable.
     """
     from megatron_slkd.cache import Manifest
-    from megatron_slkd.data.indexed import open_dataset
+    from megatron_slkd.data.indexed import check_files
     from megatron_slkd.storage import is_object_url
 
     for p in prefixes:
         if not is_object_url(p):
-            open_dataset(p)
+            check_files(p)
     if caches is None:
         return
     missing = [p for p in prefixes if p not in caches]

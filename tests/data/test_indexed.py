@@ -11,7 +11,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from megatron_slkd.data.indexed import iter_token_blocks, open_dataset
+from megatron_slkd.data.indexed import check_files, iter_token_blocks, open_dataset
 from megatron_slkd.errors import DataFormatError, DataMismatchError
 from tests.helpers import slkd, write_positional_cache
 
@@ -116,10 +116,23 @@ def test_damaged_files_are_refused_when_opened(tmp_path, damage):
         open_dataset(prefix)
 
 
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_the_checks_every_rank_runs_find_the_damage_a_copy_leaves(tmp_path, damage):
+    # check_files reads a header and one sequence's entries: the values of the index
+    # (negative lengths, documents out of order) wait for open_dataset.
+    prefix = _damaged(tmp_path, damage)
+    if damage in ("negative length", "documents out of order"):
+        check_files(prefix)
+        return
+    with pytest.raises(DataFormatError, match=DAMAGE[damage]):
+        check_files(prefix)
+
+
 def test_an_empty_data_file_is_no_dataset(tmp_path):
     prefix = _write(str(tmp_path / "e"), [[np.zeros(0, np.int64)]])
-    with pytest.raises(DataMismatchError, match=r"e\.bin is empty: the dataset holds no token"):
-        open_dataset(prefix)
+    for check in (open_dataset, check_files):
+        with pytest.raises(DataMismatchError, match=r"e\.bin is empty: the dataset holds no"):
+            check(prefix)
 
 
 @pytest.mark.parametrize("damage", ["idx cut short", "bin cut short"])
