@@ -27,7 +27,6 @@ import dataclasses
 import os
 import sys
 from functools import partial
-from types import SimpleNamespace
 
 import pretrain_gpt as base  # Megatron-LM's own script, from the checkout on PYTHONPATH
 import torch
@@ -87,13 +86,18 @@ def add_slkd_args(parser):
     return parser
 
 
-def _caches(args, config) -> dict[str, str]:
+def _prefixes(blend, blend_per_split) -> list[str]:
+    """The data prefixes of a blend or of per-split blends, each once, in order."""
+    blends = [blend] if blend else [b for b in blend_per_split or [] if b]
+    return list(dict.fromkeys(p for b in blends for p in b[0]))
+
+
+def _caches(args, prefixes: list[str]) -> dict[str, str]:
     """--slkd-cache as prefix -> cache; a prefix holding ``=`` is matched whole."""
     pairs = [c.split("=", 1) for c in args.slkd_cache]
     if any(len(p) != 2 for p in pairs):
         raise CacheMismatchError(f"--slkd-cache takes PREFIX=DIR entries, got {args.slkd_cache}")
-    blends = [config.blend] if config.blend else [b for b in config.blend_per_split or [] if b]
-    return key_by_prefix(dict(pairs), [p for b in blends for p in b[0]])
+    return key_by_prefix(dict(pairs), prefixes)
 
 
 def check_slkd_inputs(args) -> None:
@@ -103,10 +107,8 @@ def check_slkd_inputs(args) -> None:
     blend, per_split = get_blend_and_blend_per_split(args)
     if blend is None and per_split is None:
         return  # --mock-data: megatron-core's mock dataset, no teacher targets to check
-    caches = _caches(args, SimpleNamespace(blend=blend, blend_per_split=per_split))
-    blends = [blend] if blend else [b for b in per_split or [] if b]
-    prefixes = list(dict.fromkeys(p for b in blends for p in b[0]))
-    check_kd_inputs(prefixes, caches, flag="--slkd-cache")
+    prefixes = _prefixes(blend, per_split)
+    check_kd_inputs(prefixes, _caches(args, prefixes), flag="--slkd-cache")
 
 
 def _entry_bound(cache_dir: str, vocab_size: int) -> int:
@@ -126,7 +128,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     args = get_args()
     plain = base.core_gpt_dataset_config_from_args(args)
     fields = {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain) if f.init}
-    caches = _caches(args, plain)
+    caches = _caches(args, _prefixes(plain.blend, plain.blend_per_split))
     vocab = get_tokenizer().vocab_size
     pad_to = args.slkd_pad_to or max(_entry_bound(d, vocab) for d in caches.values())
     gb = args.slkd_object_cache_gb

@@ -41,6 +41,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -86,7 +87,8 @@ class IndexedData:
         self._bin = memoryview(np.memmap(binary, dtype=np.uint8, mode="r"))
 
     def _read_index(self, idx: str) -> None:
-        self.dtype, seqs, docs = _read_header(idx)
+        with open(idx, "rb") as f:
+            self.dtype, seqs, docs = _read_header(f, idx)
         buf = memoryview(np.memmap(idx, dtype=np.uint8, mode="r"))
         at = _HEADER.size
         self.sequence_lengths = np.frombuffer(buf, np.int32, seqs, at)
@@ -144,11 +146,10 @@ def _bin_bytes(prefix: str) -> int:
     return size
 
 
-def _read_header(idx: str) -> tuple[np.dtype, int, int]:
-    """(dtype, S, D) of the index ``idx``, checked against its size."""
-    size = os.path.getsize(idx)
-    with open(idx, "rb") as f:
-        head = f.read(_HEADER.size)
+def _read_header(f: BinaryIO, idx: str) -> tuple[np.dtype, int, int]:
+    """(dtype, S, D) of the index ``idx`` open as ``f``, checked against its size."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(_HEADER.size)
     if len(head) < _HEADER.size or not head.startswith(_MAGIC):
         raise DataFormatError(
             f"{idx}: not a megatron-core index (starts with {head[:9]!r}, expected "
@@ -188,10 +189,10 @@ def check_files(prefix: str) -> None:
     """
     prefix = str(prefix)
     bin_bytes = _bin_bytes(prefix)
-    dtype, seqs, _ = _read_header(prefix + ".idx")
-    if not seqs:
-        return
     with open(prefix + ".idx", "rb") as f:
+        dtype, seqs, _ = _read_header(f, prefix + ".idx")
+        if not seqs:
+            return
         f.seek(_HEADER.size + 4 * (seqs - 1))
         (length,) = struct.unpack("<i", f.read(4))
         f.seek(_HEADER.size + 4 * seqs + 8 * (seqs - 1))
