@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,29 @@ def slkd(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+HEAVY_MODULES = ("torch", "megatron.core", "transformers")
+
+
+def slkd_imports(*args, timeout: float = 300) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run ``slkd ARGS`` in a fresh interpreter; returns the finished process (its stdout
+    without the last line) and which of :data:`HEAVY_MODULES` it imported by its end."""
+    code = (
+        "import json, sys\n"
+        "from megatron_slkd.cli import main\n"
+        "try:\n"
+        f"    status = main({list(map(str, args))!r})\n"
+        "except SystemExit as e:\n"
+        "    status = e.code\n"
+        f"print(json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))\n"
+        "sys.exit(status)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=timeout)  # fmt: skip
+    *out, last = r.stdout.rstrip("\n").split("\n")
+    r.stdout = "\n".join(out)
+    return r, set(json.loads(last))
 
 
 def torchrun_slkd(nproc: int, *args, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,30 +1,17 @@
 """The ``slkd`` command line: every command and flag explains itself, and a command imports
 only what it needs (``slkd --help`` and the cache tools start without torch)."""
 
-import json
 import subprocess
 import sys
 
 import pytest
+from helpers import slkd_imports
 
 from megatron_slkd.cli import _COMMANDS, build_parser
 
 
 def _imports_after(argv: list[str]) -> set[str]:
-    """The heavy modules imported by ``slkd ARGV`` in a fresh interpreter."""
-    code = (
-        "import sys\n"
-        "from megatron_slkd.cli import main\n"
-        "try:\n"
-        f"    main({argv!r})\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "import json\n"
-        "print(json.dumps([m for m in ('torch', 'megatron.core', 'transformers') "
-        "if m in sys.modules]))"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    return set(json.loads(r.stdout.strip().splitlines()[-1]))
+    return slkd_imports(*argv, timeout=120)[1]
 
 
 def test_help_lists_every_command_without_importing_torch():

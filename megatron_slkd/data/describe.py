@@ -53,6 +53,7 @@ __all__ = [
     "scan_dataset",
     "describe_data",
     "resolve_meta",
+    "recorded_meta",
     "check_dataset",
     "check_text",
     "text_round_trip",
@@ -226,12 +227,31 @@ def resolve_meta(prefix: str, args=None, *, meta_path: str | None = None) -> dic
     from megatron_slkd.data.indexed import check_files
 
     check_files(prefix)  # every rank of a run comes here: a few reads, whatever the size
-    tok = tokenizer_from_args(args) if args is not None else None
-    if tok is not None:
-        record = {"tokenizer": tokenizer_record(tok), "prefix": str(prefix)}
-        if getattr(args, "text_check", False):  # only where the command has --text-check
-            record["text_check"] = check_text(prefix, tok)
+    record = recorded_meta(prefix, args, meta_path=meta_path)
+    if record is not None:
         return record
+    tok = tokenizer_from_args(args)
+    record = {"tokenizer": tokenizer_record(tok), "prefix": str(prefix)}
+    if getattr(args, "text_check", False):  # only where the command has --text-check
+        record["text_check"] = check_text(prefix, tok)
+    return record
+
+
+def recorded_meta(prefix: str, args=None, *, meta_path: str | None = None) -> dict | None:
+    """:func:`resolve_meta` short of building a tokenizer: None when the flags name one
+    (``--tokenizer-type``), else the record they leave to ``--data-meta`` or
+    ``PREFIX.meta.json``. A few small reads: every rank of a run may check with it before
+    anything heavy that a record exists and reads. Does not look at the dataset's files.
+
+    Raises:
+        DataMismatchError: no record and no flags, an unreadable record, or a
+            ``--data-meta`` record of another dataset.
+        DataPreparationError: a tokenizer file flag without ``--tokenizer-type``.
+    """
+    if args is not None and getattr(args, "tokenizer_type", None) is not None:
+        return None
+    if args is not None:
+        tokenizer_from_args(args)  # refuses --tokenizer-model and the like without a type
     meta_path = meta_path or (getattr(args, "data_meta", None) if args is not None else None)
     if meta_path:
         record = _read_record(Path(meta_path), prefix)

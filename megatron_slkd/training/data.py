@@ -77,8 +77,12 @@ def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """:func:`check_kd_inputs` for ``cfg``: cheap, so every rank runs it before
-    megatron-core is imported and any process group forms."""
+    """The checks of ``cfg``'s inputs that cost a few small reads, so every rank runs them
+    before megatron-core is imported and any process group forms: :func:`check_kd_inputs`,
+    each prefix's tokenizer record (unless the flags name the tokenizer; building it and
+    scanning the data wait for :func:`read_tokenizer`)."""
+    from megatron_slkd.data.describe import recorded_meta
+
     prefixes = data_prefixes(cfg)[0]
     for p in prefixes:
         if not Path(p + ".idx").is_file():
@@ -87,6 +91,15 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise ConfigError("no sparse-logit caches: give --kd-caches PREFIX=DIR, or --kd-ce-only")
     check_kd_inputs(prefixes, None if cfg.kd.ce_only else cfg.kd.caches, flag="--kd-caches",
                     otherwise="train with --kd-ce-only")  # fmt: skip
+    _check_meta_prefixes(cfg, prefixes)
+    for p in prefixes:
+        recorded_meta(p, cfg.data, meta_path=cfg.data.meta.get(p))
+
+
+def _check_meta_prefixes(cfg: TrainConfig, prefixes: list[str]) -> None:
+    unknown = sorted(set(cfg.data.meta) - set(prefixes))
+    if unknown:
+        raise ConfigError(f"data.meta names prefixes not in data.path: {unknown}")
 
 
 def check_kd_inputs(prefixes: list[str], caches: dict[str, str] | None, *, flag: str,
@@ -137,9 +150,7 @@ def read_tokenizer(cfg: TrainConfig, *, check: bool = True) -> DataTokenizer:
     from megatron_slkd.data.describe import check_dataset, resolve_meta
 
     prefixes, _ = data_prefixes(cfg)
-    unknown = sorted(set(cfg.data.meta) - set(prefixes))
-    if unknown:
-        raise ConfigError(f"data.meta names prefixes not in data.path: {unknown}")
+    _check_meta_prefixes(cfg, prefixes)
     metas, records = {}, {}
     for p in prefixes:
         records[p] = resolve_meta(p, cfg.data, meta_path=cfg.data.meta.get(p))

@@ -146,7 +146,15 @@ def _check_saved_config(run_dir: Path, cfg: TrainConfig) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file() or latest_checkpoint(run_dir) is None:
         return
-    old = yaml.safe_load(saved.read_text()) or {}
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+        if not isinstance(old, dict):
+            raise ValueError(f"a {type(old).__name__}, not a mapping")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise CheckpointError(
+            f"{saved}: unreadable config of the checkpointed run ({' '.join(str(exc).split())}); "
+            "restore it, or use another --checkpoint-dir"
+        ) from exc
     new = config_to_dict(cfg)
     free = ("transformer_impl", "hidden_dropout", "attention_dropout")  # may change on resume
     model = {f"model.{k}": (old.get("model", {}).get(k), v)
@@ -304,11 +312,14 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
 
     cfg.validate()
     check_inputs(cfg)  # before megatron-core's import, seconds on a loaded node
+    if cfg.checkpoint.resume:
+        _check_saved_config(Path(cfg.checkpoint.dir), cfg)
 
     import yaml
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_slkd.cache.writer import atomic_write_text
     from megatron_slkd.launch import init_distributed, process_rank
     from megatron_slkd.training.checkpoint import (
         latest_checkpoint,
@@ -345,8 +356,6 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
             owner.append(claim(run_dir / "run", what="training run",
                                timeout_s=cfg.checkpoint.lock_timeout))  # fmt: skip
         tokenizer = read_tokenizer(cfg, check=dist.get_rank() == 0)  # _checked shares the verdict
-        if cfg.checkpoint.resume:
-            _check_saved_config(run_dir, cfg)
         if cfg.checkpoint.reshardable and cfg.parallel.distributed_optimizer:
             from megatron.core.optimizer import distrib_optimizer
 
@@ -364,7 +373,10 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
         )  # fmt: skip
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        # Whole or not at all: the next run (or a second job on this directory) reads it
+        # before any claim on the directory.
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg),
+                                                                  sort_keys=False))  # fmt: skip
     chunks = build_model(cfg, vocab_size, device, dtype)
     optimizer = build_optimizer(chunks, cfg.optim, dtype, cfg.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)

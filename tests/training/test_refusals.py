@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from helpers import slkd
+from helpers import slkd, slkd_imports
 
 from megatron_slkd.records import dump_record
 
@@ -19,9 +19,13 @@ def _base(prefix, run_dir, *extra):
     ]  # fmt: skip
 
 
-def _refused(args, *needles, before_first_step=True):
-    r = slkd(*args, check=False)
+def _refused(args, *needles, before_first_step=True, before_megatron=False):
+    """The last line of stderr of ``slkd ARGS`` refused; ``before_megatron``: a refusal a
+    few reads decide comes before megatron-core is imported (seconds of start-up)."""
+    r, imported = slkd_imports(*args)
     assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-3000:])
+    if before_megatron:
+        assert "megatron.core" not in imported, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("slkd train: error:"), r.stderr[-3000:]
     for n in needles:
@@ -34,13 +38,13 @@ def _refused(args, *needles, before_first_step=True):
 
 def test_prefix_without_cache(markov, tmp_path):
     prefix, cache = markov
-    _refused(_base(prefix, tmp_path / "a"), "--kd-caches", "--kd-ce-only")
+    _refused(_base(prefix, tmp_path / "a"), "--kd-caches", "--kd-ce-only", before_megatron=True)
     _refused(_base(prefix, tmp_path / "b", "--kd-caches", f"{prefix}-other={cache}"),
-             prefix, "no sparse-logit cache", "slkd build-cache")  # fmt: skip
+             prefix, "no sparse-logit cache", "slkd build-cache", before_megatron=True)  # fmt: skip
     _refused(_base(prefix, tmp_path / "c", "--kd-caches", f"{prefix}={tmp_path / 'typo'}"),
-             "typo: no such cache directory", prefix)  # fmt: skip
+             "typo: no such cache directory", prefix, before_megatron=True)  # fmt: skip
     _refused(_base(prefix, tmp_path / "d", "--kd-caches", f"{prefix}={tmp_path}"),
-             "manifest.json: no manifest")  # fmt: skip
+             "manifest.json: no manifest", before_megatron=True)  # fmt: skip
 
 
 def test_cache_of_another_tokenizer(markov, tmp_path):
@@ -78,9 +82,15 @@ def test_checkpoint_of_another_model_shape(markov, tmp_path):
     slkd(*_base(prefix, run, "--kd-caches", f"{prefix}={cache}"))
     assert (run / "checkpoints" / "latest").is_file()
     _refused(_base(prefix, run, "--kd-caches", f"{prefix}={cache}", "--model-hidden-size", "96"),
-             "model.hidden_size: checkpoint 64, now 96", "--checkpoint-dir")  # fmt: skip
+             "model.hidden_size: checkpoint 64, now 96", "--checkpoint-dir",
+             before_megatron=True)  # fmt: skip
     _refused(_base(prefix, run, "--kd-caches", f"{prefix}={cache}", "--data-split", "80,20,0"),
-             "data order", "data.split: checkpoint '90,10,0', now '80,20,0'")  # fmt: skip
+             "data order", "data.split: checkpoint '90,10,0', now '80,20,0'",
+             before_megatron=True)  # fmt: skip
+    (run / "config.yaml").write_text("model: [unclosed")  # a run's config cut short
+    _refused(_base(prefix, run, "--kd-caches", f"{prefix}={cache}"),
+             f"{run / 'config.yaml'}: unreadable config of the checkpointed run",
+             before_megatron=True)  # fmt: skip
 
 
 def test_ce_only_runs_without_cache(markov, tmp_path):
