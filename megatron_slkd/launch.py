@@ -22,6 +22,7 @@ __all__ = [
     "host_all_reduce",
     "any_rank",
     "close_distributed",
+    "die_with_parent",
 ]
 
 _PAIRS = (
@@ -169,3 +170,25 @@ def close_distributed() -> None:
 
         parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def die_with_parent(parent: int) -> None:
+    """Have Linux end this process (SIGKILL) when the process that started it ends, and
+    end it at once if that process, ``parent``'s pid, is already gone. For the helper
+    processes multiprocessing *spawn* starts: one outlives a parent killed with SIGKILL,
+    reparented for ever, wherever no launcher kills the process group or cgroup (torchrun
+    and Slurm do; a lone process on a workstation has neither). Elsewhere than Linux,
+    nothing. The signal comes when the *thread* that started this process ends: start it
+    from a thread that lives as long as its process."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: no worse than without
+        return
+    if os.getppid() != parent:  # it ended between our start and the prctl
+        os._exit(1)

@@ -157,6 +157,7 @@ def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: 
             shutil.rmtree(old, ignore_errors=True)
 
     _together(prepare if rank == 0 else None, tmp, step)
+    _writer_results_die_with_this_process()
     sd = _sharded_state(chunks, optimizer, loading=False, rng=_rng_state(), reshardable=reshardable)
     sd.update(step=step, consumed_samples=consumed, scheduler=scheduler.state_dict(),
               layout=list(_layout()[0]), reshardable=reshardable)  # fmt: skip
@@ -170,6 +171,28 @@ def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: 
         raise _write_error(exc, tmp, step) from exc
     _together(publish if rank == 0 else None, tmp, step)
     return final
+
+
+def _writer_results_die_with_this_process() -> None:
+    """megatron-core's file writer gathers its results through a queue held by a
+    multiprocessing Manager, a server process started with *spawn* at the first save.
+    A run killed with SIGKILL left that server behind (seen here: reparented, running
+    for ever) wherever no launcher kills the process group or cgroup. Started here first,
+    from the main thread, it ends with this process (:func:`launch.die_with_parent`).
+    Where megatron-core keeps no such queue (another version), nothing is done."""
+    import multiprocessing
+    import os
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_slkd.launch import die_with_parent
+
+    if getattr(filesystem_async, "_results_queue", True) is not None:  # made, or none kept
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps its manager alive
 
 
 def _together(fn, tmp: Path, step: int) -> None:
