@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from megatron_slkd.errors import SlkdError
 from megatron_slkd.liveness import peer_gone
@@ -136,6 +135,7 @@ def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: 
             rank at once.
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     root = _root(run_dir)
     name = f"iter_{step:07d}"
@@ -198,6 +198,8 @@ def _writer_results_die_with_this_process() -> None:
 def _together(fn, tmp: Path, step: int) -> None:
     """Run ``fn`` (None: nothing on this rank), then agree: if it failed anywhere, every
     rank raises (none is left waiting in a collective) and the partial save is removed."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from megatron_slkd.launch import any_rank
 
     error = None
