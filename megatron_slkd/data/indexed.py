@@ -47,7 +47,7 @@ import numpy as np
 
 from megatron_slkd.errors import DataFormatError, DataMismatchError
 
-__all__ = ["IndexedData", "open_dataset", "check_files", "iter_token_blocks",
+__all__ = ["IndexedData", "open_dataset", "check_files", "index_key", "iter_token_blocks",
            "dataset_fingerprint"]  # fmt: skip
 
 _MAGIC = b"MMIDIDX\x00\x00"
@@ -200,6 +200,40 @@ def check_files(prefix: str) -> None:
     end = pointer + length * dtype.itemsize
     if end > bin_bytes:
         raise _past_end(prefix, end, bin_bytes, seqs - 1, seqs)
+
+
+_KEY_WHOLE = 1 << 22  # index_key: an index up to this size is read whole,
+_KEY_BLOCKS, _KEY_BLOCK = 256, 1 << 12  # a larger one in this many blocks of this size
+
+
+def index_key(prefix: str) -> str:
+    """A digest of the document layout of ``prefix``: its index (sequence lengths and
+    pointers, document boundaries) and the size of its data file. For what is built
+    from that layout and kept between runs, such as megatron-core's sample indices.
+
+    The same contents give the same key on every rank, wherever the copy lies (no path,
+    no time stamp). An index up to 4 MiB (about 350,000 sequences) is read whole; a
+    larger one as 256 blocks of 4 KiB spread over it, with its header and its end, so
+    the cost stays a few reads. The sequence pointers are running sums of the lengths:
+    a changed length moves every pointer after it, so a rewritten dataset keeps its key
+    only if its total size and every sampled block stay the same.
+    """
+    import hashlib
+
+    prefix = str(prefix)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(_bin_bytes(prefix)).encode())
+    with open(prefix + ".idx", "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest.update(str(size).encode())
+        if size <= _KEY_WHOLE:
+            digest.update(f.read())
+        else:
+            last = size - _KEY_BLOCK
+            for i in range(_KEY_BLOCKS + 1):
+                f.seek(last * i // _KEY_BLOCKS)
+                digest.update(f.read(_KEY_BLOCK))
+    return digest.hexdigest()
 
 
 def _past_end(prefix: str, end: int, bin_bytes: int, seq: int, seqs: int) -> DataFormatError:

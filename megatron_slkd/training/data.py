@@ -45,14 +45,29 @@ __all__ = [
 
 
 class DataTokenizer:
-    """What megatron-core's GPTDataset asks of a tokenizer, from the prefix's meta.json."""
+    """What megatron-core's GPTDataset asks of a tokenizer, from the prefix's meta.json.
+
+    megatron-core keys the sample indices it keeps in ``path_to_cache`` by the dataset's
+    path and settings, not by its contents: a dataset rewritten at the same path (another
+    preprocessing, a re-tokenization) would be read through the indices of the old one,
+    samples cut at the old documents' boundaries, without an error. The tokenizer's
+    ``unique_identifiers`` are part of that key, so with ``records`` they also carry each
+    prefix's :func:`~megatron_slkd.data.indexed.index_key`: a rewritten dataset gets
+    indices of its own.
+    """
 
     def __init__(self, meta: dict, records: dict[str, dict] | None = None) -> None:
+        from megatron_slkd.data.indexed import index_key
+        from megatron_slkd.storage import is_object_url
+
         self.vocab_size = int(meta["vocab_size"])
         self.eod = int(meta["eod"])
-        self.unique_identifiers = {"fingerprint": meta["fingerprint"]}
         self.records = records or {}
         """Data prefix -> its whole record (the caches' tokenizers are checked against it)."""
+        self.unique_identifiers = {"fingerprint": meta["fingerprint"]}
+        if self.records:
+            self.unique_identifiers["data"] = {p: index_key(p) for p in sorted(self.records)
+                                               if not is_object_url(p)}  # fmt: skip
 
 
 def data_blends(cfg: TrainConfig) -> list[tuple[list[str], list[float] | None] | None] | None:

@@ -163,3 +163,65 @@ def test_every_command_that_reads_data_refuses_damaged_files_first(tmp_path, dam
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1, (name, r.stdout, r.stderr)
         assert __import__("re").search(DAMAGE[damage], lines[0]), (name, lines[0])
+
+
+def _layout(prefix: str, lengths, seed: int = 0) -> str:
+    """One document of sequences of ``lengths`` (random tokens), in one builder call: an
+    index of 400,000 sequences is written in a fraction of a second."""
+    tokens = np.random.default_rng(seed).integers(0, 500, int(np.sum(lengths)))
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    builder.add_document(torch.from_numpy(tokens), [int(n) for n in lengths])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+@pytest.mark.parametrize("sequences", [1000, 400_000])  # read whole; sampled (over 4 MiB)
+def test_index_key_follows_the_document_layout_not_the_path_or_the_tokens(tmp_path, sequences):
+    from megatron_slkd.data.indexed import index_key
+
+    lengths = np.random.default_rng(1).integers(1, 8, sequences)
+    key = index_key(_layout(str(tmp_path / "a"), lengths))
+    assert os.path.getsize(tmp_path / "a.idx") > (4 << 20) or sequences < 10_000
+    assert index_key(_layout(str(tmp_path / "copy"), lengths)) == key  # another place
+    assert index_key(_layout(str(tmp_path / "b"), lengths, seed=2)) == key  # other tokens
+    moved = lengths.copy()
+    moved[sequences // 3] += 1  # a token moves between two sequences: same total size
+    moved[-1] -= 1 if moved[-1] > 1 else -1
+    assert index_key(_layout(str(tmp_path / "c"), moved)) != key
+
+
+def test_a_dataset_rewritten_in_place_gets_sample_indices_of_its_own(tmp_path):
+    # megatron-core keys the indices it keeps in path_to_cache by path and settings: the
+    # second build used to read the first dataset's indices, cutting samples of the new
+    # documents at the old ones' boundaries, with no error.
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from megatron_slkd.training.data import DataTokenizer
+
+    prefix = str(tmp_path / "data")
+
+    def samples(index_cache: str) -> GPTDataset:
+        meta = {"vocab_size": 500, "eod": 0, "fingerprint": "t"}
+        config = GPTDatasetConfig(
+            random_seed=1, sequence_length=16, blend=([prefix], None), split="100,0,0",
+            path_to_cache=str(tmp_path / index_cache), reset_position_ids=False,
+            tokenizer=DataTokenizer(meta, {prefix: {"tokenizer": meta}}),
+            reset_attention_mask=False, eod_mask_loss=False, mid_level_dataset_surplus=0.005,
+        )  # fmt: skip
+        return BlendedMegatronDatasetBuilder(GPTDataset, [20, 0, 0], lambda: True,
+                                             config).build()[0]  # fmt: skip
+
+    def write(seed: int, lengths) -> None:
+        rng = np.random.default_rng(seed)
+        _write(prefix, [[np.append(rng.integers(1, 500, n - 1), 0)] for n in lengths])
+
+    write(0, [40] * 10)
+    first = samples("kept")
+    write(1, [90] * 6 + [25] * 4)  # preprocessed again, at the same path
+    again, fresh = samples("kept"), samples("new")
+    assert not np.array_equal(first.sample_index, fresh.sample_index)
+    assert np.array_equal(again.sample_index, fresh.sample_index)
+    assert all(torch.equal(again[i]["tokens"], fresh[i]["tokens"]) for i in range(len(fresh)))
