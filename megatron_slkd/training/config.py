@@ -115,7 +115,9 @@ class DataConfig:
     valid_path: list[str] = dataclasses.field(default_factory=list)
     """Per-split blend (Megatron's --valid-data-path): the validation data, whole."""
     index_cache: str | None = None
-    """Directory for megatron-core's dataset index files (default: <checkpoint.dir>/index-cache)."""
+    """Directory for megatron-core's dataset index files (default: <checkpoint.dir>/index-cache);
+    may be shared by runs: the files are keyed by each dataset's contents too, so a dataset
+    rewritten at the same path gets its own."""
     num_workers: int = 1
     """DataLoader worker processes per data-loading rank (0 reads in the training process)."""
     loader_timeout: float = 600.0
