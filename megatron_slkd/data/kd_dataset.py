@@ -51,11 +51,26 @@ class SparseKDGPTDatasetConfig(GPTDatasetConfig):
     :mod:`megatron_slkd.cache.remote`)."""
     kd_object_cache_bytes: int | None = None
     """Bound of that directory in bytes (None: the default)."""
+    kd_index_keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Data prefix -> its :func:`~megatron_slkd.data.indexed.index_key`, filled in for
+    every local prefix of ``kd_caches`` when not given. Part of the key of the sample
+    indices megatron-core keeps in ``path_to_cache``, which otherwise holds paths and
+    settings only: a dataset preprocessed again at the same path (and its new cache)
+    would be read through the old documents' boundaries, silently."""
     kd_pad_to: int | None = None
     """Pad ``kd_ids``/``kd_weights`` of every sample to this many entries (at least the
     cache's most per position), so a loader's default collate can stack samples
     (Megatron-LM's loader does); None keeps each sample's own largest K and needs
     :func:`megatron_slkd.data.batch.collate_kd`."""
+
+    def __post_init__(self) -> None:
+        from megatron_slkd.data.indexed import index_key
+        from megatron_slkd.storage import is_object_url
+
+        super().__post_init__()
+        if not self.kd_index_keys:
+            self.kd_index_keys = {p: index_key(p) for p in sorted(self.kd_caches)
+                                  if not is_object_url(p)}  # fmt: skip
 
 
 _log = logging.getLogger(__name__)
@@ -156,6 +171,10 @@ class SparseKDGPTDataset(GPTDataset):
                                           dataset_path), config)  # fmt: skip
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples,
                          index_split, config)  # fmt: skip
+
+    @staticmethod
+    def _key_config_attributes() -> list[str]:
+        return [*GPTDataset._key_config_attributes(), "kd_index_keys"]
 
     def kd_prefetch(self, idx: int) -> None:
         """Start fetching the cache chunks of sample ``idx`` (caches on object storage;

@@ -201,3 +201,35 @@ def test_sentence_split_dataset_rows_equal_the_cache_rows(tmp_path):
         for i in range(len(d)):
             checked += _check_sample(d[i], caches, 24)
     assert checked > 100
+
+
+def test_a_dataset_rewritten_in_place_gets_sample_indices_of_its_own(corpus, tmp_path):
+    # As Megatron-LM's entry builds it: a tokenizer whose identifiers say nothing of the
+    # data. megatron-core keys the indices it keeps in path_to_cache by path and settings;
+    # the dataset preprocessed again at the same path, with its new cache, used to be read
+    # through the first one's indices, samples cut at the old documents' boundaries.
+    prefix = str(tmp_path / "a")
+
+    def write(lengths, cache: str) -> None:
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        docs = [1 + np.arange(starts[i], starts[i + 1]) for i in range(len(lengths))]
+        write_dataset(tmp_path / "a", docs)
+        write_positional_cache(tmp_path / cache, docs, VOCAB)
+
+    def built(index_cache: str, cache: str):
+        config = dataclasses.replace(
+            _config(tmp_path, corpus[1], 32, 1, "100,0,0", False,
+                    caches={prefix: str(tmp_path / cache)}),
+            blend=([prefix], None), path_to_cache=str(tmp_path / index_cache),
+        )  # fmt: skip
+        return BlendedMegatronDatasetBuilder(SparseKDGPTDataset, [12, 0, 0], lambda: True,
+                                             config).build()[0]  # fmt: skip
+
+    write([50] * 8, "cache")
+    first = built("kept", "cache")
+    write([130] * 2 + [20] * 7, "new-cache")  # preprocessed again: other documents
+    again, fresh = built("kept", "new-cache"), built("new", "new-cache")
+    assert not np.array_equal(first.sample_index, fresh.sample_index)
+    assert np.array_equal(again.sample_index, fresh.sample_index)
+    for i in range(len(fresh)):
+        assert np.array_equal(again[i]["tokens"].numpy(), fresh[i]["tokens"].numpy())
