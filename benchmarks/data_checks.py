@@ -12,7 +12,10 @@ unless ``--keep``), then measures, from page cache, on this machine:
   documents end with (target: at least 100M tokens/s on one core);
 - ``token_checksums`` over 64 shard ranges, what opening a cache for training
   costs with token checksums on (target: a few seconds for 1B tokens), with one
-  thread and with every CPU.
+  thread and with every CPU;
+- ``index_key``, the digest of the document layout every rank of ``slkd train``
+  (and every SparseKDGPTDataset config) takes for megatron-core's sample-index
+  key: from a cold page cache (as root: the caches are dropped first) and warm.
 """
 
 import argparse
@@ -50,6 +53,12 @@ def write_dataset(prefix: str, tokens: int, seed: int = 0) -> None:
         builder.document_indices[-1:] = range(start + 1, len(builder.sequence_lengths) + 1)
         done += n
     builder.finalize(prefix + ".idx")
+
+
+def _timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -100,6 +109,19 @@ def main() -> None:
         record("data_checks", "token_checksums", save, tokens=args.tokens, shards=64,
                threads=workers, seconds=round(dt, 3),
                tokens_per_s=round(args.tokens / dt))  # fmt: skip
+    from megatron_slkd.data.indexed import index_key
+
+    cold = None
+    if os.geteuid() == 0:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        t = time.perf_counter()
+        index_key(prefix)
+        cold = round(time.perf_counter() - t, 4)
+    warm = min(_timed(index_key, prefix) for _ in range(5))
+    record("data_checks", "index_key", save, tokens=args.tokens, sequences=n,
+           idx_bytes=os.path.getsize(prefix + ".idx"), cold_seconds=cold,
+           warm_seconds=round(warm, 4))  # fmt: skip
     if not args.keep:
         for suffix in (".bin", ".idx"):
             Path(prefix + suffix).unlink()
