@@ -64,10 +64,12 @@ class DataTokenizer:
         self.eod = int(meta["eod"])
         self.records = records or {}
         """Data prefix -> its whole record (the caches' tokenizers are checked against it)."""
+        self.index_keys = {p: index_key(p) for p in sorted(self.records)
+                           if not is_object_url(p)}  # fmt: skip
+        """Data prefix -> its index_key (the KD datasets' config takes them from here)."""
         self.unique_identifiers = {"fingerprint": meta["fingerprint"]}
-        if self.records:
-            self.unique_identifiers["data"] = {p: index_key(p) for p in sorted(self.records)
-                                               if not is_object_url(p)}  # fmt: skip
+        if self.index_keys:
+            self.unique_identifiers["data"] = self.index_keys
 
 
 def data_blends(cfg: TrainConfig) -> list[tuple[list[str], list[float] | None] | None] | None:
@@ -230,6 +232,7 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
                 kd_caches=caches,
                 kd_check_tokens=cfg.kd.check_tokens,
                 kd_data_meta=tokenizer.records,
+                kd_index_keys=tokenizer.index_keys,  # read once, by the tokenizer
                 kd_object_cache_dir=cfg.kd.object_cache_dir,
                 kd_object_cache_bytes=None
                 if cfg.kd.object_cache_gb is None
