@@ -3,7 +3,9 @@
 The CLI run is killed with SIGKILL right after its step-5 line (its last
 checkpoint is step 4; none of the processes it started may outlive it), rerun
 with the same command, and its JSONL log compared
-exactly with a run that was never interrupted. At TP2 the same holds for a
+exactly with a run that was never interrupted. The signalled runs are held at
+their step line until the signal is there (``held_slkd.py``), so the step they
+stop at is known, however slow the machine. At TP2 the same holds for a
 run rolled back to an earlier checkpoint.
 """
 
@@ -36,6 +38,11 @@ def _cli_args(prefix, cache, run_dir, steps=12):
     ]  # fmt: skip
 
 
+def _held_at(step: int) -> list[str]:
+    """``slkd``, held after its ``step``'s line until it is signalled (see held_slkd.py)."""
+    return [sys.executable, str(Path(__file__).with_name("held_slkd.py")), str(step)]
+
+
 def _losses(run_dir):
     return {r["step"]: r["loss"] for r in train_log(run_dir)}
 
@@ -62,7 +69,7 @@ def test_sigkill_and_resume_is_bitwise(markov, tmp_path):
                    capture_output=True)  # fmt: skip
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*SLKD, *_cli_args(prefix, cache, killed)], env=env, text=True,
+    proc = subprocess.Popen([*_held_at(5), *_cli_args(prefix, cache, killed)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     seen = []
@@ -104,7 +111,7 @@ def test_sigkill_and_resume_is_bitwise(markov, tmp_path):
     preempted = tmp_path / "preempted"
     step = 0
     for sig, at in ((signal.SIGUSR1, 5), (signal.SIGTERM, 9)):
-        proc = subprocess.Popen([*SLKD, *_cli_args(prefix, cache, preempted)], env=env,
+        proc = subprocess.Popen([*_held_at(at), *_cli_args(prefix, cache, preempted)], env=env,
                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)  # fmt: skip
         seen = []
@@ -120,7 +127,7 @@ def test_sigkill_and_resume_is_bitwise(markov, tmp_path):
         assert last.startswith(f"slkd train: stopped: preempted by {sig.name} after step"), last
         assert step == 0 or f"at step {step}" in out  # the second run resumed the first's
         step = int(last.split("after step ")[1].split("/")[0])
-        assert at <= step < 12 and latest_checkpoint(preempted).name == f"iter_{step:07d}"
+        assert step == at and latest_checkpoint(preempted).name == f"iter_{step:07d}"
         assert not (preempted / "run.owner").exists()
     r = subprocess.run([*SLKD, *_cli_args(prefix, cache, preempted)], env=env, text=True,
                        capture_output=True)  # fmt: skip
