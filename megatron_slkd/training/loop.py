@@ -11,7 +11,8 @@ vocab-parallel cross-entropy in CE-only mode).
 
 Everything that can be refused is refused before the first step: the
 layout against the world size and the model, each data prefix against its
-cache, the tokenizer, a checkpoint saved with another model shape.
+cache, the tokenizer, a checkpoint saved with another model shape or data
+order (a dataset rewritten at the same path included).
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def _check_saved_config(run_dir: Path, cfg: TrainConfig) -> None:
     model = {f"model.{k}": (old.get("model", {}).get(k), v)
              for k, v in new["model"].items() if k not in free}  # fmt: skip
     data = {f"{sec}.{k}": (old.get(sec, {}).get(k), new[sec][k])
-            for sec, k in (("data", "path"), ("data", "split"), ("data", "seed"),
+            for sec, k in (("data", "path"), ("data", "train_path"), ("data", "valid_path"),
+                           ("data", "split"), ("data", "seed"),
                            ("train", "global_batch_size"))}  # fmt: skip
     for what, fields in (("model shape", model), ("data order", data)):
         diff = {k: ab for k, ab in fields.items() if ab[0] != ab[1]}
@@ -168,7 +170,45 @@ def _check_saved_config(run_dir: Path, cfg: TrainConfig) -> None:
             changes = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(
                 f"{run_dir} holds checkpoints of another {what} ({changes}); use another "
-                "--checkpoint-dir, or --no-checkpoint-resume to start over in this one"
+                f"{_START_OVER}"
+            )
+    _check_data_layout(run_dir, cfg)
+
+
+_START_OVER = "--checkpoint-dir, or --no-checkpoint-resume to start over in this one"
+_DATA_LAYOUT = "data_layout.json"
+"""In the run directory: each local data prefix's index_key when the run started."""
+
+
+def _check_data_layout(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume on a dataset rewritten at the same path since the run started (a
+    new preprocessing, documents added or removed). Same paths and settings pass the
+    config check, but megatron-core cuts the new documents into samples of their own, so
+    the order would change mid-run: samples seen twice, others never, with no error."""
+    from megatron_slkd.data.indexed import index_key
+    from megatron_slkd.storage import is_object_url
+    from megatron_slkd.training.checkpoint import CheckpointError
+    from megatron_slkd.training.data import data_prefixes
+
+    path = run_dir / _DATA_LAYOUT
+    try:
+        recorded = json.loads(path.read_text())["index_keys"]
+        if not isinstance(recorded, dict):
+            raise TypeError(f"index_keys is a {type(recorded).__name__}, not a mapping")
+    except FileNotFoundError:  # a run started before runs recorded it: nothing to compare
+        return
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path}: unreadable data layout of the checkpointed run ({exc}); restore it, "
+            f"or use another {_START_OVER}"
+        ) from exc
+    for p in data_prefixes(cfg)[0]:
+        if p in recorded and not is_object_url(p) and index_key(p) != recorded[p]:
+            raise CheckpointError(
+                f"{run_dir} holds checkpoints of a run on other data: {p} was rewritten "
+                "since the run started (its documents are not those it was cut into "
+                "samples from, so resuming would change the sample order mid-run); restore "
+                f"that data, or use another {_START_OVER}"
             )
 
 
@@ -377,6 +417,8 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
         # before any claim on the directory.
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg),
                                                                   sort_keys=False))  # fmt: skip
+        layout = {"index_keys": tokenizer.index_keys}  # what the next resume compares with
+        atomic_write_text(run_dir / _DATA_LAYOUT, json.dumps(layout, indent=1) + "\n")
     chunks = build_model(cfg, vocab_size, device, dtype)
     optimizer = build_optimizer(chunks, cfg.optim, dtype, cfg.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)

@@ -4,8 +4,9 @@ import json
 import shutil
 
 import pytest
-from helpers import slkd, slkd_imports
+from helpers import slkd, slkd_imports, write_dataset
 
+from megatron_slkd.data.indexed import index_key
 from megatron_slkd.records import dump_record
 
 
@@ -93,6 +94,30 @@ def test_checkpoint_of_another_model_shape(markov, tmp_path):
              before_megatron=True)  # fmt: skip
 
 
+def test_resume_on_a_dataset_rewritten_in_place(markov, tmp_path):
+    # Preprocessed again at the same path (here by megatron-core's own builder, as
+    # Megatron-LM's preprocess_data.py does): same paths and settings, other documents.
+    # Resuming used to cut the new documents into samples and go on, the order changed.
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = _copy_prefix(markov[0], tmp_path / "data")
+    run = tmp_path / "run"
+    slkd(*_base(prefix, run, "--kd-ce-only"))
+    docs = IndexedDataset(prefix)
+    write_dataset(prefix, [docs[i] for i in range(1, len(docs))])  # the first one dropped
+    last = _refused(_base(prefix, run, "--kd-ce-only"), str(run), f"{prefix} was rewritten",
+                    "--no-checkpoint-resume", before_megatron=True)  # fmt: skip
+    assert "other data" in last
+    # Starting over records the new layout: the next resume compares against it.
+    slkd(*_base(prefix, run, "--kd-ce-only", "--no-checkpoint-resume"))
+    assert json.loads((run / "data_layout.json").read_text())["index_keys"] == {
+        prefix: index_key(prefix)
+    }
+    (run / "data_layout.json").write_text("{")  # cut short
+    _refused(_base(prefix, run, "--kd-ce-only"), "data_layout.json: unreadable data layout",
+             before_megatron=True)  # fmt: skip
+
+
 def test_ce_only_runs_without_cache(markov, tmp_path):
     prefix, _ = markov
     r = slkd(*_base(prefix, tmp_path / "ce", "--kd-ce-only", "--json"))
@@ -135,6 +160,11 @@ def test_per_split_blends_map_to_their_caches_by_prefix(markov, tmp_path):
     log = [json.loads(x) for x in open(tmp_path / "ok" / "train_log.jsonl")]
     assert any(x.get("kind") == "eval" and x["tokens"] > 0 for x in log), r.stdout[-2000:]
     _refused([*base, "--data-path", prefix, *blends], "either data.path")
+    # Resuming that run on the blend reweighted would change its sample order.
+    blends[1:5] = ["0.3", prefix, "0.7", other]
+    _refused([*base, *blends, "--kd-caches", f"{prefix}={cache}", f"{other}={cache}",
+              "--checkpoint-dir", str(tmp_path / "ok")], "data order",
+             "data.train_path: checkpoint ['0.7',", before_megatron=True)  # fmt: skip
 
 
 def test_weighted_blend_trains_with_a_cache_per_prefix(markov, tmp_path):
