@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,8 +47,8 @@ import numpy as np
 
 from megatron_slkd.errors import DataFormatError, DataMismatchError
 
-__all__ = ["IndexedData", "open_dataset", "check_files", "index_key", "iter_token_blocks",
-           "dataset_fingerprint"]  # fmt: skip
+__all__ = ["IndexedData", "open_dataset", "check_files", "index_key", "index_keys",
+           "iter_token_blocks", "dataset_fingerprint"]  # fmt: skip
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
@@ -234,6 +234,14 @@ def index_key(prefix: str) -> str:
                 f.seek(last * i // _KEY_BLOCKS)
                 digest.update(f.read(_KEY_BLOCK))
     return digest.hexdigest()
+
+
+def index_keys(prefixes: Iterable[str]) -> dict[str, str]:
+    """:func:`index_key` of each of ``prefixes`` on a file system, in sorted order; a prefix
+    on object storage has none (its index is read where its data is)."""
+    from megatron_slkd.storage import is_object_url
+
+    return {p: index_key(p) for p in sorted(prefixes) if not is_object_url(p)}
 
 
 def _past_end(prefix: str, end: int, bin_bytes: int, seq: int, seqs: int) -> DataFormatError:

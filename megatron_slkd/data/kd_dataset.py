@@ -64,13 +64,11 @@ class SparseKDGPTDatasetConfig(GPTDatasetConfig):
     :func:`megatron_slkd.data.batch.collate_kd`."""
 
     def __post_init__(self) -> None:
-        from megatron_slkd.data.indexed import index_key
-        from megatron_slkd.storage import is_object_url
+        from megatron_slkd.data.indexed import index_keys
 
         super().__post_init__()
         if not self.kd_index_keys:
-            self.kd_index_keys = {p: index_key(p) for p in sorted(self.kd_caches)
-                                  if not is_object_url(p)}  # fmt: skip
+            self.kd_index_keys = index_keys(self.kd_caches)
 
 
 _log = logging.getLogger(__name__)

@@ -57,15 +57,13 @@ class DataTokenizer:
     """
 
     def __init__(self, meta: dict, records: dict[str, dict] | None = None) -> None:
-        from megatron_slkd.data.indexed import index_key
-        from megatron_slkd.storage import is_object_url
+        from megatron_slkd.data.indexed import index_keys
 
         self.vocab_size = int(meta["vocab_size"])
         self.eod = int(meta["eod"])
         self.records = records or {}
         """Data prefix -> its whole record (the caches' tokenizers are checked against it)."""
-        self.index_keys = {p: index_key(p) for p in sorted(self.records)
-                           if not is_object_url(p)}  # fmt: skip
+        self.index_keys = index_keys(self.records)
         """Data prefix -> its index_key (the KD datasets' config takes them from here)."""
         self.unique_identifiers = {"fingerprint": meta["fingerprint"]}
         if self.index_keys:

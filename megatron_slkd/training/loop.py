@@ -185,8 +185,7 @@ def _check_data_layout(run_dir: Path, cfg: TrainConfig) -> None:
     new preprocessing, documents added or removed). Same paths and settings pass the
     config check, but megatron-core cuts the new documents into samples of their own, so
     the order would change mid-run: samples seen twice, others never, with no error."""
-    from megatron_slkd.data.indexed import index_key
-    from megatron_slkd.storage import is_object_url
+    from megatron_slkd.data.indexed import index_keys
     from megatron_slkd.training.checkpoint import CheckpointError
     from megatron_slkd.training.data import data_prefixes
 
@@ -202,8 +201,9 @@ def _check_data_layout(run_dir: Path, cfg: TrainConfig) -> None:
             f"{path}: unreadable data layout of the checkpointed run ({exc}); restore it, "
             f"or use another {_START_OVER}"
         ) from exc
-    for p in data_prefixes(cfg)[0]:
-        if p in recorded and not is_object_url(p) and index_key(p) != recorded[p]:
+    now = index_keys(p for p in data_prefixes(cfg)[0] if p in recorded)
+    for p, key in now.items():
+        if key != recorded[p]:
             raise CheckpointError(
                 f"{run_dir} holds checkpoints of a run on other data: {p} was rewritten "
                 "since the run started (its documents are not those it was cut into "
