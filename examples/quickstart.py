@@ -172,12 +172,13 @@ def train_student(prefix: Path, cache: Path, run_dir: Path, kd: bool, args) -> P
     import yaml
 
     from megatron_slkd.testing import free_port
+    from megatron_slkd.training.checkpoint import checkpoint_step, latest_checkpoint
     from megatron_slkd.training.report import last_eval
 
     steps = args.train_steps or yaml.safe_load(CONFIG.read_text())["train"]["steps"]
     what = "RS-KD from the N=50 cache" if kd else "cross-entropy only (cache for the KL only)"
-    latest = run_dir / "checkpoints" / "latest"
-    finished = latest.is_file() and latest.read_text().strip() == f"iter_{steps:07d}"
+    latest = latest_checkpoint(run_dir)
+    finished = latest is not None and checkpoint_step(latest) == steps
     if finished and last_eval(run_dir):
         print(f"\n== slkd train, {what}: {run_dir} finished, skipped")
         return run_dir

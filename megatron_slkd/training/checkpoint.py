@@ -13,8 +13,10 @@ optimizer to the run's layout; RNG state is restored when the layout matches.
 from __future__ import annotations
 
 import random
+import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +26,13 @@ from megatron_slkd.errors import SlkdError
 from megatron_slkd.liveness import peer_gone
 from megatron_slkd.records import dump_record, parse_record
 
-__all__ = ["CheckpointError", "latest_checkpoint", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "checkpoint_step",
+    "latest_checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+]
 
 LATEST = "latest"
 
@@ -53,6 +61,14 @@ def latest_checkpoint(run_dir) -> Path | None:
     if not path.is_dir():
         raise CheckpointError(f"{marker} names {path.name}, which is missing; remove {marker}")
     return path
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step checkpoint directory ``path`` (``iter_NNNNNNN``) was saved at."""
+    name = Path(path).name
+    if not re.fullmatch(r"iter_\d+", name):
+        raise CheckpointError(f"{path}: not a checkpoint directory (iter_NNNNNNN)")
+    return int(name[len("iter_"):])
 
 
 def _rng_state() -> dict:
@@ -274,8 +290,41 @@ def _set_adam_step(optimizer, step: int) -> None:
                 st["step"] = torch.tensor(float(step), dtype=st["step"].dtype)
 
 
-def load_checkpoint(path: Path, chunks, optimizer, scheduler) -> tuple[int, int]:
-    """Restore a checkpoint into the run; returns (step, consumed samples)."""
+def _keep_adam_settings(optimizer) -> dict:
+    """Give Adam the run's betas and eps again after a load (torch restores a checkpoint's
+    param groups, so a resume with other ones kept the old, silently); returns each that
+    the checkpoint had another value of: (checkpoint's, now)."""
+    changes: dict = {}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        c = opt.config
+        for g in opt.optimizer.param_groups:
+            (b1, b2), eps = g["betas"], g["eps"]
+            for k, a, b in (("adam_beta1", b1, c.adam_beta1), ("adam_beta2", b2, c.adam_beta2),
+                            ("adam_eps", eps, c.adam_eps)):  # fmt: skip
+                if a != b:
+                    changes[k] = (a, b)
+            g["betas"], g["eps"] = (c.adam_beta1, c.adam_beta2), c.adam_eps
+    return changes
+
+
+class Restored(NamedTuple):
+    """What :func:`load_checkpoint` restored."""
+
+    step: int
+    consumed: int
+    changes: dict
+    """Each optimizer or schedule setting the checkpoint has another value of than the
+    run, which keeps its own: (checkpoint's, now)."""
+
+
+_SCHEDULE = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
+             "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")  # fmt: skip
+
+
+def load_checkpoint(path: Path, chunks, optimizer, scheduler) -> Restored:
+    """Restore a checkpoint into the run. Adam and the scheduler keep the run's own
+    settings (the scheduler is built with megatron-core's override) and take the
+    checkpoint's state and step count only."""
     from megatron.core import dist_checkpointing
 
     _materialize_optimizer_state(optimizer)
@@ -301,8 +350,11 @@ def load_checkpoint(path: Path, chunks, optimizer, scheduler) -> tuple[int, int]
             _unwrap(chunk).load_state_dict(state[f"model{i}"])
     with torch.no_grad():  # fp32 runs: the optimizer's main params are views of the model's
         optimizer.load_state_dict(state["optimizer"])
+    changes = _keep_adam_settings(optimizer)
     _set_adam_step(optimizer, int(common["step"]))
-    scheduler.load_state_dict(common["scheduler"])
+    saved, now = common["scheduler"], scheduler.state_dict()
+    changes.update((k, (saved[k], now[k])) for k in _SCHEDULE if k in saved and saved[k] != now[k])
+    scheduler.load_state_dict(saved)
     if same_layout:
         _set_rng_state(state["rng"])
-    return int(common["step"]), int(common["consumed_samples"])
+    return Restored(int(common["step"]), int(common["consumed_samples"]), changes)

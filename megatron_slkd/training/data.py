@@ -39,6 +39,7 @@ __all__ = [
     "data_blends",
     "read_tokenizer",
     "build_datasets",
+    "first_reordered",
     "make_loader",
     "TimedIterator",
 ]
@@ -248,6 +249,94 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
         cls, [train_samples, valid_samples, 0], built_here, config
     ).build()
     return train, valid
+
+
+def first_reordered(old, new, n: int, *, chunk: int = 1 << 20) -> int | None:
+    """The first of samples ``0..n-1`` that ``new`` cuts from other tokens than ``old``
+    (None when all ``n`` are the same), for two builds of one dataset that asked for
+    different numbers of samples: megatron-core shuffles its document and sample indices
+    over as many epochs as the count needs, so the order can change from the first sample.
+
+    A sample is the same when it starts and ends at the same offsets of the same
+    documents and spans the same documents in between; a blend's, when it comes from the
+    same part and is the same sample of it. Compared ``chunk`` samples at a time.
+    """
+    import numpy as np
+
+    if _same_indices(old, new, n):  # the usual case (the same epochs): no scan
+        return None
+    for lo in range(0, n, chunk):
+        idx = np.arange(lo, min(n, lo + chunk), dtype=np.int64)
+        moved = np.flatnonzero(_moved(old, new, idx, idx))
+        if moved.size:
+            return lo + int(moved[0])
+    return None
+
+
+def _same_indices(old, new, n: int) -> bool:
+    """Whether both builds hold the same index arrays for their first ``n`` samples."""
+    import numpy as np
+
+    if hasattr(old, "dataset_index") != hasattr(new, "dataset_index"):
+        return False
+    if hasattr(old, "dataset_index"):
+        if len(old.datasets) != len(new.datasets):
+            return False
+        parts = zip(old.datasets, new.datasets, strict=True)
+        return (np.array_equal(old.dataset_index[:n], new.dataset_index[:n])
+                and np.array_equal(old.dataset_sample_index[:n], new.dataset_sample_index[:n])
+                and all(_same_indices(a, b, len(b)) for a, b in parts))  # fmt: skip
+    return np.array_equal(old.shuffle_index[:n], new.shuffle_index[:n]) and all(
+        np.array_equal(getattr(old, k), getattr(new, k)) for k in ("sample_index", "document_index")
+    )
+
+
+def _moved(old, new, i_old, i_new):
+    """Per sample: whether sample ``i_old`` of ``old`` differs from ``i_new`` of ``new``."""
+    import numpy as np
+
+    if hasattr(old, "dataset_index") != hasattr(new, "dataset_index"):
+        return np.ones(len(i_old), dtype=bool)
+    if hasattr(old, "dataset_index"):  # megatron-core's BlendedDataset
+        if len(old.datasets) != len(new.datasets):
+            return np.ones(len(i_old), dtype=bool)
+        part = old.dataset_index[i_old]
+        moved = part != new.dataset_index[i_new]
+        for k in np.unique(part):
+            sel = np.flatnonzero((part == k) & ~moved)
+            moved[sel] = _moved(old.datasets[k], new.datasets[k],
+                                old.dataset_sample_index[i_old[sel]],
+                                new.dataset_sample_index[i_new[sel]])  # fmt: skip
+        return moved
+    a, b = _ends(old, i_old), _ends(new, i_new)
+    moved = (a != b).any(axis=1)
+    same = np.flatnonzero(~moved & (a[:, 4] > 2))  # same ends: the documents in between?
+    if same.size:
+        n_docs = a[same, 4]
+        inner = _documents(old, i_old[same], n_docs) != _documents(new, i_new[same], n_docs)
+        moved[same[np.repeat(np.arange(same.size), n_docs)[inner]]] = True
+    return moved
+
+
+def _ends(ds, idx):
+    """Per sample of GPTDataset ``ds``: its first document, offset in it, last document,
+    offset in it, and the number of documents it spans."""
+    import numpy as np
+
+    j = np.asarray(ds.shuffle_index[idx], dtype=np.int64)
+    beg, end = np.asarray(ds.sample_index[j]), np.asarray(ds.sample_index[j + 1])
+    doc = ds.document_index
+    return np.stack([doc[beg[:, 0]], beg[:, 1], doc[end[:, 0]], end[:, 1],
+                     end[:, 0] - beg[:, 0] + 1], axis=1).astype(np.int64)  # fmt: skip
+
+
+def _documents(ds, idx, n_docs):
+    """The documents samples ``idx`` of GPTDataset ``ds`` span (``n_docs`` each), in order."""
+    import numpy as np
+
+    first = np.asarray(ds.sample_index[np.asarray(ds.shuffle_index[idx], dtype=np.int64)])[:, 0]
+    starts = np.repeat(first.astype(np.int64) - np.cumsum(n_docs) + n_docs, n_docs)
+    return np.asarray(ds.document_index)[starts + np.arange(int(n_docs.sum()))]
 
 
 def _batches(total: int, consumed: int, micro: int, dp_rank: int, dp: int) -> Iterator[list[int]]:

@@ -12,7 +12,9 @@ vocab-parallel cross-entropy in CE-only mode).
 Everything that can be refused is refused before the first step: the
 layout against the world size and the model, each data prefix against its
 cache, the tokenizer, a checkpoint saved with another model shape or data
-order (a dataset rewritten at the same path included).
+order (a dataset rewritten at the same path, or a step count that reorders the
+samples consumed, included). A resume keeps this run's optimizer and schedule
+settings and says which differ from the checkpoint's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -137,16 +140,30 @@ def _device(cfg: TrainConfig) -> str:
     return d
 
 
-def _check_saved_config(run_dir: Path, cfg: TrainConfig) -> None:
+class _Saved(NamedTuple):
+    """The checkpointed run a resume continues: its latest checkpoint's step, and the
+    ``train.steps`` it last ran with (its sample count, on which the order depends)."""
+
+    step: int
+    steps: int | None
+
+
+def _check_saved_config(run_dir: Path, cfg: TrainConfig) -> _Saved | None:
     """Refuse, before anything is built, to resume a checkpoint of another model shape, or
-    with other data settings (they would silently change the sample order)."""
+    with other data settings (they would silently change the sample order), or past its
+    end; returns what the resume continues (None: nothing to resume)."""
     import yaml
 
-    from megatron_slkd.training.checkpoint import CheckpointError, latest_checkpoint
+    from megatron_slkd.training.checkpoint import (
+        CheckpointError,
+        checkpoint_step,
+        latest_checkpoint,
+    )
 
     saved = run_dir / "config.yaml"
-    if not saved.is_file() or latest_checkpoint(run_dir) is None:
-        return
+    latest = latest_checkpoint(run_dir)
+    if not saved.is_file() or latest is None:
+        return None
     try:
         old = yaml.safe_load(saved.read_text()) or {}
         if not isinstance(old, dict):
@@ -173,6 +190,14 @@ def _check_saved_config(run_dir: Path, cfg: TrainConfig) -> None:
                 f"{_START_OVER}"
             )
     _check_data_layout(run_dir, cfg)
+    step = checkpoint_step(latest)
+    if step > cfg.train.steps:
+        raise CheckpointError(
+            f"{latest}: the run is at step {step}, past --train-steps {cfg.train.steps}; ask "
+            f"for {step} steps or more, or use another {_START_OVER}"
+        )
+    steps = old.get("train", {}).get("steps")
+    return _Saved(step, steps if isinstance(steps, int) else None)
 
 
 _START_OVER = "--checkpoint-dir, or --no-checkpoint-resume to start over in this one"
@@ -210,6 +235,28 @@ def _check_data_layout(run_dir: Path, cfg: TrainConfig) -> None:
                 "samples from, so resuming would change the sample order mid-run); restore "
                 f"that data, or use another {_START_OVER}"
             )
+
+
+def _check_order_kept(run_dir: Path, cfg: TrainConfig, saved: _Saved, old_ds, new_ds) -> None:
+    """Refuse to resume with another ``train.steps`` where that changes the order of the
+    samples the run has consumed: megatron-core shuffles its indices over as many epochs
+    as the sample count needs, so resuming would go on in another order (samples seen
+    twice, others never), with no error. Within the same epochs the order is the same,
+    and the resumed run is the one the new count would have run from the start."""
+    from megatron_slkd.training.checkpoint import CheckpointError
+    from megatron_slkd.training.data import first_reordered
+
+    consumed = saved.step * cfg.train.global_batch_size
+    moved = None if new_ds is None else first_reordered(old_ds, new_ds, consumed)
+    if moved is not None:
+        raise CheckpointError(
+            f"{run_dir} holds checkpoints of a {saved.steps}-step run: megatron-core orders "
+            f"the samples of a {cfg.train.steps}-step run otherwise (sample {moved} of the "
+            f"{consumed} consumed is another), so resuming would change the order mid-run; "
+            f"keep --train-steps {saved.steps}, or use another {_START_OVER}"
+        )
+    _log0(f"train.steps {saved.steps} -> {cfg.train.steps}: the {consumed} samples consumed "
+          "keep their order")  # fmt: skip
 
 
 class _Logger:
@@ -352,8 +399,7 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
 
     cfg.validate()
     check_inputs(cfg)  # before megatron-core's import, seconds on a loaded node
-    if cfg.checkpoint.resume:
-        _check_saved_config(Path(cfg.checkpoint.dir), cfg)
+    saved = _check_saved_config(Path(cfg.checkpoint.dir), cfg) if cfg.checkpoint.resume else None
 
     import yaml
     from megatron.core import parallel_state as ps
@@ -406,11 +452,16 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
                     "drop --checkpoint-reshardable (resume then keeps the TP/PP layout)"
                 )
     vocab_size = tokenizer.vocab_size
+    valid_samples = cfg.eval.batches * t.global_batch_size
     with _checked():
         train_ds, valid_ds = build_datasets(
-            cfg, tokenizer, t.steps * t.global_batch_size, cfg.eval.batches * t.global_batch_size,
+            cfg, tokenizer, t.steps * t.global_batch_size, valid_samples,
             with_cache=bool(cfg.kd.caches),
         )  # fmt: skip
+        if saved is not None and saved.steps not in (None, t.steps):
+            old_ds, _ = build_datasets(cfg, tokenizer, saved.steps * t.global_batch_size,
+                                       valid_samples, with_cache=False)  # fmt: skip
+            _check_order_kept(run_dir, cfg, saved, old_ds, train_ds)
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         # Whole or not at all: the next run (or a second job on this directory) reads it
@@ -426,8 +477,14 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
     ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
     if ckpt is not None:
         with _checked():
-            step, consumed = load_checkpoint(ckpt, chunks, optimizer, scheduler)
+            step, consumed, changes = load_checkpoint(ckpt, chunks, optimizer, scheduler)
         _log0(f"resumed from {ckpt} at step {step} ({consumed} samples consumed)")
+        if changes:
+            _log0(
+                "optimizer settings are this run's, not the checkpoint's: "
+                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+                + f"; lr at step {step} is {scheduler.get_lr(optimizer.param_groups[0]):.2e}"
+            )
     run = _Run(cfg, device, vocab_size, kd_train)
     loader = make_loader(train_ds, consumed=consumed, micro=t.micro_batch_size,
                          dp_rank=ps.get_data_parallel_rank(), dp=dp,

@@ -210,7 +210,11 @@ def build_optimizer(chunks, cfg: OptimConfig, dtype: torch.dtype, distributed: b
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, steps: int):
-    """Linear warmup then cosine decay to ``min_lr`` over the run (megatron-core's scheduler)."""
+    """Linear warmup then cosine decay to ``min_lr`` over the run (megatron-core's scheduler).
+
+    Its settings win over a checkpoint's on resume (megatron-core's default is the
+    checkpoint's, silently: a resume with more steps or another learning rate kept the old
+    schedule); the loop says which changed."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     warmup = min(cfg.warmup_steps, max(steps - 1, 0))
@@ -226,4 +230,6 @@ def build_scheduler(optimizer, cfg: OptimConfig, steps: int):
         end_wd=cfg.weight_decay,
         wd_incr_steps=steps,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )

@@ -118,6 +118,38 @@ def test_resume_on_a_dataset_rewritten_in_place(markov, tmp_path):
              before_megatron=True)  # fmt: skip
 
 
+def _train_lr(run_dir) -> dict:
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+    return {r["step"]: r["lr"] for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+def test_resume_with_other_train_steps(markov, tmp_path):
+    # megatron-core shuffles over as many epochs as the sample count needs, and its
+    # scheduler and torch's Adam keep a checkpoint's settings: a resume with more steps
+    # used to go on in another order at the old schedule's end (min_lr), with no word.
+    prefix, cache = markov
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    args = ("--kd-caches", f"{prefix}={cache}", "--log-interval", "1")
+    slkd(*_base(prefix, run, *args))  # 1 step: 2 samples of an epoch of about 200
+    more = (*args, "--train-steps", "4", "--optim-adam-beta2", "0.5")
+    out = slkd(*_base(prefix, run, *more)).stdout
+    assert "train.steps 1 -> 4: the 2 samples consumed keep their order" in out
+    changed = next(ln for ln in out.splitlines() if ln.startswith("optimizer settings"))
+    assert "adam_beta2 0.95 -> 0.5" in changed and "lr_decay_steps 1 -> 4" in changed
+    slkd(*_base(prefix, fresh, *more))  # the schedule a 4-step run has from the start
+    assert [_train_lr(run)[k] for k in (2, 3, 4)] == [_train_lr(fresh)[k] for k in (2, 3, 4)]
+    # The checkpoint now holds this run's settings: nothing to say on the next resume.
+    out = slkd(*_base(prefix, run, *more)).stdout
+    assert "resumed from" in out and "optimizer settings" not in out, out
+    # 400 steps are 800 samples, 4 epochs: megatron-core orders them otherwise.
+    last = _refused(_base(prefix, run, *args, "--train-steps", "400"),
+                    f"{run} holds checkpoints of a 4-step run", "sample 0 of the 8 consumed",
+                    "keep --train-steps 4", "--no-checkpoint-resume")  # fmt: skip
+    assert "order mid-run" in last
+    _refused(_base(prefix, run, *args, "--train-steps", "3"),
+             "the run is at step 4, past --train-steps 3", before_megatron=True)  # fmt: skip
+
+
 def test_ce_only_runs_without_cache(markov, tmp_path):
     prefix, _ = markov
     r = slkd(*_base(prefix, tmp_path / "ce", "--kd-ce-only", "--json"))
