@@ -273,15 +273,24 @@ def first_reordered(old, new, n: int, *, chunk: int = 1 << 20) -> int | None:
     return None
 
 
+def _kind(old, new) -> str | None:
+    """"blend" (megatron-core's BlendedDataset) or "gpt" where both builds are of that
+    kind and shape; None where they cannot be compared sample by sample."""
+    if hasattr(old, "dataset_index") != hasattr(new, "dataset_index"):
+        return None
+    if not hasattr(old, "dataset_index"):
+        return "gpt"
+    return "blend" if len(old.datasets) == len(new.datasets) else None
+
+
 def _same_indices(old, new, n: int) -> bool:
     """Whether both builds hold the same index arrays for their first ``n`` samples."""
     import numpy as np
 
-    if hasattr(old, "dataset_index") != hasattr(new, "dataset_index"):
+    kind = _kind(old, new)
+    if kind is None:
         return False
-    if hasattr(old, "dataset_index"):
-        if len(old.datasets) != len(new.datasets):
-            return False
+    if kind == "blend":
         parts = zip(old.datasets, new.datasets, strict=True)
         return (np.array_equal(old.dataset_index[:n], new.dataset_index[:n])
                 and np.array_equal(old.dataset_sample_index[:n], new.dataset_sample_index[:n])
@@ -295,11 +304,10 @@ def _moved(old, new, i_old, i_new):
     """Per sample: whether sample ``i_old`` of ``old`` differs from ``i_new`` of ``new``."""
     import numpy as np
 
-    if hasattr(old, "dataset_index") != hasattr(new, "dataset_index"):
+    kind = _kind(old, new)
+    if kind is None:
         return np.ones(len(i_old), dtype=bool)
-    if hasattr(old, "dataset_index"):  # megatron-core's BlendedDataset
-        if len(old.datasets) != len(new.datasets):
-            return np.ones(len(i_old), dtype=bool)
+    if kind == "blend":
         part = old.dataset_index[i_old]
         moved = part != new.dataset_index[i_new]
         for k in np.unique(part):
@@ -308,33 +316,35 @@ def _moved(old, new, i_old, i_new):
                                 old.dataset_sample_index[i_old[sel]],
                                 new.dataset_sample_index[i_new[sel]])  # fmt: skip
         return moved
-    a, b = _ends(old, i_old), _ends(new, i_new)
+    (a, first_a), (b, first_b) = _ends(old, i_old), _ends(new, i_new)
     moved = (a != b).any(axis=1)
     same = np.flatnonzero(~moved & (a[:, 4] > 2))  # same ends: the documents in between?
     if same.size:
         n_docs = a[same, 4]
-        inner = _documents(old, i_old[same], n_docs) != _documents(new, i_new[same], n_docs)
+        inner = _documents(old, first_a[same], n_docs) != _documents(new, first_b[same], n_docs)
         moved[same[np.repeat(np.arange(same.size), n_docs)[inner]]] = True
     return moved
 
 
 def _ends(ds, idx):
     """Per sample of GPTDataset ``ds``: its first document, offset in it, last document,
-    offset in it, and the number of documents it spans."""
+    offset in it, and the number of documents it spans; and its first document's row of
+    the document index."""
     import numpy as np
 
     j = np.asarray(ds.shuffle_index[idx], dtype=np.int64)
     beg, end = np.asarray(ds.sample_index[j]), np.asarray(ds.sample_index[j + 1])
     doc = ds.document_index
-    return np.stack([doc[beg[:, 0]], beg[:, 1], doc[end[:, 0]], end[:, 1],
+    rows = np.stack([doc[beg[:, 0]], beg[:, 1], doc[end[:, 0]], end[:, 1],
                      end[:, 0] - beg[:, 0] + 1], axis=1).astype(np.int64)  # fmt: skip
+    return rows, beg[:, 0]
 
 
-def _documents(ds, idx, n_docs):
-    """The documents samples ``idx`` of GPTDataset ``ds`` span (``n_docs`` each), in order."""
+def _documents(ds, first, n_docs):
+    """The documents of GPTDataset ``ds`` from document-index rows ``first``, ``n_docs``
+    each, in order."""
     import numpy as np
 
-    first = np.asarray(ds.sample_index[np.asarray(ds.shuffle_index[idx], dtype=np.int64)])[:, 0]
     starts = np.repeat(first.astype(np.int64) - np.cumsum(n_docs) + n_docs, n_docs)
     return np.asarray(ds.document_index)[starts + np.arange(int(n_docs.sum()))]
 
