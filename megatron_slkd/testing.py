@@ -5,9 +5,11 @@ processes, initializes a gloo process group on a free local port (retrying
 when another process grabs the port first), optionally initializes
 megatron-core ``parallel_state`` with the given tensor and pipeline sizes
 (data parallel takes the rest), calls ``fn(rank, world_size, *args)`` in each,
-and re-raises the first failure in the caller. ``fn`` must be importable by
-name (a module-level function), as ``torch.multiprocessing`` spawns fresh
-interpreters.
+and re-raises the first failure in the caller. The processes fork from a
+``multiprocessing`` fork server that imported torch and megatron-core once (per
+calling process), not from the caller: ``fn`` must be importable by name (a
+module-level function), and the caller's environment variables and working
+directory are passed on.
 
 ``srun_like(args, world)`` starts ``slkd ARGS`` as ``world`` processes the way srun
 starts a step's tasks, for tests of what one task's death does to the others.
@@ -51,7 +53,9 @@ writer."""
 _PORT_ERRORS = ("Address already in use", "EADDRINUSE", "address already in use")
 
 
-def _worker(rank, world_size, port, fn, args, tp, pp, megatron, threads, cp=1):
+def _worker(rank, world_size, port, fn, args, tp, pp, megatron, threads, cp, environ):
+    os.environ.clear()  # the caller's, not the fork server's (started by an earlier call)
+    os.environ.update(environ)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -82,6 +86,18 @@ def _worker(rank, world_size, port, fn, args, tp, pp, megatron, threads, cp=1):
         close_distributed()  # also the groups a cycle holds (pytest.raises keeps one)
 
 
+_PRELOAD = ("torch", "torch.distributed", "megatron.core.parallel_state",
+            "megatron.core.tensor_parallel", "megatron.core.models.gpt", "megatron_slkd.compat.cpu")
+
+
+def _start_method() -> str:
+    """forkserver, preloaded with torch and megatron-core: each process forks from a server
+    that imported them once, where spawn's fresh interpreters import them again (seconds
+    of CPU per process)."""
+    mp.set_forkserver_preload(list(_PRELOAD))
+    return "forkserver"
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -108,11 +124,12 @@ def run_distributed(
     threads = max(1, (os.cpu_count() or 1) // world_size)
     for attempt in range(retries):
         try:
-            mp.spawn(
+            mp.start_processes(
                 _worker,
-                args=(world_size, free_port(), fn, args, tp, pp, megatron, threads, cp),
+                args=(world_size, free_port(), fn, args, tp, pp, megatron, threads, cp,
+                      dict(os.environ)),
                 nprocs=world_size,
-                join=True,
+                start_method=_start_method(),
             )
             return
         except mp.ProcessRaisedException as exc:
