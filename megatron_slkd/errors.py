@@ -30,6 +30,7 @@ __all__ = [
     "ObjectTimeoutError",
     "as_reported",
     "first_line",
+    "one_line",
 ]
 
 
@@ -152,3 +153,10 @@ def first_line(exc: BaseException, default: str = "") -> str:
     """The first line of ``exc``'s message (``default`` when it has none): what a one-line
     report quotes of an error whose message may run to a traceback."""
     return (str(exc).splitlines() or [default])[0]
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line: a typed error may quote a library's message that
+    spans lines (transformers' "couldn't connect ... Check your internet connection"),
+    and a report of one error is one line, also in a job log shared by many ranks."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())

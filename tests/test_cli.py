@@ -44,3 +44,22 @@ def test_every_flag_has_help(name):
         assert action.help, f"slkd {name} {'/'.join(action.option_strings) or action.dest}"
     for flag in (s for a in sub._actions for s in a.option_strings if s.startswith("--")):
         assert flag == flag.lower() and "_" not in flag, f"slkd {name} {flag}: not kebab-case"
+
+
+def test_a_library_message_over_several_lines_is_reported_on_one(tmp_path):
+    # A Hugging Face name not in the local cache: transformers' message runs over two lines
+    # ("We couldn't connect ... Check your internet connection ..."); a job log shared by
+    # many ranks must get one line per error all the same.
+    from helpers import write_dataset
+
+    write_dataset(tmp_path / "corpus", [[5, 6, 7, 0]])
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_slkd", "describe-data", str(tmp_path / "corpus"),
+         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "no-such-org/no-model"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("slkd describe-data: error: no-such-org/no-model: cannot load")

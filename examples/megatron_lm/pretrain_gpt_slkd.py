@@ -43,7 +43,7 @@ from megatron_slkd.cache import Manifest
 from megatron_slkd.data.batch import get_kd_batch
 from megatron_slkd.data.describe import check_blend_splits
 from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
-from megatron_slkd.errors import CacheMismatchError, SlkdError
+from megatron_slkd.errors import CacheMismatchError, SlkdError, one_line
 from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
 from megatron_slkd.training.config import key_by_prefix
 from megatron_slkd.training.data import check_kd_inputs, with_read_ahead
@@ -194,7 +194,7 @@ if __name__ == "__main__":
         check_slkd_inputs(parse_args(extra_args_provider=add_slkd_args))
     except (SlkdError, OSError) as exc:  # every rank stops; rank 0 says why, in one line
         if os.environ.get("RANK", "0") == "0":
-            sys.stderr.write(f"pretrain_gpt_slkd.py: error: {exc}\n")
+            sys.stderr.write(f"pretrain_gpt_slkd.py: error: {one_line(exc)}\n")
         sys.exit(2)
     train_valid_test_datasets_provider.is_distributed = True
     pretrain(

@@ -23,7 +23,7 @@ import json
 import sys
 import warnings
 
-from megatron_slkd.errors import SlkdError, as_reported
+from megatron_slkd.errors import SlkdError, as_reported, one_line
 
 __all__ = ["main", "build_parser"]
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
         kind = "stopped" if status != 2 else "error"
         # One write: the ranks of a job share its stderr, and print's two writes (text,
         # then newline) from two ranks can run their lines together.
-        sys.stderr.write(f"slkd {name}: {kind}: {exc}\n")
+        sys.stderr.write(f"slkd {name}: {kind}: {one_line(exc)}\n")
         sys.stderr.flush()
         return status
     finally:
