@@ -445,7 +445,8 @@ def check_splits(prefixes, split: str, seq_length: int, sizes, *, extra_token: b
             if tokens < need:
                 raise DataMismatchError(
                     f"data prefix {prefix}: the {name} split of {split!r} holds {b - a} of its "
-                    f"{n} documents ({a}..{b - 1}), {tokens} tokens, fewer than one sample of "
+                    f"{n} documents{f' ({a}..{b - 1})' if b > a else ''}, {tokens} tokens, "
+                    f"fewer than one sample of "
                     f"{need}; give that split a larger share (--data-split), "
                     + ("turn evaluation off (--eval-batches 0), " if name != "train" else "")
                     + "or use more data"

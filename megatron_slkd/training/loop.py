@@ -506,6 +506,10 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
         f"{f'sparse KD (alpha={cfg.kd.alpha:g})' if kd_train else 'cross-entropy only'}; "
         f"{device}, {dtype}; steps {step + 1}..{t.steps}"
     )
+    evaluates = any_rank(valid_ds is not None)  # every rank agrees on whether it evaluates
+    if not evaluates and cfg.eval.interval and cfg.eval.batches:
+        # Megatron-LM evaluates nothing here either; say so rather than skip it unasked.
+        _log0(f"evaluation off: no validation data ({_no_valid_why(cfg)})")
     last_stage_tp0 = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     final: dict = {}
     window = _new_window()
@@ -559,12 +563,11 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
             final["train"] = values
             window = _new_window()
         due = cfg.eval.interval and step % cfg.eval.interval == 0
-        if due or step == t.steps:
-            metrics = _maybe_eval(run, chunks, valid_ds, forward_backward, dp)
-            if metrics is not None:
-                logger.record("eval", step, metrics)
-                _log0(_eval_line(step, metrics))
-                final["eval"] = metrics
+        if evaluates and (due or step == t.steps):
+            metrics = evaluate(run, chunks, valid_ds, forward_backward, dp)
+            logger.record("eval", step, metrics)
+            _log0(_eval_line(step, metrics))
+            final["eval"] = metrics
         due = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
         stop = any_rank(watch.requested) and step < t.steps  # every rank agrees, each step
         if due or step == t.steps or stop:
@@ -583,11 +586,11 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
     return final
 
 
-def _maybe_eval(run, chunks, valid_ds, forward_backward, dp):
-    """Evaluate when the run has validation data (every rank agrees on whether it does)."""
-    if not any_rank(valid_ds is not None):
-        return None
-    return evaluate(run, chunks, valid_ds, forward_backward, dp)
+def _no_valid_why(cfg: TrainConfig) -> str:
+    """Why a run asked to evaluate has no validation split, and the flag that gives one."""
+    if cfg.data.train_path:
+        return "per-split blends without --data-valid-path"
+    return f"--data-split '{cfg.data.split}' gives the validation split no share"
 
 
 def _eval_line(step: int, m: dict) -> str:

@@ -283,7 +283,14 @@ def test_empty_validation_split_is_refused_not_hung(tmp_path):
            "--train-micro-batch-size", "1", "--checkpoint-dir", str(tmp_path / "run")]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "validation split of '98,2,0' holds 0 of its 4 documents" in r.stderr
+    assert "validation split of '98,2,0' holds 0 of its 4 documents, 0 tokens" in r.stderr
+    # No validation share at all: the run trains, and says that it cannot evaluate.
+    r = subprocess.run([*cmd, "--data-split", "100,0,0"], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("evaluation off: no validation data (--data-split '100,0,0' gives the validation "
+            "split no share)") in r.stdout + r.stderr
+    assert "eval @" not in r.stdout + r.stderr
 
 
 def test_a_dataset_without_tokens_is_a_typed_error_for_every_command(tmp_path):
