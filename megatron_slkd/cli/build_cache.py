@@ -33,8 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--teacher-tokenizer",
-        help="for a Megatron-LM checkpoint whose recorded tokenizer files are not on this "
-        "machine: the same tokenizer here (its --tokenizer-model file or directory; for "
+        help="the teacher's tokenizer where the teacher does not carry it: for a Hugging Face "
+        "model directory saved without tokenizer files, a tokenizer directory, hub name or "
+        ".gguf; for a Megatron-LM checkpoint whose recorded tokenizer files are not on this "
+        "machine, the same tokenizer here (its --tokenizer-model file or directory; for "
         "GPT2BPETokenizer, the directory holding its vocab and merge files)",
     )
     p.add_argument("--output", required=True, help="cache directory" + URL_OUTPUT_HELP)
@@ -165,10 +167,10 @@ def run(args: argparse.Namespace) -> int:
     megatron = path is not None and is_megatron_teacher(path)
     spec = read_spec(path) if megatron else None
     megatron_lm = spec is not None and spec["architecture"] == "megatron-lm"
-    if args.teacher_tokenizer is not None and not megatron_lm:
+    if args.teacher_tokenizer is not None and megatron and not megatron_lm:
         raise TeacherError(
-            f"--teacher-tokenizer is for a Megatron-LM checkpoint teacher, and {path} is not "
-            "one: leave it out (the teacher's own tokenizer is used)"
+            f"--teacher-tokenizer is for a Hugging Face or Megatron-LM checkpoint teacher, and "
+            f"{path} was converted by `slkd convert-teacher` with its tokenizer: leave it out"
         )
     if megatron:
         check_layout(spec, args.tensor_parallel_size, args.pipeline_parallel_size)

@@ -50,12 +50,22 @@ def is_megatron_teacher(path) -> bool:
 
 def teacher_tokenizer(path, megatron: bool, tokenizer_path: str | None = None):
     """The tokenizer of the teacher at ``path``, loaded without the model.
-    ``tokenizer_path``: for a Megatron-LM checkpoint, where its recorded tokenizer
+    ``tokenizer_path``: for a Hugging Face teacher, its tokenizer where the model's
+    directory holds none; for a Megatron-LM checkpoint, where its recorded tokenizer
     files are on this machine."""
     if not megatron:
         from megatron_slkd.data.tokenizers import HFTokenizer
+        from megatron_slkd.errors import DataPreparationError
 
-        return HFTokenizer(str(path))
+        try:
+            return HFTokenizer(str(tokenizer_path or path))
+        except DataPreparationError as exc:
+            if tokenizer_path is not None:
+                raise
+            raise TeacherError(
+                f"{exc}; a teacher saved without its tokenizer files "
+                "takes the tokenizer from --teacher-tokenizer DIR_OR_NAME_OR_GGUF"
+            ) from exc
     from megatron_slkd.data.tokenizers import load_tokenizer
 
     spec = read_spec(path)

@@ -636,3 +636,30 @@ def test_a_pipelined_group_stops_together_when_its_writer_stops(dataset, tmp_pat
     build_cache(_cfg(prefix, tmp_path / "pp"), PrefixTeacher())
     one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
     assert {p.name: p.read_bytes() for p in (tmp_path / "pp").iterdir()} == one
+
+
+def test_a_teacher_saved_without_its_tokenizer_takes_teacher_tokenizer(tiny, tmp_path):
+    # `model.save_pretrained(DIR)` alone writes no tokenizer files: the teacher's tokenizer,
+    # which must be the data's, then comes from --teacher-tokenizer.
+    from helpers import slkd
+
+    from megatron_slkd.data import open_dataset
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny / "model" / name, bare / name)
+    prefix = str(tiny / "data")
+    common = ["--data-prefix", prefix, "--context-length", "256", "--stride", "128"]
+    r = slkd("build-cache", *common, "--teacher", bare, "--output", tmp_path / "c0", check=False)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("slkd build-cache: error: ") and "--teacher-tokenizer" in line, line
+    slkd("build-cache", *common, "--teacher", bare, "--teacher-tokenizer", tiny / "model",
+         "--output", tmp_path / "bare_cache")  # fmt: skip
+    slkd("build-cache", *common, "--teacher", tiny / "model", "--output", tmp_path / "cache")
+    got, want = open_cache(tmp_path / "bare_cache"), open_cache(tmp_path / "cache")
+    for doc, length in enumerate(open_dataset(prefix).sequence_lengths):
+        a, b = got.read(doc, 0, int(length)), want.read(doc, 0, int(length))
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
