@@ -43,7 +43,7 @@ from megatron_slkd.cache import Manifest
 from megatron_slkd.data.batch import get_kd_batch
 from megatron_slkd.data.describe import check_blend_splits
 from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
-from megatron_slkd.errors import CacheMismatchError, SlkdError, one_line
+from megatron_slkd.errors import CacheMismatchError, ConfigError, SlkdError, one_line
 from megatron_slkd.loss import vocab_parallel_sparse_kd_loss
 from megatron_slkd.training.config import key_by_prefix
 from megatron_slkd.training.data import check_kd_inputs, with_read_ahead
@@ -103,7 +103,17 @@ def _caches(args, prefixes: list[str]) -> dict[str, str]:
 def check_slkd_inputs(args) -> None:
     """Before ``pretrain()`` initializes anything (process groups, the model, its
     checkpoint: minutes on a large job): every prefix of the blend opens, has a cache
-    in --slkd-cache, and that cache's manifest reads; raises the typed error otherwise."""
+    in --slkd-cache, and that cache's manifest reads, and --reset-attention-mask can
+    reach every stage's layers; raises the typed error otherwise."""
+    if args.reset_attention_mask and args.pipeline_model_parallel_size > 2:
+        # Megatron-LM's get_batch gives middle stages no batch: their layers attend causally
+        # across documents, so the run would not do what --reset-attention-mask says.
+        raise ConfigError(
+            f"--reset-attention-mask with --pipeline-model-parallel-size "
+            f"{args.pipeline_model_parallel_size}: the middle pipeline stages read no batch, so "
+            "their layers would attend across documents; use at most 2 pipeline stages or drop "
+            "--reset-attention-mask"
+        )
     blend, per_split = get_blend_and_blend_per_split(args)
     if blend is None and per_split is None:
         return  # --mock-data: megatron-core's mock dataset, no teacher targets to check

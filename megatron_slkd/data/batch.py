@@ -3,8 +3,11 @@
 As in megatron-core's GPT training: data is read on tensor-parallel rank 0
 and broadcast to its TP group; the first pipeline stage needs the tokens and
 positions, the last stage the labels, the loss mask and the sparse targets,
-and middle stages nothing; with context parallelism every sequence-shaped
-tensor (the sparse targets included) is split exactly like the tokens.
+both the attention mask (their layers attend by it: a mask that keeps packed
+documents apart must reach every layer, as Megatron-LM's ``get_batch`` sends
+it), and middle stages nothing; with context parallelism every
+sequence-shaped tensor (the sparse targets included) is split exactly like
+the tokens.
 
 Sparse targets travel compactly: ids as int32, weights as float16 (then
 renormalized to sum to 1 in float32 on arrival, so the loss sees exact
@@ -19,7 +22,7 @@ import torch.distributed as dist
 __all__ = ["collate_kd", "get_kd_batch", "FIRST_STAGE_KEYS", "LAST_STAGE_KEYS"]
 
 FIRST_STAGE_KEYS = ("tokens", "position_ids", "attention_mask")
-LAST_STAGE_KEYS = ("labels", "loss_mask", "kd_ids", "kd_weights")
+LAST_STAGE_KEYS = ("labels", "loss_mask", "attention_mask", "kd_ids", "kd_weights")
 _WIRE = {"kd_ids": torch.int32, "kd_weights": torch.float16}
 
 
@@ -74,7 +77,8 @@ def get_kd_batch(data_iterator, *, device: str | torch.device = "cpu") -> dict |
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     if not (first or last):
         return None
-    keys = (FIRST_STAGE_KEYS if first else ()) + (LAST_STAGE_KEYS if last else ())
+    wanted = (FIRST_STAGE_KEYS if first else ()) + (LAST_STAGE_KEYS if last else ())
+    keys = tuple(dict.fromkeys(wanted))  # one stage that is both: each key once
     tp_group = ps.get_tensor_model_parallel_group()
     src = ps.get_tensor_model_parallel_src_rank()
     batch = next(data_iterator) if dist.get_rank() == src else None

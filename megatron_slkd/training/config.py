@@ -128,6 +128,17 @@ class DataConfig:
     num_workers > 0."""
     seed: int = 1234
     """Seed of megatron-core's document and sample shuffles."""
+    reset_attention_mask: bool = False
+    """Each token attends only to the tokens of its own document within a packed sample
+    (Megatron-LM's --reset-attention-mask), so the student conditions on what the teacher
+    did: the cache holds each document's distributions given that document's own prefix.
+    Local layer spec only (Transformer Engine's causal attention ignores the dataset's
+    mask; such a run is refused). The student's rotary positions are relative, so nothing
+    like Megatron-LM's --reset-position-ids is needed besides."""
+    eod_mask_loss: bool = False
+    """No loss where the input token is the end-of-document id: the position that predicts
+    the next document's first token, which the cache holds no target for (Megatron-LM's
+    --eod-mask-loss)."""
     tokenizer_type: str | None = None
     """For data without a tokenizer record: Megatron's --tokenizer-type (HuggingFaceTokenizer,
     SentencePieceTokenizer, GPTSentencePieceTokenizer, GPT2BPETokenizer, NullTokenizer)."""
@@ -320,6 +331,14 @@ class TrainConfig:
             )
         if p.virtual_pipeline is not None and (p.virtual_pipeline < 2 or p.pipeline < 2):
             raise ConfigError("parallel.virtual_pipeline needs pipeline >= 2 and at least 2 chunks")
+        if self.data.reset_attention_mask and p.pipeline > 2:
+            # Middle stages read no data, so their layers would attend across documents.
+            raise ConfigError(
+                f"data.reset_attention_mask with parallel.pipeline={p.pipeline}: the middle "
+                "pipeline stages read no batch, so their layers could not keep the documents "
+                "apart; use at most 2 pipeline stages (virtual stages are fine) or drop "
+                "--data-reset-attention-mask"
+            )
         if self.data.loader_timeout < 0:
             raise ConfigError(f"data.loader_timeout={self.data.loader_timeout} must be 0 "
                               "(wait for ever) or positive (seconds)")  # fmt: skip

@@ -213,9 +213,9 @@ def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: in
         split=cfg.data.split if blends is None else None,
         path_to_cache=cfg.data.index_cache or str(Path(cfg.checkpoint.dir) / "index-cache"),
         tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
+        reset_position_ids=False,  # rotary embeddings read no position ids
+        reset_attention_mask=cfg.data.reset_attention_mask,
+        eod_mask_loss=cfg.data.eod_mask_loss,
         create_attention_mask=True,
         mid_level_dataset_surplus=0.005,
     )

@@ -76,8 +76,10 @@ def transformer_config(cfg: TrainConfig, dtype: torch.dtype, device: str = "cpu"
     )
 
 
-def layer_spec(cfg: ModelConfig, device: str, sequence_parallel: bool = False):
-    """Transformer Engine's layer spec when it imports on GPU (or is asked for), else local."""
+def layer_spec(cfg: ModelConfig, device: str, sequence_parallel: bool = False,
+               document_mask: bool = False):  # fmt: skip
+    """Transformer Engine's layer spec when it imports on GPU (or is asked for), else local.
+    ``document_mask``: the dataset's attention mask keeps each document to itself."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     impl = cfg.transformer_impl
@@ -88,6 +90,13 @@ def layer_spec(cfg: ModelConfig, device: str, sequence_parallel: bool = False):
             impl = "transformer_engine" if device.startswith("cuda") else "local"
         except ImportError:
             impl = "local"
+    if impl == "transformer_engine" and document_mask:
+        # Its causal attention never reads the mask: documents would see each other, silently.
+        raise ConfigError(
+            "data.reset_attention_mask needs the local layer spec: Transformer Engine's causal "
+            "attention ignores the dataset's attention mask; add --model-transformer-impl "
+            "local, or drop --data-reset-attention-mask"
+        )
     if impl == "transformer_engine":
         try:
             return specs.get_gpt_layer_with_transformer_engine_spec()
@@ -153,7 +162,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: str, dtype: torch.dty
     torch.manual_seed(cfg.train.seed)
     model_parallel_cuda_manual_seed(cfg.train.seed)
     tconf = transformer_config(cfg, dtype, device)
-    spec = layer_spec(cfg.model, device, cfg.parallel.sequence_parallel)
+    spec = layer_spec(cfg.model, device, cfg.parallel.sequence_parallel,
+                      document_mask=cfg.data.reset_attention_mask)  # fmt: skip
     vocab = padded_vocab_size(vocab_size, cfg.model, cfg.parallel.tensor)
     chunks = []
     vp = cfg.parallel.virtual_pipeline

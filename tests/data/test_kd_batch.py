@@ -53,6 +53,9 @@ def _routing(rank, world, tp, pp, cp):
     keep = torch.cat(
         [torch.arange(c * chunk, (c + 1) * chunk) for c in (cp_rank, 2 * cp - cp_rank - 1)]
     )
+    # Both ends attend by the mask (a document-isolating one must reach every layer);
+    # megatron-core's CP split cuts its query rows like the tokens.
+    assert torch.equal(got["attention_mask"], expected["attention_mask"][:, :, keep])
     if first:
         assert torch.equal(got["tokens"], expected["tokens"][:, keep])
     if last:

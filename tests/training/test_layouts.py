@@ -82,3 +82,29 @@ def test_layout_matches_one_process(markov, tmp_path, reference, name, world, ov
     assert losses[-1] < losses[0], losses
     for step, (got, want) in enumerate(zip(losses, reference, strict=False), 1):
         assert abs(got - want) <= 1e-5, f"{name} step {step}: {got} vs TP1 {want}"
+
+
+# Packed documents kept apart (data.reset_attention_mask): the mask must reach the layers
+# of every pipeline stage, not just the first, or a layout computes another loss.
+DOCUMENTS = {"data.reset_attention_mask": True, "data.eod_mask_loss": True}
+
+
+@pytest.fixture(scope="module")
+def documents_reference(markov, tmp_path_factory):
+    return run_layout(markov, tmp_path_factory.mktemp("ref_documents"), "tp1", 1, **DOCUMENTS)
+
+
+@pytest.mark.parametrize(
+    "name, world, overrides",
+    [
+        ("pp2", 2, {"parallel.pipeline": 2}),
+        ("pp2vp2", 2, {"parallel.pipeline": 2, "parallel.virtual_pipeline": 2}),
+    ],
+)
+def test_documents_kept_apart_at_every_layout(markov, tmp_path, reference, documents_reference,
+                                              name, world, overrides):  # fmt: skip
+    want = documents_reference
+    assert max(abs(a - b) for a, b in zip(want, reference, strict=True)) > 1e-3, (want, reference)
+    losses = run_layout(markov, tmp_path, name, world, **DOCUMENTS, **overrides)
+    for step, (got, ref) in enumerate(zip(losses, want, strict=True), 1):
+        assert abs(got - ref) <= 1e-5, f"{name} step {step}: {got} vs TP1 {ref}"

@@ -62,6 +62,9 @@ def test_entry_script_refuses_bad_inputs_before_megatron_lm_starts(markov, tmp_p
                                        "--slkd-cache", f"{prefix}={cache}"],
         "no manifest": ["--data-path", prefix, "--slkd-cache", f"{prefix}={tmp_path}"],
         "the index is truncated": ["--data-path", cut, "--slkd-cache", f"{cut}={cache}"],
+        "the middle pipeline stages read no batch": [
+            "--data-path", prefix, "--slkd-cache", f"{prefix}={cache}", "--reset-attention-mask",
+            "--pipeline-model-parallel-size", "4"],
     }  # fmt: skip
     path = os.pathsep.join(filter(None, [TREE, os.environ.get("MEGATRON_LM_EXTRA_PATH")]))
     runs = [(needle, data, "0") for needle, data in cases.items()]
