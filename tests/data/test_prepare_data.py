@@ -92,6 +92,66 @@ def test_bad_inputs(tmp_path, sp_model):
         prepare_data(cfg)
 
 
+def _compress(data: bytes, suffix: str) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    if suffix == ".zst":
+        zstandard = pytest.importorskip("zstandard")
+        # Two frames, as streaming compressors write long files.
+        half = len(data) // 2
+        c = zstandard.ZstdCompressor()
+        return c.compress(data[:half]) + c.compress(data[half:])
+    return {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix](data)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_inputs_read_as_the_plain_files(tmp_path, sp_model, suffix):
+    # Corpora ship compressed (C4's .json.gz, the Pile's .jsonl.zst); a directory may mix.
+    texts = list(stdlib_docstrings(max_documents=9))
+    jsonl = "".join(json.dumps({"text": t}) + "\n" for t in texts[:6]).encode()
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir(), packed.mkdir()
+    (plain / "a.jsonl").write_bytes(jsonl)
+    (packed / f"a.jsonl{suffix}").write_bytes(_compress(jsonl, suffix))
+    for i, t in enumerate(texts[6:]):
+        (plain / f"b{i}.txt").write_text(t)
+        (packed / f"b{i}.txt{suffix}").write_bytes(_compress(t.encode(), suffix))
+    for d in (plain, packed):
+        prepare_data(PrepareConfig(output_prefix=str(tmp_path / d.name), inputs=[str(d)],
+                                   tokenizer_model=sp_model, progress=False))  # fmt: skip
+    want, got = open_dataset(str(tmp_path / "plain")), open_dataset(str(tmp_path / "packed"))
+    assert len(got) == len(want) == 9
+    for i in range(9):
+        assert got.get(i).tolist() == want.get(i).tolist()
+    # Cut short: one line naming the file and where it stopped, nothing half-written.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    blob = _compress(jsonl * 40, suffix)
+    (cut / f"c.jsonl{suffix}").write_bytes(blob[:-5])  # inside the last frame or trailer
+    cfg = PrepareConfig(output_prefix=str(tmp_path / "c"), inputs=[str(cut)],
+                        tokenizer_model=sp_model, progress=False)  # fmt: skip
+    with pytest.raises(DataPreparationError, match=rf"c.jsonl\{suffix}(:\d+)?: cannot be read .*"
+                                                   "damaged or cut short"):  # fmt: skip
+        prepare_data(cfg)
+    assert not list(tmp_path.glob("c.*"))
+
+
+def test_bytes_that_are_not_utf8_name_the_line(tmp_path, sp_model):
+    # A latin-1 byte in a JSONL file used to end in a UnicodeDecodeError traceback.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    cfg = PrepareConfig(output_prefix=str(tmp_path / "x"), inputs=[str(bad)],
+                        tokenizer_model=sp_model, progress=False)  # fmt: skip
+    with pytest.raises(DataPreparationError, match=r"bad.jsonl:2: not UTF-8 text"):
+        prepare_data(cfg)
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
+    cfg.inputs = [str(tmp_path / "bad.txt")]
+    with pytest.raises(DataPreparationError, match=r"bad.txt: not UTF-8 text"):
+        prepare_data(cfg)
+
+
 def test_cli_prepare_data(tmp_path, sp_model):
     prefix = tmp_path / "cli"
     r = subprocess.run(
