@@ -136,7 +136,7 @@ def _bin_bytes(prefix: str) -> int:
     idx, binary = prefix + ".idx", prefix + ".bin"
     for path in (binary, idx):
         if not Path(path).is_file():
-            raise DataFormatError(f"{path}: dataset file not found")
+            raise DataFormatError(f"{path}: dataset file not found{prefix_hint(prefix)}")
     size = os.path.getsize(binary)
     if size == 0:
         raise DataMismatchError(
@@ -144,6 +144,21 @@ def _bin_bytes(prefix: str) -> int:
             "ones); there is nothing to distill or train on"
         )
     return size
+
+
+def prefix_hint(prefix: str) -> str:
+    """What ``prefix``, whose files are missing, most likely meant (Megatron names a dataset
+    by its path without ``.bin``/``.idx``): "" when nothing near it is a dataset."""
+    p = Path(prefix)
+    if p.suffix in (".bin", ".idx") and Path(str(p.with_suffix("")) + ".idx").is_file():
+        return f"; a data prefix is the path without .bin/.idx: {p.with_suffix('')}"
+    if p.is_dir():
+        found = sorted(str(x)[: -len(".idx")] for x in p.glob("*.idx"))
+        if found:
+            more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+            return (f"; {p} is a directory; a data prefix names the files in it without "
+                    f".bin/.idx: {', '.join(found[:3])}{more}")  # fmt: skip
+    return ""
 
 
 def _read_header(f: BinaryIO, idx: str) -> tuple[np.dtype, int, int]:

@@ -92,17 +92,21 @@ def data_prefixes(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
     return list(dict.fromkeys(prefixes)), None
 
 
+_PREPARE = "; prepare it with `slkd prepare-data`"
+
+
 def check_inputs(cfg: TrainConfig) -> None:
     """The checks of ``cfg``'s inputs that cost a few small reads, so every rank runs them
     before megatron-core is imported and any process group forms: :func:`check_kd_inputs`,
     each prefix's tokenizer record (unless the flags name the tokenizer; building it and
     scanning the data wait for :func:`read_tokenizer`)."""
     from megatron_slkd.data.describe import recorded_meta
+    from megatron_slkd.data.indexed import prefix_hint
 
     prefixes = data_prefixes(cfg)[0]
     for p in prefixes:
         if not Path(p + ".idx").is_file():
-            raise ConfigError(f"data prefix {p}: no {p}.idx; prepare it with `slkd prepare-data`")
+            raise ConfigError(f"data prefix {p}: no {p}.idx{prefix_hint(p) or _PREPARE}")
     if not cfg.kd.ce_only and not cfg.kd.caches:
         raise ConfigError("no sparse-logit caches: give --kd-caches PREFIX=DIR, or --kd-ce-only")
     check_kd_inputs(prefixes, None if cfg.kd.ce_only else cfg.kd.caches, flag="--kd-caches",

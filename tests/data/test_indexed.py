@@ -135,6 +135,26 @@ def test_an_empty_data_file_is_no_dataset(tmp_path):
             check(prefix)
 
 
+def test_a_prefix_given_as_a_file_or_a_directory_names_the_prefix_meant(tmp_path):
+    # Megatron names a dataset by its path without .bin/.idx; a user gives one of the
+    # files, or the directory holding them.
+    data = tmp_path / "data"
+    data.mkdir()
+    prefix = _write(str(data / "corpus_text_document"), [[np.arange(5)]])
+    for given in (prefix + ".bin", prefix + ".idx"):
+        with pytest.raises(DataFormatError, match=rf"data prefix is the path without "
+                                                  rf"\.bin/\.idx: {prefix}$"):  # fmt: skip
+            check_files(given)
+    with pytest.raises(DataFormatError, match=rf"is a directory; .* in it without \.bin/\.idx: "
+                                              rf"{prefix}$"):  # fmt: skip
+        check_files(str(data))
+    with pytest.raises(DataFormatError, match=r"nothing\.bin: dataset file not found$"):
+        check_files(str(tmp_path / "nothing"))
+    r = slkd("train", "--data-path", prefix + ".bin", "--kd-ce-only", "--checkpoint-dir",
+             tmp_path / "run", check=False)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().endswith(f"without .bin/.idx: {prefix}"), r.stderr
+
+
 @pytest.mark.parametrize("damage", ["idx cut short", "bin cut short"])
 def test_every_command_that_reads_data_refuses_damaged_files_first(tmp_path, damage):
     """One typed line, exit status 2, before a teacher or a tokenizer is looked for: the
