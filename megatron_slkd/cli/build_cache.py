@@ -20,6 +20,8 @@ from megatron_slkd.ownership import add_lock_argument
 from megatron_slkd.publish import URL_OUTPUT_HELP, add_publish_argument
 from megatron_slkd.teacher.build import BuildConfig, build_cache, finished_report, plan_shards
 
+DEFAULT_CONTEXT = 2048  # teacher window where --context-length is not given
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-prefix", required=True, help="IndexedDataset prefix")
@@ -62,8 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="shards this process builds (default: under torchrun, srun, a Slurm job array or "
         "mpirun, process r of W builds shards r, r+W, ...; alone, all)",
     )
-    p.add_argument("--context-length", type=int, default=2048,
-                   help="teacher window C: at most the teacher's positions (default 2048)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help=f"teacher window C: at most the teacher's positions (default "
+                   f"{DEFAULT_CONTEXT}, or all the teacher's where it has fewer)")  # fmt: skip
     p.add_argument("--stride", type=int, default=None,
                    help="window step S (<= C; every token sees at least C - S tokens of its "
                    "document before it; default C / 2)")  # fmt: skip
@@ -202,6 +205,11 @@ def run(args: argparse.Namespace) -> int:
     if shards is None and world > 1:
         shards = list(range(rank, num_shards, world))
 
+    # The teacher's positions from its config file (None: only the loaded model tells).
+    max_context = None if args.dry_run else teacher_max_context(path, megatron)
+    context = args.context_length
+    if context is None:  # a teacher of fewer positions (GPT-2's 1024) takes all it has
+        context = min(DEFAULT_CONTEXT, max_context or DEFAULT_CONTEXT)
     cfg = BuildConfig(
         data_prefix=args.data_prefix,
         output=args.output,
@@ -212,8 +220,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_shards=num_shards,
         shard_indices=shards,
-        context_length=args.context_length,
-        stride=args.context_length // 2 if args.stride is None else args.stride,
+        context_length=context,
+        stride=context // 2 if args.stride is None else args.stride,
         tokens_per_batch=args.tokens_per_batch,
         commit_tokens=args.commit_tokens,
         peer_timeout_s=args.peer_timeout,
@@ -221,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         data_meta=record,
     )
     # The windows and the method, against the teacher's positions from its config file.
-    check_settings(cfg, None if args.dry_run else teacher_max_context(path, megatron))
+    check_settings(cfg, max_context)
     if args.dry_run:
         import numpy as np
 

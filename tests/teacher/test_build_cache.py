@@ -663,3 +663,21 @@ def test_a_teacher_saved_without_its_tokenizer_takes_teacher_tokenizer(tiny, tmp
         a, b = got.read(doc, 0, int(length)), want.read(doc, 0, int(length))
         for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_the_default_window_is_the_teachers_positions_where_it_has_fewer(tiny, tmp_path):
+    # The tiny teacher takes 1024 positions (GPT-2's count), fewer than the default 2048
+    # window: it gets all of them rather than a refusal to use it without --context-length.
+    from helpers import slkd
+
+    from megatron_slkd.cache import Manifest
+
+    config = json.loads((tiny / "model" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 1024
+    slkd("build-cache", "--data-prefix", tiny / "data", "--teacher", tiny / "model", "--output",
+         tmp_path / "cache")  # fmt: skip
+    sampling = Manifest.read(tmp_path / "cache").sampling
+    assert (sampling["context_length"], sampling["stride"]) == (1024, 512)
+    r = slkd("build-cache", "--data-prefix", tiny / "data", "--teacher", tiny / "model",
+             "--output", tmp_path / "c2", "--context-length", "2048", check=False)  # fmt: skip
+    assert r.returncode == 2 and "--context-length 2048 exceeds the teacher's 1024" in r.stderr
