@@ -173,7 +173,7 @@ def test_windows_the_teacher_cannot_take_are_refused_before_it_loads(tiny, tmp_p
         f.unlink()
     base = [*SLKD, "build-cache", "--data-prefix", str(tiny / "data"), "--teacher", str(teacher),
             "--output", str(tmp_path / "c"), "--no-progress"]  # fmt: skip
-    r = subprocess.run(base, capture_output=True, text=True)  # the default window: 2048
+    r = subprocess.run([*base, "--context-length", "2048"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].endswith(
         "--context-length 2048 exceeds the teacher's 1024 positions; give --context-length "
@@ -185,3 +185,6 @@ def test_windows_the_teacher_cannot_take_are_refused_before_it_loads(tiny, tmp_p
     assert not (tmp_path / "c").exists()
     r = subprocess.run([*base, "--context-length", "256"], capture_output=True, text=True)
     assert r.returncode == 2 and "cannot load a causal LM" in r.stderr, r.stderr[-2000:]  # S: C/2
+    # Without --context-length the window is the teacher's 1024 positions: past the checks.
+    r = subprocess.run(base, capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot load a causal LM" in r.stderr, r.stderr[-2000:]
