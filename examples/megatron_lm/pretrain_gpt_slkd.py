@@ -61,6 +61,11 @@ def add_slkd_args(parser):
         help="weight of the hard-label cross-entropy; the teacher gets 1 - alpha",
     )  # fmt: skip
     group.add_argument(
+        "--slkd-allow-mixed-teachers", action="store_true",
+        help="train on caches of more than one teacher run (another teacher checkpoint, RS "
+        "beside top-k, another temperature); refused by default",
+    )  # fmt: skip
+    group.add_argument(
         "--slkd-check-tokens", action=argparse.BooleanOptionalAction, default=True,
         help="compare every shard's token checksum with the data at start-up (default; "
         "--no-slkd-check-tokens skips it with a warning)",
@@ -118,7 +123,9 @@ def check_slkd_inputs(args) -> None:
     if blend is None and per_split is None:
         return  # --mock-data: megatron-core's mock dataset, no teacher targets to check
     prefixes = _prefixes(blend, per_split)
-    check_kd_inputs(prefixes, _caches(args, prefixes), flag="--slkd-cache")
+    check_kd_inputs(prefixes, _caches(args, prefixes), flag="--slkd-cache",
+                    mixed_flag=None if args.slkd_allow_mixed_teachers
+                    else "--slkd-allow-mixed-teachers")  # fmt: skip
 
 
 def _entry_bound(cache_dir: str, vocab_size: int) -> int:

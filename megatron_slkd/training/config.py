@@ -176,6 +176,11 @@ class KDConfig:
     ce_only: bool = False
     """Train with plain cross-entropy (megatron-core's vocab-parallel CE); caches, when
     given, then only serve the KL-to-teacher evaluation."""
+    allow_mixed_teachers: bool = False
+    """Train on a blend whose caches come from more than one teacher run (another teacher
+    checkpoint, RS beside top-k, another temperature): refused by default, since the
+    student would learn a mixture of teachers (a cache left over from an older teacher
+    looks like any other)."""
     check_tokens: bool = True
     """Compare every shard's token checksum with the data before training (one read of
     every token, seconds per billion); --no-kd-check-tokens skips it with a warning."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import time
@@ -110,7 +111,9 @@ def check_inputs(cfg: TrainConfig) -> None:
     if not cfg.kd.ce_only and not cfg.kd.caches:
         raise ConfigError("no sparse-logit caches: give --kd-caches PREFIX=DIR, or --kd-ce-only")
     check_kd_inputs(prefixes, None if cfg.kd.ce_only else cfg.kd.caches, flag="--kd-caches",
-                    otherwise="train with --kd-ce-only")  # fmt: skip
+                    otherwise="train with --kd-ce-only",
+                    mixed_flag=None if cfg.kd.allow_mixed_teachers
+                    else "--kd-allow-mixed-teachers")  # fmt: skip
     _check_meta_prefixes(cfg, prefixes)
     for p in prefixes:
         recorded_meta(p, cfg.data, meta_path=cfg.data.meta.get(p))
@@ -123,17 +126,19 @@ def _check_meta_prefixes(cfg: TrainConfig, prefixes: list[str]) -> None:
 
 
 def check_kd_inputs(prefixes: list[str], caches: dict[str, str] | None, *, flag: str,
-                    otherwise: str | None = None) -> None:  # fmt: skip
+                    otherwise: str | None = None,
+                    mixed_flag: str | None = None) -> None:  # fmt: skip
     """Refuse, before anything heavy, a data prefix whose files are missing, damaged or
     empty and, unless ``caches`` is None (no KD), one without a cache in ``caches`` (given
-    with ``flag``) or whose cache has no readable manifest. Every rank may run it: a few
-    reads per prefix and cache, whatever their size (the data's values are checked where
-    it is read). A prefix on object storage (Megatron-LM reads those itself) is not
-    looked at here.
+    with ``flag``) or whose cache has no readable manifest, and caches of more than one
+    teacher run (:func:`check_one_teacher`; ``mixed_flag``: the flag that allows them, None
+    when given). Every rank may run it: a few reads per prefix and cache, whatever their
+    size (the data's values are checked where it is read). A prefix on object storage
+    (Megatron-LM reads those itself) is not looked at here.
 
     Raises:
         DataFormatError, DataMismatchError: the dataset's files.
-        CacheMismatchError: a prefix without a cache.
+        CacheMismatchError: a prefix without a cache; caches of several teacher runs.
         CacheFormatError, ObjectStoreError: a cache directory or manifest missing or
             unreadable.
     """
@@ -160,7 +165,54 @@ def check_kd_inputs(prefixes: list[str], caches: dict[str, str] | None, *, flag:
                 f"{cache}: no such cache directory (the cache of data prefix {p}, given with "
                 f"{flag}); build it with `slkd build-cache` and `slkd merge-cache`"
             )
-        Manifest.read(cache)
+    manifests = {str(caches[p]): Manifest.read(str(caches[p])) for p in prefixes}
+    if mixed_flag is not None:
+        check_one_teacher(manifests, mixed_flag)
+
+
+def _teacher_run(manifest) -> dict:
+    """What makes two caches' targets those of one teacher: the teacher's identity (its
+    checkpoint's content; where it lay and the dtype it ran in do not count) and the
+    sampling method and temperature (N and the seed only change the estimate's noise)."""
+    teacher = {k: v for k, v in manifest.teacher.items() if k not in ("path", "dtype", "source")}
+    if teacher.get("checkpoint_hash") is None and "path" in manifest.teacher:
+        teacher["path"] = manifest.teacher["path"]  # a hub name: known by its name only
+    s = manifest.sampling
+    return {"teacher": teacher, "method": s.get("method"), "temperature": s.get("temperature")}
+
+
+def check_one_teacher(manifests: dict, flag: str) -> None:
+    """Refuse the caches of one blend (cache -> its manifest) when they hold the targets
+    of more than one teacher run: another teacher checkpoint, RS beside top-k, another
+    temperature. The student would learn a mixture of teachers, which a user rebuilding
+    some caches with a new teacher and missing one would never see; ``flag`` asks for it
+    on purpose.
+
+    Raises:
+        CacheMismatchError: naming two caches and what differs between them.
+    """
+    runs = {cache: _teacher_run(m) for cache, m in manifests.items()}
+    first, base = next(iter(runs.items()))
+    for cache, run in runs.items():
+        diff = _leaf_differences(base, run)
+        if diff:
+            groups = len({json.dumps(r, sort_keys=True) for r in runs.values()})
+            raise CacheMismatchError(
+                f"the caches of this blend hold the targets of {groups} teacher runs: {first} "
+                f"and {cache} differ in {'; '.join(diff[:4])}; rebuild the odd ones with the "
+                f"same teacher and method, or give {flag} to distill from all of them on purpose"
+            )
+
+
+def _leaf_differences(a: dict, b: dict, where: str = "") -> list[str]:
+    out = []
+    for k in dict.fromkeys([*a, *b]):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _leaf_differences(x, y, f"{where}{k}.")
+        elif x != y:
+            out.append(f"{where}{k} ({x!r} vs {y!r})")
+    return out
 
 
 def read_tokenizer(cfg: TrainConfig, *, check: bool = True) -> DataTokenizer:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_slkd.cache import Manifest
+
 HARNESS = Path(__file__).resolve().parents[1] / "system" / "megatron_lm_harness.py"
 ENTRY = Path(__file__).resolve().parents[2] / "examples" / "megatron_lm" / "pretrain_gpt_slkd.py"
 TREE = os.environ.get("MEGATRON_LM_DIR")
@@ -45,6 +47,11 @@ def test_entry_script_refuses_bad_inputs_before_megatron_lm_starts(markov, tmp_p
     other = str(tmp_path / "other")
     for ext in (".bin", ".idx"):
         shutil.copy(prefix + ext, other + ext)
+    older = tmp_path / "older-cache"  # the copy's cache, as an older teacher wrote it
+    shutil.copytree(cache, older)
+    m = Manifest.read(older)
+    m.teacher = {**m.teacher, "checkpoint_hash": "sha256:older"}
+    (older / "manifest.json").write_text(m.to_json())
     cut = str(tmp_path / "cut")
     shutil.copy(prefix + ".bin", cut + ".bin")
     Path(cut + ".idx").write_bytes(Path(prefix + ".idx").read_bytes()[:40])
@@ -62,6 +69,8 @@ def test_entry_script_refuses_bad_inputs_before_megatron_lm_starts(markov, tmp_p
                                        "--slkd-cache", f"{prefix}={cache}"],
         "no manifest": ["--data-path", prefix, "--slkd-cache", f"{prefix}={tmp_path}"],
         "the index is truncated": ["--data-path", cut, "--slkd-cache", f"{cut}={cache}"],
+        "--slkd-allow-mixed-teachers": ["--data-path", "0.5", prefix, "0.5", other,
+                                        "--slkd-cache", f"{prefix}={cache}", f"{other}={older}"],
         "the middle pipeline stages read no batch": [
             "--data-path", prefix, "--slkd-cache", f"{prefix}={cache}", "--reset-attention-mask",
             "--pipeline-model-parallel-size", "4"],

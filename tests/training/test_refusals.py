@@ -221,3 +221,45 @@ def test_a_run_directory_has_one_owner(markov, tmp_path):
     (run / "run.owner").write_text(dump_record(record))
     _refused(_base(prefix, run, "--kd-caches", f"{prefix}={cache}"),
              "training run is being written by host node-3 pid 77, Slurm job 9001")  # fmt: skip
+
+
+def test_a_blend_of_caches_from_two_teacher_runs(markov, tmp_path):
+    # Two copies of one corpus; the second's cache says another teacher checkpoint wrote
+    # it (a cache left over from an older teacher): the student would learn a mixture.
+    import dataclasses
+
+    from megatron_slkd.cache import Manifest
+    from megatron_slkd.cache.manifest import MANIFEST_NAME
+
+    prefix, cache = markov
+    teacher = {"kind": "huggingface", "checkpoint_hash": "sha256:new", "path": "/models/new"}
+    caches = {}
+    for name in ("a", "b"):
+        data, caches[name] = str(tmp_path / name), tmp_path / f"{name}-cache"
+        for ext in (".bin", ".idx", ".meta.json"):
+            shutil.copy(prefix + ext, data + ext)
+        shutil.copytree(cache, caches[name])
+    base = dataclasses.replace(Manifest.read(cache), teacher=teacher)
+
+    def write(name, **changes):
+        m = dataclasses.replace(base, **changes)
+        (caches[name] / MANIFEST_NAME).write_text(m.to_json())
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    blend = ["--data-path", "0.5", a, "0.5", b, "--kd-caches", f"{a}={caches['a']}",
+             f"{b}={caches['b']}"]  # fmt: skip
+    write("a")
+    write("b", teacher={**teacher, "checkpoint_hash": "sha256:older"})
+    last = _refused(_base(a, tmp_path / "r1", *blend), "2 teacher runs",
+                    "teacher.checkpoint_hash ('sha256:new' vs 'sha256:older')",
+                    "--kd-allow-mixed-teachers", before_megatron=True)  # fmt: skip
+    assert str(caches["a"]) in last and str(caches["b"]) in last
+    write("b", sampling={**base.sampling, "temperature": 2.0})
+    _refused(_base(a, tmp_path / "r2", *blend), "temperature (1.0 vs 2.0)",
+             before_megatron=True)  # fmt: skip
+    # Where only the noise differs (N, the seed, where the teacher lay), it is one teacher.
+    write("b", sampling={**base.sampling, "num_samples": 12, "seed": 7},
+          teacher={**teacher, "path": "/elsewhere/new"})  # fmt: skip
+    slkd(*_base(a, tmp_path / "r3", *blend))
+    write("b", teacher={**teacher, "checkpoint_hash": "sha256:older"})
+    slkd(*_base(a, tmp_path / "r4", *blend, "--kd-allow-mixed-teachers"))
