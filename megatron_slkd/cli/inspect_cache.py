@@ -60,9 +60,14 @@ def run(args: argparse.Namespace) -> int:
 
             ds = open_dataset(args.data_prefix)
         tok = _tokenizer(args, cache.manifest)
-        stats["position"] = position_view(
-            cache, args.doc, args.offset, tokenizer=tok, ds=ds, top=args.top
-        )
+        try:
+            stats["position"] = position_view(
+                cache, args.doc, args.offset, tokenizer=tok, ds=ds, top=args.top
+            )
+        except IndexError as exc:  # the reader names the cache and the valid range
+            from megatron_slkd.errors import ConfigError
+
+            raise ConfigError(f"--doc {args.doc} --offset {args.offset}: {exc}") from exc
 
     def human(s):
         print(

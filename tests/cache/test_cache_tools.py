@@ -206,6 +206,13 @@ def test_cli_round_trip(parts, tmp_path):
     r = _slkd("inspect-cache", out, "--doc", 2, "--offset", 5, "--plot", tmp_path / "h.png")
     assert r.returncode == 0, r.stderr
     assert "bytes/token" in r.stdout and (tmp_path / "h.png").stat().st_size > 1000
+    n, last = len(parts.docs), len(parts.docs[2])
+    for doc, offset, needle in ((n, 0, f"document {n} outside [0, {n})"),
+                                (2, last, f"outside document 2 of {last} tokens")):  # fmt: skip
+        r = _slkd("inspect-cache", out, "--doc", doc, "--offset", offset)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"slkd inspect-cache: error: --doc {doc} --offset {offset}: ")
+        assert needle in r.stderr and str(out) in r.stderr, r.stderr
     r = _slkd("thin-cache", out, "--num-samples", 5, "--output", tmp_path / "n5", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["num_samples"] == 5
     # Bad input: one line naming the problem, exit status 2 (or 1 for verify problems).
