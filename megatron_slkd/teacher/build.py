@@ -594,6 +594,17 @@ def _all_finished(out: Path, num_shards: int) -> bool:
 def check_settings(cfg: BuildConfig, max_context: int | None) -> None:
     """Refuse windows and methods that cannot run, for a teacher of ``max_context``
     positions (None: not known yet; checked again once the teacher is loaded)."""
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        # Refused before a shard is opened: one started under it would pin the setting.
+        raise ConfigError(f"--temperature {cfg.temperature} must be positive and finite")
+    if cfg.num_shards < 1:
+        raise ConfigError(f"--num-shards {cfg.num_shards} must be at least 1")
+    outside = [i for i in cfg.shard_indices or () if not 0 <= i < cfg.num_shards]
+    if outside:
+        raise ConfigError(
+            f"--shard-index {' '.join(map(str, outside))}: the shards of --num-shards "
+            f"{cfg.num_shards} are 0..{cfg.num_shards - 1}"
+        )
     if not 0 < cfg.stride <= cfg.context_length:
         raise ConfigError(
             f"--stride {cfg.stride} must be in (0, --context-length {cfg.context_length}]"

@@ -318,6 +318,7 @@ class TrainConfig:
         for name in ("tensor", "pipeline"):
             if getattr(p, name) < 1:
                 raise ConfigError(f"parallel.{name} must be at least 1")
+        self._check_ranges()
         groups = m.num_query_groups or m.num_attention_heads
         for what, n in (
             ("num_attention_heads", m.num_attention_heads),
@@ -370,6 +371,50 @@ class TrainConfig:
             raise ConfigError("train.steps must be at least 1")
         if m.transformer_impl not in ("auto", "local", "transformer_engine"):
             raise ConfigError("model.transformer_impl must be auto, local or transformer_engine")
+
+    # Settings that mean nothing outside these bounds (a micro-batch of 0 divides by zero
+    # in the schedule, a negative learning rate trains away from the data): the smallest
+    # value each may take, and whether that bound itself is allowed.
+    _AT_LEAST = {
+        "model.num_layers": (1, True), "model.hidden_size": (1, True),
+        "model.ffn_hidden_size": (1, True), "model.num_attention_heads": (1, True),
+        "model.num_query_groups": (1, True), "model.seq_length": (1, True),
+        "model.vocab_size": (1, True), "model.make_vocab_size_divisible_by": (1, True),
+        "model.rotary_base": (0, False), "model.init_method_std": (0, False),
+        "model.hidden_dropout": (0, True), "model.attention_dropout": (0, True),
+        "data.num_workers": (0, True), "kd.readahead_batches": (0, True),
+        "kd.object_cache_gb": (0, False), "optim.lr": (0, True), "optim.min_lr": (0, True),
+        "optim.warmup_steps": (0, True), "optim.weight_decay": (0, True),
+        "optim.adam_beta1": (0, True), "optim.adam_beta2": (0, True),
+        "optim.adam_eps": (0, False), "optim.clip_grad": (0, True),
+        "train.micro_batch_size": (1, True), "train.global_batch_size": (1, True),
+        "eval.interval": (0, True), "eval.batches": (0, True), "checkpoint.interval": (0, True),
+        "checkpoint.keep": (1, True), "checkpoint.lock_timeout": (0, False),
+        "log.interval": (1, True),
+    }  # fmt: skip
+
+    def _check_ranges(self) -> None:
+        import math
+
+        for name, (low, inclusive) in self._AT_LEAST.items():
+            section, field = name.split(".")
+            value = getattr(getattr(self, section), field)
+            if value is None:  # unset: its default is derived elsewhere
+                continue
+            ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+            if not ok:
+                bound = f"at least {low}" if inclusive else f"above {low}"
+                flag = "--" + name.replace(".", "-").replace("_", "-")
+                raise ConfigError(f"{name}={value} must be {bound} ({flag})")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if getattr(self.model, name) >= 1:
+                raise ConfigError(f"model.{name}={getattr(self.model, name)} must be below 1")
+        if not (self.optim.adam_beta1 < 1 and self.optim.adam_beta2 < 1):
+            raise ConfigError("optim.adam_beta1 and optim.adam_beta2 must be below 1")
+        if self.optim.min_lr > self.optim.lr:
+            raise ConfigError(f"optim.min_lr={self.optim.min_lr} is above optim.lr="
+                              f"{self.optim.lr} (megatron-core's scheduler asserts on it); lower "
+                              "--optim-min-lr with --optim-lr")  # fmt: skip
 
     def check_world(self, world: int) -> int:
         """The data-parallel size for ``world`` processes; refuses layouts that do not fit."""

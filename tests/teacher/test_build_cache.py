@@ -201,6 +201,12 @@ def test_refuses_other_parameters_and_other_vocabulary(dataset, tmp_path):
         (dict(stride=17), "--stride 17 must be in"),
         (dict(context_length=1024, stride=8), "exceeds the teacher's 512"),
         (dict(method="topk"), "needs --k"),
+        (dict(temperature=0.0), r"--temperature 0.0 must be positive and finite"),
+        (dict(temperature=float("nan")), r"--temperature nan must be positive"),
+        (dict(num_shards=2, shard_indices=[5]), r"--shard-index 5: the shards of --num-shards "
+                                                r"2 are 0\.\.1"),
+        (dict(num_shards=2, shard_indices=[-1]), r"--shard-index -1: the shards"),
+        (dict(num_shards=0), r"--num-shards 0 must be at least 1"),
     ],
 )
 def test_bad_options_are_refused(dataset, tmp_path, kw, match):
@@ -208,6 +214,9 @@ def test_bad_options_are_refused(dataset, tmp_path, kw, match):
     cfg = _cfg(prefix, tmp_path / "c")
     with pytest.raises(ConfigError, match=match):
         build_cache(dataclasses.replace(cfg, **kw), PrefixTeacher())
+    # Refused before a shard was opened: a partial one would pin the bad setting, and
+    # the corrected command would be refused as "other settings".
+    assert not list((tmp_path / "c").glob("*.partial"))
 
 
 def test_resume_from_a_moved_dataset_keeps_finished_shards(dataset, tmp_path):

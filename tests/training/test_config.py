@@ -85,3 +85,35 @@ def test_example_configs_load_and_validate(path):
     cfg = load_config(path, {"data.path": ["data/corpus"]})
     cfg.validate()
     assert yaml.safe_load(path.read_text())["model"]["num_layers"] == cfg.model.num_layers
+
+
+@pytest.mark.parametrize(
+    "name, value, needle",
+    [
+        ("train.micro_batch_size", 0, "train.micro_batch_size=0 must be at least 1 "
+                                      "(--train-micro-batch-size)"),
+        ("model.seq_length", 0, "model.seq_length=0 must be at least 1"),
+        ("optim.lr", -1.0, "optim.lr=-1.0 must be at least 0"),
+        ("optim.adam_eps", 0.0, "optim.adam_eps=0.0 must be above 0"),
+        ("optim.lr", float("nan"), "optim.lr=nan must be at least 0"),
+        ("log.interval", 0, "log.interval=0 must be at least 1"),
+        ("model.hidden_dropout", 1.0, "model.hidden_dropout=1.0 must be below 1"),
+        ("optim.adam_beta2", 1.0, "adam_beta2 must be below 1"),
+        ("optim.lr", 1e-4, "optim.min_lr=0.0003 is above optim.lr=0.0001"),
+    ],
+)
+def test_values_out_of_range_are_refused_by_name(name, value, needle):
+    # They used to reach megatron-core: a ZeroDivisionError in the schedule for a
+    # micro-batch of 0, an AssertionError in the scheduler for min_lr above lr.
+    cfg = load_config(None, {"data.path": ["data/corpus"], name: value})
+    with pytest.raises(ConfigError, match=None) as e:
+        cfg.validate()
+    assert needle in str(e.value), str(e.value)
+
+
+def test_the_range_table_names_real_fields():
+    cfg = TrainConfig()
+    for name in TrainConfig._AT_LEAST:
+        section, field = name.split(".")
+        assert hasattr(getattr(cfg, section), field), name
+    load_config(None, {"data.path": ["data/corpus"]}).validate()  # the defaults pass
