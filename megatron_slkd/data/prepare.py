@@ -313,6 +313,8 @@ def prepare_data(cfg: PrepareConfig) -> dict:
             bar.update(1)
             bar.set_postfix(tokens=num_tokens, refresh=False)
         builder.finalize(tmp + ".idx")
+        if num_docs == 0:  # removed with the partial files, like any other failure
+            raise DataPreparationError("the inputs hold no documents")
     except BaseException:
         # Closed first: with multi-storage-client installed, megatron-core's builder writes
         # through msc.open, whose file would be written out again when collected.
@@ -324,8 +326,6 @@ def prepare_data(cfg: PrepareConfig) -> dict:
         bar.close()
         if pool is not None:
             pool.terminate()
-    if num_docs == 0:
-        raise DataPreparationError("the inputs hold no documents")
     meta = {
         "tokenizer": {
             "fingerprint": tokenizer.fingerprint(),

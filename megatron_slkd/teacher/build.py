@@ -597,6 +597,8 @@ def check_settings(cfg: BuildConfig, max_context: int | None) -> None:
     if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
         # Refused before a shard is opened: one started under it would pin the setting.
         raise ConfigError(f"--temperature {cfg.temperature} must be positive and finite")
+    if not 0 <= cfg.seed < 2**64:
+        raise ConfigError(f"--seed {cfg.seed} must be in [0, 2**64)")
     if cfg.num_shards < 1:
         raise ConfigError(f"--num-shards {cfg.num_shards} must be at least 1")
     outside = [i for i in cfg.shard_indices or () if not 0 <= i < cfg.num_shards]

@@ -24,6 +24,8 @@ rank ever holds full-vocabulary logits.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -313,10 +315,54 @@ def convert_teacher(hf_path: str, out_dir) -> dict:
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise TeacherError(f"conversion left missing={missing[:5]} unexpected={unexpected[:5]}")
+    # Written beside the output and renamed into place whole: a conversion stopped midway
+    # leaves no directory that reads as a teacher.
     out = Path(out_dir)
-    (out / "model").mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(out / "model"))
-    (out / SPEC_NAME).write_text(dump_record(spec))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "model").mkdir(parents=True)
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+        (tmp / SPEC_NAME).write_text(dump_record(spec))
+        if out.is_dir():
+            out.rmdir()  # empty: converted_before refused any other
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return spec
+
+
+def converted_before(hf_path: str, out_dir) -> dict | None:
+    """The spec of ``out_dir`` where it already holds the conversion of ``hf_path`` (a
+    rerun: nothing to do), None where it is free (missing or empty); refuses any other
+    directory before the model loads, since the conversion would be written into it.
+
+    Raises:
+        TeacherError: ``out_dir`` holds other files, or the conversion of another model.
+    """
+    from megatron_slkd.records import load_record
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TeacherError(f"--output {out}: a file, not a directory; give a new directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if not (out / SPEC_NAME).is_file():
+        raise TeacherError(
+            f"--output {out}: a directory holding other files (not a converted teacher); give "
+            "a new or empty directory: the checkpoint is written there whole"
+        )
+    spec = load_record(out / SPEC_NAME, TeacherError)
+    source = spec.get("source") or {}
+    have, want = source.get("checkpoint_hash"), checkpoint_hash(hf_path)
+    same = have == want if want is not None else source.get("path") == hf_path  # a hub name
+    if not same:
+        raise TeacherError(
+            f"--output {out} holds the conversion of {source.get('path')} "
+            f"({have}), not of {hf_path} ({want}); give another --output, or remove it first"
+        )
     return spec
 
 

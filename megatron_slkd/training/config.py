@@ -390,7 +390,7 @@ class TrainConfig:
         "train.micro_batch_size": (1, True), "train.global_batch_size": (1, True),
         "eval.interval": (0, True), "eval.batches": (0, True), "checkpoint.interval": (0, True),
         "checkpoint.keep": (1, True), "checkpoint.lock_timeout": (0, False),
-        "log.interval": (1, True),
+        "log.interval": (1, True), "data.seed": (0, True), "train.seed": (0, True),
     }  # fmt: skip
 
     def _check_ranges(self) -> None:
@@ -411,6 +411,8 @@ class TrainConfig:
                 raise ConfigError(f"model.{name}={getattr(self.model, name)} must be below 1")
         if not (self.optim.adam_beta1 < 1 and self.optim.adam_beta2 < 1):
             raise ConfigError("optim.adam_beta1 and optim.adam_beta2 must be below 1")
+        if self.data.seed >= 2**32:  # megatron-core shuffles with numpy's RandomState
+            raise ConfigError(f"data.seed={self.data.seed} must be below 2**32 (--data-seed)")
         if self.optim.min_lr > self.optim.lr:
             raise ConfigError(f"optim.min_lr={self.optim.min_lr} is above optim.lr="
                               f"{self.optim.lr} (megatron-core's scheduler asserts on it); lower "

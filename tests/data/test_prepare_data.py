@@ -84,6 +84,11 @@ def test_bad_inputs(tmp_path, sp_model):
     with pytest.raises(DataPreparationError, match=r"bad.jsonl:2: .*'text'"):
         prepare_data(cfg)
     assert not list(tmp_path.glob("x*"))  # nothing half-written remains
+    cfg.inputs, cfg.max_documents = [str(bad)], 0
+    with pytest.raises(DataPreparationError, match="the inputs hold no documents"):
+        prepare_data(cfg)
+    assert not list(tmp_path.glob("x*"))  # the empty partial files went too
+    cfg.max_documents = None
     cfg.inputs = [str(tmp_path / "missing.txt")]
     with pytest.raises(DataPreparationError, match="input not found"):
         prepare_data(cfg)

@@ -222,3 +222,29 @@ def test_a_lost_peer_stops_the_rest_of_its_group_with_one_line(tiny, tiny_conver
         for p in srun_like(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE):
             assert p.wait(timeout=300) == 0, p.communicate()[1][-3000:]
         assert verify_cache(out, str(tiny / "data"))["ok"]
+
+
+def test_convert_teacher_writes_its_output_whole_and_only_there(tiny, tiny_converted, tmp_path):
+    # A rerun keeps the conversion; an output holding anything else (a cache directory
+    # given by mistake) or another model's conversion is refused before the model loads.
+    from helpers import slkd_imports
+
+    done = tiny_converted / "teacher"
+    spec = (done / "slkd_teacher.json").read_bytes()
+    r = slkd("convert-teacher", "--hf-model", tiny / "model", "--output", done)
+    assert r.stdout.startswith(f"converted before, kept {done}:"), r.stdout
+    assert (done / "slkd_teacher.json").read_bytes() == spec
+    busy = tmp_path / "cache"
+    busy.mkdir()
+    (busy / "manifest.json").write_text("{}")
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny / "model", other)
+    (other / "config.json").write_text((other / "config.json").read_text() + " ")
+    for out, needle in ((busy, "a directory holding other files"),
+                        (done, "holds the conversion of")):  # fmt: skip
+        model = other if out == done else tiny / "model"
+        r, imported = slkd_imports("convert-teacher", "--hf-model", model, "--output", out)
+        assert r.returncode == 2 and needle in r.stderr.strip().splitlines()[-1], r.stderr
+        assert "transformers" not in imported, imported  # the model was never loaded
+    assert sorted(p.name for p in busy.iterdir()) == ["manifest.json"]
+    assert not list(tmp_path.glob(".*partial*")) and not list(done.parent.glob(".*partial*"))

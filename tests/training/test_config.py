@@ -100,6 +100,8 @@ def test_example_configs_load_and_validate(path):
         ("model.hidden_dropout", 1.0, "model.hidden_dropout=1.0 must be below 1"),
         ("optim.adam_beta2", 1.0, "adam_beta2 must be below 1"),
         ("optim.lr", 1e-4, "optim.min_lr=0.0003 is above optim.lr=0.0001"),
+        ("data.seed", -1, "data.seed=-1 must be at least 0"),
+        ("data.seed", 2**32, "data.seed=4294967296 must be below 2**32"),
     ],
 )
 def test_values_out_of_range_are_refused_by_name(name, value, needle):
