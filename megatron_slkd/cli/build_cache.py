@@ -71,7 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None,
                    help="window step S (<= C; every token sees at least C - S tokens of its "
                    "document before it; default C / 2)")  # fmt: skip
-    p.add_argument("--tokens-per-batch", type=int, default=8192, help="teacher batch, in tokens")
+    p.add_argument("--tokens-per-batch", type=int, default=None,
+                   help="teacher batch, in tokens: at least one window (default 8192, or one "
+                   "window where --context-length is longer)")  # fmt: skip
     p.add_argument(
         "--commit-tokens",
         type=int,
@@ -223,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
         shard_indices=shards,
         context_length=context,
         stride=context // 2 if args.stride is None else args.stride,
-        tokens_per_batch=args.tokens_per_batch,
+        tokens_per_batch=max(8192, context) if args.tokens_per_batch is None
+        else args.tokens_per_batch,
         commit_tokens=args.commit_tokens,
         peer_timeout_s=args.peer_timeout,
         progress=not args.no_progress,

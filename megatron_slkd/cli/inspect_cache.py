@@ -17,11 +17,18 @@ from megatron_slkd.cache.stats import cache_stats, plot_histogram, position_view
 from megatron_slkd.data.describe import add_tokenizer_arguments, tokenizer_from_args
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give 1 or more")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("cache", help="the cache directory")
     p.add_argument("--doc", type=int, help="show the stored distribution at this document ...")
     p.add_argument("--offset", type=int, default=0, help="... and this token offset (default 0)")
-    p.add_argument("--top", type=int, default=10, help="entries to show at a position")
+    p.add_argument("--top", type=_positive, default=10, help="entries to show at a position")
     p.add_argument("--data-prefix", help="dataset prefix, to show context and the actual token")
     p.add_argument("--hf-tokenizer", help="Hugging Face tokenizer to decode ids")
     p.add_argument("--plot", metavar="FILE.png", help="save the unique-ids histogram")

@@ -616,6 +616,13 @@ def check_settings(cfg: BuildConfig, max_context: int | None) -> None:
             f"--context-length {cfg.context_length} exceeds the teacher's {max_context} "
             f"positions; give --context-length {max_context} or less"
         )
+    if cfg.tokens_per_batch < cfg.context_length:
+        # Every batch holds at least one window, so a smaller budget only runs the teacher
+        # one window at a time, slowly, without saying so.
+        raise ConfigError(
+            f"--tokens-per-batch {cfg.tokens_per_batch} holds no whole window of "
+            f"--context-length {cfg.context_length}; give {cfg.context_length} or more"
+        )
     if cfg.method == "topk" and not cfg.k:
         raise ConfigError("--method topk needs --k")
     if not cfg.peer_timeout_s > 0:

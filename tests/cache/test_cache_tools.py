@@ -206,6 +206,8 @@ def test_cli_round_trip(parts, tmp_path):
     r = _slkd("inspect-cache", out, "--doc", 2, "--offset", 5, "--plot", tmp_path / "h.png")
     assert r.returncode == 0, r.stderr
     assert "bytes/token" in r.stdout and (tmp_path / "h.png").stat().st_size > 1000
+    r = _slkd("inspect-cache", out, "--doc", 2, "--top", 0)
+    assert r.returncode == 2 and "argument --top: 0: give 1 or more" in r.stderr, r.stderr
     n, last = len(parts.docs), len(parts.docs[2])
     for doc, offset, needle in ((n, 0, f"document {n} outside [0, {n})"),
                                 (2, last, f"outside document 2 of {last} tokens")):  # fmt: skip

@@ -207,6 +207,8 @@ def test_refuses_other_parameters_and_other_vocabulary(dataset, tmp_path):
                                                 r"2 are 0\.\.1"),
         (dict(num_shards=2, shard_indices=[-1]), r"--shard-index -1: the shards"),
         (dict(num_shards=0), r"--num-shards 0 must be at least 1"),
+        (dict(tokens_per_batch=10), r"--tokens-per-batch 10 holds no whole window of "
+                                    r"--context-length 16; give 16 or more"),
     ],
 )
 def test_bad_options_are_refused(dataset, tmp_path, kw, match):
