@@ -3,11 +3,11 @@
 As in megatron-core's GPT training: data is read on tensor-parallel rank 0
 and broadcast to its TP group; the first pipeline stage needs the tokens and
 positions, the last stage the labels, the loss mask and the sparse targets,
-both the attention mask (their layers attend by it: a mask that keeps packed
-documents apart must reach every layer, as Megatron-LM's ``get_batch`` sends
-it), and middle stages nothing; with context parallelism every
-sequence-shaped tensor (the sparse targets included) is split exactly like
-the tokens.
+and middle stages nothing. The first and the last stage both get the
+attention mask: their layers attend by it, and a mask that keeps packed
+documents apart must reach every layer (Megatron-LM's ``get_batch`` sends it
+to both too). With context parallelism every sequence-shaped tensor (the
+sparse targets included) is split exactly like the tokens.
 
 Sparse targets travel compactly: ids as int32, weights as float16 (then
 renormalized to sum to 1 in float32 on arrival, so the loss sees exact
