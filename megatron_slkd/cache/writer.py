@@ -50,16 +50,18 @@ DEFAULT_CHUNK_TOKENS = 4096
 _PARTS = ("counts.bin", "entries.bin", "lengths.bin")
 
 
-def differences(have: dict, want: dict, where: str = "") -> list[str]:
-    """``"a.b: X here, Y asked"`` for every leaf that differs between two nested dicts."""
+def differences(have: dict, want: dict, where: str = "", *,
+                form: str = "{name}: {a!r} here, {b!r} asked") -> list[str]:  # fmt: skip
+    """``form`` (by default ``"a.b: X here, Y asked"``) for every leaf that differs between
+    two nested dicts, ``a`` from ``have`` and ``b`` from ``want``."""
     out = []
     for k in dict.fromkeys([*want, *have]):  # in the order of ``want``
         a, b = have.get(k), want.get(k)
         name = f"{where}{k}"
         if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, name + ".")
+            out += differences(a, b, name + ".", form=form)
         elif a != b:
-            out.append(f"{name}: {a!r} here, {b!r} asked")
+            out.append(form.format(name=name, a=a, b=b))
     return out
 
 

@@ -14,6 +14,7 @@ every shard, manifest.json is written; otherwise run merge-cache afterwards.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from megatron_slkd.cli import seed
 from megatron_slkd.data.describe import add_tokenizer_arguments
@@ -21,7 +22,11 @@ from megatron_slkd.ownership import add_lock_argument
 from megatron_slkd.publish import URL_OUTPUT_HELP, add_publish_argument
 from megatron_slkd.teacher.build import BuildConfig, build_cache, finished_report, plan_shards
 
-DEFAULT_CONTEXT = 2048  # teacher window where --context-length is not given
+# BuildConfig's defaults: the teacher window where --context-length is not given, and the
+# batch where --tokens-per-batch is not (grown to one window where the window is longer).
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
+DEFAULT_CONTEXT = _DEFAULTS["context_length"]
+DEFAULT_BATCH = _DEFAULTS["tokens_per_batch"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,8 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="window step S (<= C; every token sees at least C - S tokens of its "
                    "document before it; default C / 2)")  # fmt: skip
     p.add_argument("--tokens-per-batch", type=int, default=None,
-                   help="teacher batch, in tokens: at least one window (default 8192, or one "
-                   "window where --context-length is longer)")  # fmt: skip
+                   help=f"teacher batch, in tokens: at least one window (default "
+                   f"{DEFAULT_BATCH}, or one window where --context-length is longer)")  # fmt: skip
     p.add_argument(
         "--commit-tokens",
         type=int,
@@ -225,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         shard_indices=shards,
         context_length=context,
         stride=context // 2 if args.stride is None else args.stride,
-        tokens_per_batch=max(8192, context) if args.tokens_per_batch is None
+        tokens_per_batch=max(DEFAULT_BATCH, context) if args.tokens_per_batch is None
         else args.tokens_per_batch,
         commit_tokens=args.commit_tokens,
         peer_timeout_s=args.peer_timeout,

@@ -134,12 +134,14 @@ class _ZstdReader(io.RawIOBase):
     """A ``.zst`` file's frames decompressed in order as one stream (streaming
     compressors write long files as several frames: the Pile's ``.jsonl.zst``). A file
     that ends inside a frame raises ``EOFError``, where zstandard's own stream reader
-    ends quietly with the data it has (a corpus cut short would pass for a smaller one)."""
+    ends quietly with the data it has (a corpus cut short would pass for a smaller one);
+    damaged data raises ``OSError``, as the standard library's decompressors do."""
 
     def __init__(self, path: Path, zstandard) -> None:
         super().__init__()
         self._raw = open(path, "rb")
         self._codec = zstandard.ZstdDecompressor()
+        self._error = zstandard.ZstdError
         self._frame = None  # the decompressor of the frame being read
         self._fed = b""  # input past the end of the last frame, not decompressed yet
         self._out, self._at = b"", 0
@@ -156,7 +158,10 @@ class _ZstdReader(io.RawIOBase):
                 return b""
             if self._frame is None or self._frame.eof:
                 self._frame = self._codec.decompressobj()
-            out = self._frame.decompress(data)
+            try:
+                out = self._frame.decompress(data)
+            except self._error as exc:
+                raise OSError(f"zstd: {exc}") from exc
             if self._frame.eof:
                 self._fed = self._frame.unused_data
             if out:
@@ -202,25 +207,12 @@ def _file_documents(path: Path, json_key: str) -> Iterator[str]:
                         f"{path}:{lineno}: field {json_key!r} is not a string"
                     )
                 yield text
-        except (*_DECOMPRESSION_ERRORS, _zstd_error()) as exc:  # damaged or cut short
+        except _DECOMPRESSION_ERRORS as exc:  # damaged or cut short
             where = f"{path}:{lineno + 1}" if lineno else str(path)
             raise DataPreparationError(
                 f"{where}: cannot be read ({type(exc).__name__}: {exc}); the file is damaged "
                 "or cut short"
             ) from exc
-
-
-def _zstd_error() -> type[Exception]:
-    """zstandard's error type (an unrelated placeholder where it is not installed)."""
-    try:
-        import zstandard
-    except ImportError:
-        return _NoError
-    return zstandard.ZstdError
-
-
-class _NoError(Exception):
-    """Raised by nothing: stands for the error type of a package not installed."""
 
 
 def _decoded(raw: bytes, where) -> str:

@@ -315,9 +315,6 @@ class TrainConfig:
             )
         if self.data.path and (self.data.train_path or self.data.valid_path):
             raise ConfigError("give either data.path (with data.split) or per-split blends")
-        for name in ("tensor", "pipeline"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"parallel.{name} must be at least 1")
         self._check_ranges()
         groups = m.num_query_groups or m.num_attention_heads
         for what, n in (
@@ -367,8 +364,6 @@ class TrainConfig:
             raise ConfigError(f"kd.alpha={self.kd.alpha} must lie in [0, 1]")
         if self.eval.ece_bins < 10:
             raise ConfigError(f"eval.ece_bins={self.eval.ece_bins}: use at least 10 bins")
-        if t.steps < 1:
-            raise ConfigError("train.steps must be at least 1")
         if m.transformer_impl not in ("auto", "local", "transformer_engine"):
             raise ConfigError("model.transformer_impl must be auto, local or transformer_engine")
 
@@ -376,6 +371,7 @@ class TrainConfig:
     # in the schedule, a negative learning rate trains away from the data): the smallest
     # value each may take, and whether that bound itself is allowed.
     _AT_LEAST = {
+        "parallel.tensor": (1, True), "parallel.pipeline": (1, True), "train.steps": (1, True),
         "model.num_layers": (1, True), "model.hidden_size": (1, True),
         "model.ffn_hidden_size": (1, True), "model.num_attention_heads": (1, True),
         "model.num_query_groups": (1, True), "model.seq_length": (1, True),

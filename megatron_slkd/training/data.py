@@ -191,10 +191,12 @@ def check_one_teacher(manifests: dict, flag: str) -> None:
     Raises:
         CacheMismatchError: naming two caches and what differs between them.
     """
+    from megatron_slkd.cache.writer import differences
+
     runs = {cache: _teacher_run(m) for cache, m in manifests.items()}
     first, base = next(iter(runs.items()))
     for cache, run in runs.items():
-        diff = _leaf_differences(base, run)
+        diff = differences(base, run, form="{name} ({a!r} vs {b!r})")
         if diff:
             groups = len({json.dumps(r, sort_keys=True) for r in runs.values()})
             raise CacheMismatchError(
@@ -203,16 +205,6 @@ def check_one_teacher(manifests: dict, flag: str) -> None:
                 f"same teacher and method, or give {flag} to distill from all of them on purpose"
             )
 
-
-def _leaf_differences(a: dict, b: dict, where: str = "") -> list[str]:
-    out = []
-    for k in dict.fromkeys([*a, *b]):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _leaf_differences(x, y, f"{where}{k}.")
-        elif x != y:
-            out.append(f"{where}{k} ({x!r} vs {y!r})")
-    return out
 
 
 def read_tokenizer(cfg: TrainConfig, *, check: bool = True) -> DataTokenizer:
