@@ -49,10 +49,11 @@ import time
 import uuid
 from pathlib import Path
 
-from megatron_slkd.errors import SlkdError
+from megatron_slkd.errors import ConfigError, SlkdError
 from megatron_slkd.records import dump_record, parse_record
 
 __all__ = [
+    "check_output_dir",
     "OwnershipError",
     "OwnerLock",
     "claim",
@@ -64,6 +65,22 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 300.0
 _log = logging.getLogger(__name__)
 _STORES: list[tuple[Path, object]] = []  # (staging directory, ObjectStore): claimed in both
+
+
+def check_output_dir(directory, what: str) -> None:
+    """Refuse a ``directory`` to write the ``what`` in where a file stands on its path (an
+    ``--output`` naming a data file): mkdir's "File exists" read as a storage fault, and a
+    rerun of the same command failed the same way."""
+    d = Path(directory)
+    for p in (d, *d.parents):
+        if os.path.lexists(p):
+            if not p.is_dir():
+                raise ConfigError(
+                    f"{p}: a file, where the {what}'s directory{'' if p == d else f' {d}'} "
+                    f"should be; give a directory that does not exist yet (or holds the "
+                    f"{what}), or move the file"
+                )
+            return
 
 
 def claim_in_store(staging, store) -> None:
@@ -250,6 +267,7 @@ class OwnerLock:
             _log.warning("%s: renewing the claim failed (%s)", where, exc)
 
     def acquire(self) -> OwnerLock:
+        check_output_dir(self.path.parent, self.what)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(8):  # a few rounds: another process may take over at the same moment
             if self._create():

@@ -73,3 +73,31 @@ def test_a_negative_seed_is_refused_by_the_parser(command):
     r = subprocess.run([sys.executable, "-m", "megatron_slkd", *command, "--seed", "-5"],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "a seed is an integer in [0, 2**64)" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["merge-cache", "{cache}", "--output", "{file}"],
+        ["thin-cache", "{cache}", "--num-samples", "2", "--output", "{file}/sub"],
+        ["train", "--data-path", "{tmp}/corpus", "--kd-ce-only", "--checkpoint-dir", "{file}/run"],
+        ["prepare-data", "--input", "{text}", "--output-prefix", "{file}/corpus",
+         "--train-sentencepiece", "100"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_an_output_directory_where_a_file_is(tmp_path, synthetic_cache, capsys, argv):
+    # An --output naming a data file (DATA.bin) used to end in mkdir's "File exists (errno
+    # 17); fix the storage, then rerun the same command": no storage fault, and the same
+    # command failed again.
+    from megatron_slkd.cli import main
+
+    (tmp_path / "DATA.bin").write_bytes(b"not a directory")
+    (tmp_path / "in.txt").write_text("one document\n")
+    fill = {"cache": str(synthetic_cache.path), "tmp": str(tmp_path),
+            "file": str(tmp_path / "DATA.bin"), "text": str(tmp_path / "in.txt")}  # fmt: skip
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'DATA.bin'}: a file, where the " in err, err
+    assert "directory" in err and "errno" not in err, err
+    assert (tmp_path / "DATA.bin").read_bytes() == b"not a directory"

@@ -35,6 +35,7 @@ from megatron_slkd.data.tokenizers import (
     train_sentencepiece,
 )
 from megatron_slkd.errors import DataPreparationError
+from megatron_slkd.ownership import check_output_dir
 from megatron_slkd.records import dump_record, load_record
 
 __all__ = ["PrepareConfig", "prepare_data", "iter_documents", "read_meta", "META_SUFFIX"]
@@ -277,6 +278,7 @@ def prepare_data(cfg: PrepareConfig) -> dict:
     if not cfg.inputs and not cfg.builtin_corpus:
         raise DataPreparationError("no input: give --input paths or --builtin-corpus")
     prefix = cfg.output_prefix
+    check_output_dir(Path(prefix).parent, "dataset")
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     tokenizer = _make_tokenizer(cfg)

@@ -192,8 +192,9 @@ class OptimConfig:
 
     lr: float = 3e-3
     """Peak learning rate."""
-    min_lr: float = 3e-4
-    """Learning rate at the end of the cosine decay."""
+    min_lr: float | None = None
+    """Learning rate at the end of the cosine decay; None: a tenth of ``lr`` (so
+    ``--optim-lr`` alone sets the whole schedule)."""
     warmup_steps: int = 10
     """Linear warmup steps."""
     weight_decay: float = 0.1
@@ -409,6 +410,8 @@ class TrainConfig:
             raise ConfigError("optim.adam_beta1 and optim.adam_beta2 must be below 1")
         if self.data.seed >= 2**32:  # megatron-core shuffles with numpy's RandomState
             raise ConfigError(f"data.seed={self.data.seed} must be below 2**32 (--data-seed)")
+        if self.optim.min_lr is None:
+            self.optim.min_lr = self.optim.lr / 10
         if self.optim.min_lr > self.optim.lr:
             raise ConfigError(f"optim.min_lr={self.optim.min_lr} is above optim.lr="
                               f"{self.optim.lr} (megatron-core's scheduler asserts on it); lower "

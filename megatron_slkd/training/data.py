@@ -103,7 +103,9 @@ def check_inputs(cfg: TrainConfig) -> None:
     scanning the data wait for :func:`read_tokenizer`)."""
     from megatron_slkd.data.describe import recorded_meta
     from megatron_slkd.data.indexed import prefix_hint
+    from megatron_slkd.ownership import check_output_dir
 
+    check_output_dir(cfg.checkpoint.dir, "training run")
     prefixes = data_prefixes(cfg)[0]
     for p in prefixes:
         if not Path(p + ".idx").is_file():

@@ -99,7 +99,7 @@ def test_example_configs_load_and_validate(path):
         ("log.interval", 0, "log.interval=0 must be at least 1"),
         ("model.hidden_dropout", 1.0, "model.hidden_dropout=1.0 must be below 1"),
         ("optim.adam_beta2", 1.0, "adam_beta2 must be below 1"),
-        ("optim.lr", 1e-4, "optim.min_lr=0.0003 is above optim.lr=0.0001"),
+        ("optim.min_lr", 0.01, "optim.min_lr=0.01 is above optim.lr=0.003"),
         ("data.seed", -1, "data.seed=-1 must be at least 0"),
         ("data.seed", 2**32, "data.seed=4294967296 must be below 2**32"),
     ],
@@ -111,6 +111,16 @@ def test_values_out_of_range_are_refused_by_name(name, value, needle):
     with pytest.raises(ConfigError, match=None) as e:
         cfg.validate()
     assert needle in str(e.value), str(e.value)
+
+
+def test_min_lr_follows_lr_unless_given():
+    # It was a fixed 3e-4, so --optim-lr 1e-4 alone was refused as min_lr above lr.
+    cfg = load_config(None, {"data.path": ["data/corpus"], "optim.lr": 1e-4})
+    cfg.validate()
+    assert cfg.optim.min_lr == pytest.approx(1e-5)
+    cfg = load_config(None, {"data.path": ["data/corpus"], "optim.lr": 1e-4, "optim.min_lr": 0.0})
+    cfg.validate()
+    assert cfg.optim.min_lr == 0.0
 
 
 def test_the_range_table_names_real_fields():
