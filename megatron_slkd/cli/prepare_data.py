@@ -23,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PATH",
         help="text files, JSONL files (.jsonl/.json/.ndjson) or directories of them; any "
-        "may be compressed (.gz, .bz2, .xz, .zst: e.g. corpus.jsonl.zst)",
+        "may be compressed (.gz, .bz2, .xz, .zst: e.g. corpus.jsonl.zst); a directory is read "
+        "recursively in name order, skipping hidden files, Megatron datasets (.bin/.idx "
+        "pairs, .meta.json) and the output's own files",
     )
     p.add_argument(
         "--builtin-corpus",

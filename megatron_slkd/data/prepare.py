@@ -19,6 +19,7 @@ import json
 import lzma
 import multiprocessing as mp
 import os
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -38,7 +39,8 @@ from megatron_slkd.errors import DataPreparationError
 from megatron_slkd.ownership import check_output_dir
 from megatron_slkd.records import dump_record, load_record
 
-__all__ = ["PrepareConfig", "prepare_data", "iter_documents", "read_meta", "META_SUFFIX"]
+__all__ = ["PrepareConfig", "prepare_data", "iter_documents", "input_files", "read_meta",
+           "META_SUFFIX"]  # fmt: skip
 
 META_SUFFIX = ".meta.json"
 _JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -54,7 +56,8 @@ class PrepareConfig:
     output_prefix: str
     """Where to write PREFIX.bin, PREFIX.idx and PREFIX.meta.json."""
     inputs: list[str] = dataclasses.field(default_factory=list)
-    """Text files, JSONL files, or directories of them (read recursively, sorted)."""
+    """Text files, JSONL files, or directories of them (read recursively, sorted; see
+    :func:`input_files` for what a directory's listing skips)."""
     builtin_corpus: str | None = None
     """Name of a built-in corpus (``stdlib-docstrings``) used instead of or besides inputs."""
     max_documents: int | None = None
@@ -75,21 +78,51 @@ class PrepareConfig:
     """Show a progress bar on stderr."""
 
 
-def _iter_files(inputs: list[str]) -> Iterator[Path]:
-    for item in inputs:
+def input_files(cfg: PrepareConfig) -> tuple[list[Path], list[Path]]:
+    """The files ``cfg.inputs`` name, in reading order, and those its directories hold but
+    that are skipped: the output's own files (``PREFIX.*``, its partial files too) and
+    every Megatron IndexedDataset file (``X.bin`` and ``X.idx`` side by side,
+    ``X.meta.json`` beside ``X.idx``).
+
+    Listed once, before anything is written: an output prefix inside an input directory
+    had its partial ``.bin`` (empty, or being written) read back as one more document,
+    and a rerun read the first run's dataset as text.
+    """
+    out = Path(cfg.output_prefix).absolute()
+    files, skipped = [], []
+    for item in cfg.inputs:
         p = Path(item)
-        if p.is_dir():
-            yield from (
-                f for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")
-            )
-        elif p.is_file():
-            yield p
-        else:
+        if p.is_file():
+            files.append(p)
+            continue
+        if not p.is_dir():
             raise DataPreparationError(f"{p}: input not found")
+        for f in sorted(p.rglob("*")):
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            ours = f.absolute().parent == out.parent and f.name.startswith(out.name + ".")
+            (skipped if ours or _dataset_file(f) else files).append(f)
+    return files, skipped
 
 
-def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
-    """Documents in input order: built-in corpus first, then each file or JSON line."""
+def _dataset_file(f: Path) -> bool:
+    """Whether ``f`` is part of a Megatron IndexedDataset (never text to tokenize)."""
+    name = f.name
+    if name.endswith(META_SUFFIX):
+        return f.with_name(name[: -len(META_SUFFIX)] + ".idx").is_file()
+    pair = {".bin": ".idx", ".idx": ".bin"}.get(f.suffix)
+    return pair is not None and f.with_suffix(pair).is_file()
+
+
+def iter_documents(cfg: PrepareConfig, files: list[Path] | None = None) -> Iterator[str]:
+    """Documents in input order: built-in corpus first, then each file or JSON line
+    (``files``: :func:`input_files`'s list, made when not given)."""
+    if files is None:
+        files = input_files(cfg)[0]
+    return _documents(cfg, files)
+
+
+def _documents(cfg: PrepareConfig, files: list[Path]) -> Iterator[str]:
     count = 0
 
     def done() -> bool:
@@ -106,7 +139,7 @@ def iter_documents(cfg: PrepareConfig) -> Iterator[str]:
                 return
             count += 1
             yield text
-    for path in _iter_files(cfg.inputs):
+    for path in files:
         for text in _file_documents(path, cfg.json_key):
             if done():
                 return
@@ -238,7 +271,7 @@ def _encode(text: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def _make_tokenizer(cfg: PrepareConfig) -> Tokenizer:
+def _make_tokenizer(cfg: PrepareConfig, files: list[Path]) -> Tokenizer:
     chosen = [
         x for x in (cfg.tokenizer_model, cfg.train_sentencepiece, cfg.hf_tokenizer) if x is not None
     ]
@@ -251,7 +284,8 @@ def _make_tokenizer(cfg: PrepareConfig) -> Tokenizer:
     elif cfg.hf_tokenizer:
         tok = HFTokenizer(cfg.hf_tokenizer)
     else:
-        model = train_sentencepiece(iter_documents(cfg), cfg.output_prefix, cfg.train_sentencepiece)
+        model = train_sentencepiece(iter_documents(cfg, files), cfg.output_prefix,
+                                    cfg.train_sentencepiece)  # fmt: skip
         tok = SentencePieceTokenizer(model)
     if cfg.eod_token:
         tok.set_eod(cfg.eod_token)
@@ -279,9 +313,14 @@ def prepare_data(cfg: PrepareConfig) -> dict:
         raise DataPreparationError("no input: give --input paths or --builtin-corpus")
     prefix = cfg.output_prefix
     check_output_dir(Path(prefix).parent, "dataset")
+    files, skipped = input_files(cfg)
+    if skipped:
+        shown = ", ".join(str(f) for f in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        print(f"prepare-data: skipping {len(skipped)} file(s) of Megatron datasets in the "
+              f"input directories ({shown})", file=sys.stderr)  # fmt: skip
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    tokenizer = _make_tokenizer(cfg)
+    tokenizer = _make_tokenizer(cfg, files)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     tmp = f"{prefix}.partial-{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
@@ -292,11 +331,11 @@ def prepare_data(cfg: PrepareConfig) -> dict:
         if cfg.workers > 1:
             ctx = mp.get_context("spawn")
             pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(tokenizer.spec,))
-            encoded = pool.imap(_encode, iter_documents(cfg), chunksize=8)
+            encoded = pool.imap(_encode, iter_documents(cfg, files), chunksize=8)
         else:
             global _WORKER_TOKENIZER
             _WORKER_TOKENIZER = tokenizer
-            encoded = map(_encode, iter_documents(cfg))
+            encoded = map(_encode, iter_documents(cfg, files))
         import torch
 
         for ids in encoded:

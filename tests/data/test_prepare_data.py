@@ -72,6 +72,36 @@ def test_dataset_equals_tokenizer_output(tmp_path, sp_model):
     assert not list((tmp_path / "out").glob("*partial*"))
 
 
+def test_an_input_directory_holding_datasets_and_the_output(tmp_path, sp_model):
+    # The output prefix inside the input directory: a rerun read the first run's .bin as
+    # text, and a killed run's partial .bin (or a dataset from Megatron-LM's
+    # preprocess_data.py, whose small ids are valid UTF-8 bytes) became documents of noise.
+    import torch
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = list(stdlib_docstrings(max_documents=3))
+    for i, t in enumerate(texts):
+        (docs / f"{i}.txt").write_text(t)
+    theirs = IndexedDatasetBuilder(
+        str(docs / "theirs_text_document.bin"), dtype=DType.optimal_dtype(2**20)
+    )
+    theirs.add_item(torch.tensor([5, 6, 7, 8]))
+    theirs.end_document()
+    theirs.finalize(str(docs / "theirs_text_document.idx"))
+    (docs / "out.partial-12345.bin").write_bytes(bytes([5, 0, 0, 0, 9, 0, 0, 0]))  # a killed run's
+    cfg = PrepareConfig(output_prefix=str(docs / "out"), inputs=[str(docs)],
+                        tokenizer_model=sp_model, progress=False)  # fmt: skip
+    tok = SentencePieceTokenizer(sp_model)
+    for _ in range(2):  # the rerun reads the same three documents, not the first run's output
+        assert prepare_data(cfg)["num_documents"] == 3
+        ds = open_dataset(str(docs / "out"))
+        assert [ds.get(i).tolist() for i in range(len(ds))] == [
+            tok.encode(t) + [tok.eod] for t in texts
+        ]
+
+
 def test_bad_inputs(tmp_path, sp_model):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"other": 1}\n')
