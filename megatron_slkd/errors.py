@@ -160,3 +160,11 @@ def one_line(exc: BaseException) -> str:
     spans lines (transformers' "couldn't connect ... Check your internet connection"),
     and a report of one error is one line, also in a job log shared by many ranks."""
     return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
+def quoted(exc: BaseException, limit: int = 300) -> str:
+    """A library's message in ``exc`` as one of ours quotes it: on one line and cut at
+    ``limit`` characters (transformers lists some 400 model types when a directory holds no
+    model; the line that says what to do must stay readable after it)."""
+    text = one_line(exc)
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."

@@ -46,23 +46,29 @@ def test_every_flag_has_help(name):
         assert flag == flag.lower() and "_" not in flag, f"slkd {name} {flag}: not kebab-case"
 
 
-def test_a_library_message_over_several_lines_is_reported_on_one(tmp_path):
+@pytest.mark.parametrize("model", ["no-such-org/no-model", "{tmp}/no-model-type"])
+def test_a_library_message_is_reported_on_one_short_line(tmp_path, model):
     # A Hugging Face name not in the local cache: transformers' message runs over two lines
-    # ("We couldn't connect ... Check your internet connection ..."); a job log shared by
-    # many ranks must get one line per error all the same.
+    # ("We couldn't connect ... Check your internet connection ..."); a directory whose
+    # config.json names no model type: it lists some 400 model types (5 kB). A job log
+    # shared by many ranks must get one readable line per error all the same.
     from helpers import write_dataset
 
     write_dataset(tmp_path / "corpus", [[5, 6, 7, 0]])
+    (tmp_path / "no-model-type").mkdir()
+    (tmp_path / "no-model-type" / "config.json").write_text("{}")
+    model = model.format(tmp=tmp_path)
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
     r = subprocess.run(
         [sys.executable, "-m", "megatron_slkd", "describe-data", str(tmp_path / "corpus"),
-         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "no-such-org/no-model"],
+         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", model],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("slkd describe-data: error: no-such-org/no-model: cannot load")
+    assert lines[0].startswith(f"slkd describe-data: error: {model}: cannot load"), lines[0]
+    assert len(lines[0]) < 600 and lines[0].endswith("already in the Hugging Face cache")
 
 
 @pytest.mark.parametrize("command", [["build-cache", "--data-prefix", "d", "--output", "o"],

@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from megatron_slkd.errors import DataPreparationError
+from megatron_slkd.errors import DataPreparationError, quoted
 
 __all__ = [
     "Tokenizer",
@@ -124,8 +124,8 @@ class HFTokenizer(Tokenizer):
             raise
         except (OSError, ValueError) as exc:
             raise DataPreparationError(
-                f"{name_or_path}: cannot load a Hugging Face tokenizer ({exc}); give a local "
-                "directory, a GGUF file, or a name already in the Hugging Face cache"
+                f"{name_or_path}: cannot load a Hugging Face tokenizer ({quoted(exc)}); give a "
+                "local directory, a GGUF file, or a name already in the Hugging Face cache"
             ) from exc
         self._tok = tok
         self.vocab_size = len(tok)

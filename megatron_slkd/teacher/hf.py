@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_slkd.errors import SlkdError
+from megatron_slkd.errors import SlkdError, quoted
 from megatron_slkd.teacher.windows import pad_windows
 
 __all__ = ["HFTeacher", "smollm2_gguf", "TeacherError", "file_sha256", "checkpoint_hash"]
@@ -115,7 +115,7 @@ class HFTeacher:
         except TeacherError:
             raise
         except (OSError, ValueError) as exc:
-            raise TeacherError(f"{path}: cannot load a causal LM ({exc})") from exc
+            raise TeacherError(f"{path}: cannot load a causal LM ({quoted(exc)})") from exc
         self.checkpoint_hash = checkpoint_hash(p)
         self.model = model.to(device).eval()
         self.device = torch.device(device)

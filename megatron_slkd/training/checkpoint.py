@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_slkd.errors import SlkdError
+from megatron_slkd.errors import SlkdError, quoted
 from megatron_slkd.liveness import peer_gone
 from megatron_slkd.records import dump_record, parse_record
 
@@ -340,8 +340,9 @@ def load_checkpoint(path: Path, chunks, optimizer, scheduler) -> Restored:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         raise CheckpointError(
-            f"{path}: cannot load into this model ({type(exc).__name__}: {exc}); was it saved "
-            "by a run with another model shape? Start a new run directory or restore the config"
+            f"{path}: cannot load into this model ({type(exc).__name__}: {quoted(exc)}); was it "
+            "saved by a run with another model shape? Start a new run directory or restore the "
+            "config"
         ) from None
     if len(chunks) == 1:
         _unwrap(chunks[0]).load_state_dict(state["model"])
