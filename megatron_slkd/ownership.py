@@ -1,7 +1,8 @@
 """One writer per output: owner files with a heartbeat, safe on NFS and Lustre.
 
 A shard under construction, the output of ``merge-cache``, ``thin-cache`` and
-``remap-cache``, and a training run directory each have exactly one writer.
+``remap-cache``, a dataset prefix being prepared and a training run directory
+each have exactly one writer.
 ``flock`` is unreliable on shared file systems, so ownership is a file:
 
 - *Claim*: create ``<target>.owner`` with ``O_CREAT | O_EXCL`` (atomic on

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_slkd.data.prepare import PrepareConfig, prepare_data
+from megatron_slkd.ownership import add_lock_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_lock_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         eod_token=args.eod_token,
         workers=args.workers,
         progress=not args.no_progress,
+        lock_timeout=args.lock_timeout,
     )
     meta = prepare_data(cfg)
 

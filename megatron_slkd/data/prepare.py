@@ -13,6 +13,7 @@ renamed once complete, so a crash never leaves a dataset that looks finished.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
 import io
 import json
@@ -36,7 +37,7 @@ from megatron_slkd.data.tokenizers import (
     train_sentencepiece,
 )
 from megatron_slkd.errors import DataPreparationError
-from megatron_slkd.ownership import check_output_dir
+from megatron_slkd.ownership import DEFAULT_TIMEOUT_S, claim
 from megatron_slkd.records import dump_record, load_record
 
 __all__ = ["PrepareConfig", "prepare_data", "iter_documents", "input_files", "read_meta",
@@ -76,6 +77,9 @@ class PrepareConfig:
     """Tokenizer processes."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    lock_timeout: float = DEFAULT_TIMEOUT_S
+    """Seconds without heartbeat after which another host's claim on the output prefix is
+    taken over (a dead owner on this host is taken over at once)."""
 
 
 def input_files(cfg: PrepareConfig) -> tuple[list[Path], list[Path]]:
@@ -305,20 +309,32 @@ def read_meta(prefix: str) -> dict:
 
 
 def prepare_data(cfg: PrepareConfig) -> dict:
-    """Build the dataset; returns the sidecar record (also written to disk)."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    from tqdm import tqdm
+    """Build the dataset; returns the sidecar record (also written to disk).
 
+    The output prefix is claimed (``PREFIX.owner``, see :mod:`megatron_slkd.ownership`):
+    two runs on one prefix renamed their files over each other's, and could leave the
+    ``.bin`` of one beside the ``.idx`` of the other. Under the claim, the partial files
+    of killed runs are removed.
+    """
     if not cfg.inputs and not cfg.builtin_corpus:
         raise DataPreparationError("no input: give --input paths or --builtin-corpus")
     prefix = cfg.output_prefix
-    check_output_dir(Path(prefix).parent, "dataset")
     files, skipped = input_files(cfg)
     if skipped:
         shown = ", ".join(str(f) for f in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
         print(f"prepare-data: skipping {len(skipped)} file(s) of Megatron datasets in the "
               f"input directories ({shown})", file=sys.stderr)  # fmt: skip
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    with claim(Path(prefix), what="dataset", timeout_s=cfg.lock_timeout):
+        for left in Path(prefix).parent.glob(glob.escape(Path(prefix).name) + ".partial-*"):
+            left.unlink(missing_ok=True)
+        return _prepare(cfg, files)
+
+
+def _prepare(cfg: PrepareConfig, files: list[Path]) -> dict:
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    prefix = cfg.output_prefix
     start = time.time()
     tokenizer = _make_tokenizer(cfg, files)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
@@ -370,6 +386,9 @@ def prepare_data(cfg: PrepareConfig) -> dict:
         "num_tokens": num_tokens,
         "dtype": np.dtype(dtype).name,
     }
+    # The old record goes first: a crash between the renames and the new record leaves a
+    # dataset without one (refused, "no tokenizer record"), never the old tokenizer's.
+    Path(prefix + META_SUFFIX).unlink(missing_ok=True)
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
     from megatron_slkd.cache.writer import atomic_write_text

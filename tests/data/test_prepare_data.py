@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,50 @@ def test_an_input_directory_holding_datasets_and_the_output(tmp_path, sp_model):
         assert [ds.get(i).tolist() for i in range(len(ds))] == [
             tok.encode(t) + [tok.eod] for t in texts
         ]
+
+
+def test_one_prepare_data_per_prefix(tmp_path, sp_model):
+    # Two runs on one prefix renamed their files over each other's (the .bin of one could
+    # end up beside the .idx of the other); the second is now refused, naming the first.
+    from megatron_slkd.ownership import claim
+
+    (tmp_path / "a.txt").write_text("a small document for the test")
+    prefix = tmp_path / "out" / "corpus"
+    argv = [sys.executable, "-m", "megatron_slkd", "prepare-data", "--input",
+            str(tmp_path / "a.txt"), "--output-prefix", str(prefix), "--tokenizer-model",
+            sp_model, "--no-progress"]  # fmt: skip
+    with claim(prefix, what="dataset"):  # another live writer (this process)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"pid {os.getpid()}" in r.stderr, r.stderr
+    assert "dataset is being written by" in r.stderr and not list(prefix.parent.glob("corpus.*"))
+    (prefix.parent / "corpus.partial-999999.bin").write_bytes(b"left by a killed run")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(f.name for f in prefix.parent.iterdir()) == [
+        "corpus.bin", "corpus.idx", "corpus.meta.json"]  # fmt: skip
+
+
+def test_a_crash_between_the_renames_leaves_no_old_record(tmp_path, sp_model, monkeypatch):
+    # The new .bin/.idx beside the previous run's .meta.json (another tokenizer, maybe) was
+    # a dataset whose record lied; now it has none, and readers say so.
+    (tmp_path / "a.txt").write_text("a small document for the test")
+    cfg = PrepareConfig(output_prefix=str(tmp_path / "corpus"), inputs=[str(tmp_path / "a.txt")],
+                        tokenizer_model=sp_model, progress=False)  # fmt: skip
+    prepare_data(cfg)
+    replace = os.replace
+
+    def crash_at_idx(src, dst):
+        if str(dst).endswith(".idx"):
+            raise KeyboardInterrupt("killed")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_at_idx)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg)
+    monkeypatch.undo()
+    assert not (tmp_path / "corpus.meta.json").exists()
+    with pytest.raises(DataPreparationError, match="no tokenizer record"):
+        read_meta(str(tmp_path / "corpus"))
 
 
 def test_bad_inputs(tmp_path, sp_model):
