@@ -24,10 +24,21 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["load", "converted", "cache_root"]
+__all__ = ["load", "converted", "cache_root", "dtype_kwargs"]
 
 # The transformers class that reads each part.
 _AUTO = {"tokenizer": "AutoTokenizer", "model": "AutoModelForCausalLM"}
+
+
+def dtype_kwargs(dtype) -> dict:
+    """``from_pretrained``'s keyword for the weights' dtype in the installed transformers:
+    ``dtype`` from 4.56, where ``torch_dtype`` prints a deprecation line on every load;
+    ``torch_dtype`` before it, where ``dtype`` would be kept as a config attribute and the
+    weights loaded in their saved dtype."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
 def cache_root() -> Path:
@@ -70,7 +81,7 @@ def converted(path, part: str, *, create: bool = True) -> Path | None:
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         # The model in float32: the dequantized values exactly.
-        kwargs = {"torch_dtype": "float32"} if part == "model" else {}
+        kwargs = dtype_kwargs("float32") if part == "model" else {}
         auto = getattr(transformers, _AUTO[part])
         auto.from_pretrained(str(p.parent), gguf_file=p.name, **kwargs).save_pretrained(tmp)
         try:

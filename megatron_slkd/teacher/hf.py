@@ -100,7 +100,9 @@ class HFTeacher:
             ) from exc
         p = Path(path)
         self.path = p
-        kwargs = dict(torch_dtype=getattr(torch, dtype))
+        from megatron_slkd.gguf import dtype_kwargs
+
+        kwargs = dtype_kwargs(getattr(torch, dtype))
         try:
             if p.suffix == ".gguf":
                 if not p.is_file():

@@ -39,9 +39,10 @@ def _load_hf(model, directory: str) -> None:
     """The Hugging Face model's weights, in megatron-core's layout, into ``model``."""
     from transformers import AutoModelForCausalLM
 
+    from megatron_slkd.gguf import dtype_kwargs
     from megatron_slkd.teacher.megatron import _convert_state_dict, _spec_from_hf
 
-    hf = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(directory, **dtype_kwargs(torch.float32))
     spec = _spec_from_hf(hf.config)
     spec["padded_vocab_size"] = model.embedding.word_embeddings.weight.shape[0]
     missing, unexpected = model.load_state_dict(

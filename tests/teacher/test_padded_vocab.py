@@ -8,6 +8,9 @@ with a Hugging Face teacher and the same teacher converted to megatron-core at
 TP=2, where the padding falls in the last vocabulary shard.
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +112,18 @@ def test_megatron_teacher_at_tp2_masks_the_padding_in_the_last_shard(padded, tmp
          "--no-progress")  # fmt: skip
     same = same_rows_fraction(tmp_path / "c", tmp_path / "hf")
     assert same > 0.8, same
+
+
+def test_hf_teacher_loads_in_the_dtype_asked_without_a_deprecation_line(padded):
+    # transformers 4.56 renamed from_pretrained's torch_dtype to dtype and prints a line on
+    # the first load given the old name (one per rank of a build); before 4.56, dtype would
+    # be kept as a config attribute and the weights loaded in their saved dtype. A process
+    # of its own: the line is printed once per process.
+    code = ("import sys; from megatron_slkd.teacher import HFTeacher; "
+            "t = HFTeacher(sys.argv[1], dtype='bfloat16'); "
+            "print(sorted({str(p.dtype) for p in t.model.parameters()}))")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code, str(padded / "model")], capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['torch.bfloat16']"
+    assert "deprecated" not in r.stderr, r.stderr
