@@ -500,9 +500,19 @@ def key_by_prefix(pairs: dict[str, str], prefixes: list[str]) -> dict[str, str]:
 
     A flag is split at its first ``=``; where the key so found is not a prefix of the
     run but the entry splits at a later ``=`` into one (``data/lang=en/corpus=cache``),
-    that split is taken. Entries that match no prefix are kept as they were.
+    that split is taken. A key that names a prefix's files by another spelling
+    (``./data/corpus`` for ``data/corpus``, or its absolute path) is keyed by the prefix
+    as the blend spells it. Entries that match no prefix are kept as they were.
     """
+    import os
+
+    from megatron_slkd.storage import is_url
+
+    def same(path: str) -> str:
+        return path if is_url(path) else os.path.normpath(os.path.abspath(path))
+
     known = set(prefixes)
+    spelled = {same(p): p for p in prefixes}
     out = {}
     for key, value in pairs.items():
         if key not in known:
@@ -510,6 +520,8 @@ def key_by_prefix(pairs: dict[str, str], prefixes: list[str]) -> dict[str, str]:
             cuts = [i for i, c in enumerate(entry) if c == "=" and entry[:i] in known]
             if cuts:  # the longest prefix: a/b=c and a/b=c/d=x mean the prefix a/b=c
                 key, value = entry[: cuts[-1]], entry[cuts[-1] + 1 :]
+            else:
+                key = spelled.get(same(key), key)
         out[key] = value
     return out
 

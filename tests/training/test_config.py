@@ -51,6 +51,20 @@ def test_a_prefix_holding_equals_signs_keys_its_cache_and_meta():
     assert cfg.kd.caches == {"d/lang=en/c": "s3://b/seed=1", "d/plain": "k/v=2"}
 
 
+def test_a_cache_keyed_by_another_spelling_of_its_prefix():
+    # --data-path data/corpus with --kd-caches ./data/corpus=cache (or the absolute path)
+    # was refused as "data prefix ['data/corpus'] has no sparse-logit cache".
+    import os
+
+    cfg = _parse("--data-path", "1", "data/corpus", "1", "/abs/other/", "--kd-caches",
+                 "./data/corpus=c1", f"{os.getcwd()}/data/corpus/../corpus2=c3",
+                 "/abs//other=c2", "--data-meta", os.path.abspath("data/corpus") + "=m.json")
+    cfg.validate()
+    assert cfg.kd.caches == {"data/corpus": "c1", "/abs/other/": "c2",
+                             f"{os.getcwd()}/data/corpus/../corpus2": "c3"}  # no such prefix
+    assert cfg.data.meta == {"data/corpus": "m.json"}
+
+
 @pytest.mark.parametrize(
     "text, needle",
     [
