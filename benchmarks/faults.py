@@ -2,20 +2,22 @@
 
     python benchmarks/faults.py [--work DIR] [--build-kills 50] [--trials 20] [--no-save]
     python benchmarks/faults.py --quick        # a few trials of each kind (the suite's share)
+    python benchmarks/faults.py --only prepare-data     # one writer's trials
 
 Setup (in --work, default a temporary directory): a tiny random Llama teacher in
 SmolLM2's vocabulary, a random dataset written with megatron-core's own
 IndexedDatasetBuilder (as Megatron-LM's preprocess_data.py does), a shuffled copy of
-it with duplicated documents, and one clean run of each writer: `build-cache`
-(2 shards), `merge-cache`, `thin-cache`, `remap-cache`, and `slkd train` (a
-checkpoint every step).
+it with duplicated documents, and one clean run of each writer: `prepare-data` (the
+built-in corpus in SmolLM2's tokenizer), `build-cache` (2 shards), `merge-cache`,
+`thin-cache`, `remap-cache`, `slkd train` (a checkpoint every step) and
+`describe-data`.
 
 Trials, each on a fresh output:
   kill    SIGKILL to the command's process group at a uniformly random moment of
           its work (after its output appears, within the clean run's duration;
           for training, within a checkpoint save), then the same command again.
   race    two identical commands started together on the same output (--trials / 5
-          of each of the five writers: 20 in all by default).
+          of each of the six writers of a directory: 24 in all by default).
   enospc  the output on a tmpfs with room for 25%, 50% or 90% of the clean output
           (a filler file takes the rest), then the filler removed and the command
           run again.
@@ -24,7 +26,8 @@ Trials, each on a fresh output:
 Every trial checks that (1) a command that fails ends with one typed line
 (`slkd CMD: error: ...` or `stopped: ...`, no traceback); (2) while faulted, the
 output never reads as finished unless it equals the clean one (open_cache refuses
-it with a typed error, or the training `latest` names a complete checkpoint); and
+it with a typed error, a dataset has no record yet, or the training `latest` names a
+complete checkpoint); and
 (3) after the rerun the output equals the clean one: caches byte for byte (every
 file, nothing stray), training logs' losses bitwise and the final checkpoint's
 files byte for byte. Per kind it reports trials, faults survived, silent
@@ -66,7 +69,7 @@ class Writer:
 
     name: str
     argv: object  # Callable[[Path], list[str]]
-    kind: str = "cache"  # cache | train | file
+    kind: str = "cache"  # cache | dataset | train | file
     trigger: str = ""  # a file whose appearance starts the kill clock (relative to out)
     reference: Path | None = None
     seconds: float = 0.0  # the clean run's work time (after its output appears)
@@ -146,6 +149,10 @@ def writers(work: Path, s: dict) -> list[Writer]:
              "--checkpoint-interval", "1", "--checkpoint-keep", "10", "--eval-batches", "0",
              "--data-num-workers", "0", "--no-log-tensorboard"]  # fmt: skip
     return [
+        Writer("prepare-data", lambda o: ["prepare-data", "--builtin-corpus", "stdlib-docstrings",
+                                          "--max-documents", "200", "--hf-tokenizer",
+                                          s["teacher"], "--output-prefix", str(o / "corpus"),
+                                          "--no-progress"], kind="dataset"),  # fmt: skip
         Writer("build-cache", lambda o: [*build, "--output", str(o)],
                trigger="shard-00000-of-00002.slkd.partial"),  # fmt: skip
         Writer("merge-cache", lambda o: ["merge-cache", str(built), "--output", str(o)]),
@@ -273,6 +280,11 @@ def faulted_state(w: Writer, out: Path) -> tuple[int, int, str]:
         if p.exists() and p.read_bytes() != (w.reference / "data.meta.json").read_bytes():
             return 1, 0, "a half-written dataset record is in place"
         return 0, 0, ""
+    if w.kind == "dataset":  # every reader refuses a dataset without its record
+        if not (out / "corpus.meta.json").exists():
+            return 0, 0, ""
+        silent, _, note = compare(w, out, owned=True)
+        return silent, 0, note and f"has its record while faulted: {note}"
     if w.kind == "train":
         from megatron_slkd.errors import SlkdError
         from megatron_slkd.training.checkpoint import latest_checkpoint
@@ -456,34 +468,41 @@ class Plan:
 
 
 _CACHES = ("build-cache", "merge-cache", "thin-cache", "remap-cache")
-_ALL = (*_CACHES, "train", "describe-data")
+_DIRS = ("prepare-data", *_CACHES, "train")  # the writers of a directory
+_ALL = (*_DIRS, "describe-data")
 
 
 def full_plan(build_kills: int = 50, trials: int = 20) -> Plan:
     """The campaign: ``build_kills`` kills of build-cache, ``trials`` of every other writer,
-    ``trials`` races over the five writers, ENOSPC at 25/50/90% and read-only for all."""
-    return Plan(kills={"build-cache": build_kills, **{w: trials for w in (*_CACHES[1:], "train")}},
-                races={w: max(1, trials // 5) for w in (*_CACHES, "train")},
+    ``trials`` races over the six writers of a directory, ENOSPC at 25/50/90% and
+    read-only for all."""
+    return Plan(kills={"build-cache": build_kills,
+                       **{w: trials for w in _DIRS if w != "build-cache"}},
+                races={w: max(1, trials // 5) for w in _DIRS},
                 space={w: (0.25, 0.5, 0.9) for w in _ALL}, readonly=_ALL)  # fmt: skip
 
 
 def quick_plan() -> Plan:
     """The suite's share: a few trials of each kind."""
-    return Plan(kills={w: 1 for w in (*_CACHES, "train")},
-                races={"build-cache": 1, "merge-cache": 1},
-                space={"build-cache": (0.5,), "merge-cache": (0.5,), "describe-data": (0.0,)},
+    return Plan(kills={w: 1 for w in _DIRS},
+                races={"prepare-data": 1, "build-cache": 1, "merge-cache": 1},
+                space={"prepare-data": (0.5,), "build-cache": (0.5,), "merge-cache": (0.5,),
+                       "describe-data": (0.0,)},
                 readonly=_ALL)  # fmt: skip
 
 
 def campaign(work: Path, plan: Plan, *, seed: int = 0, tokens: int = 12000, save: bool = True,
-             log=print) -> dict[str, Tally]:  # fmt: skip
-    """Run ``plan``'s trials in ``work``; returns the tallies by "<kind> <writer>"."""
+             log=print, only: tuple[str, ...] = ()) -> dict[str, Tally]:  # fmt: skip
+    """Run ``plan``'s trials in ``work`` (of the writers in ``only``, where given: every
+    clean run is made all the same, the others read the clean build); returns the tallies
+    by "<kind> <writer>"."""
     rng = random.Random(seed)
     s = setup(work, tokens)
     ws = writers(work, s)
     for w in ws:
         clean_run(w, work)
         log(f"clean {w.name}: {w.seconds:.2f} s of work, {_size(w.reference)} bytes")
+    ws = [w for w in ws if not only or w.name in only]
     tallies: dict[str, Tally] = {}
     scratch = work / "trial"
     for w in ws:
@@ -521,10 +540,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a few trials of each kind (the suite's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--no-save", action="store_true", help="do not append to results/faults.jsonl")
+    p.add_argument("--only", nargs="+", default=(), choices=_ALL, metavar="WRITER",
+                   help=f"the trials of these writers only (of {', '.join(_ALL)})")  # fmt: skip
     args = p.parse_args()
     plan = quick_plan() if args.quick else full_plan(args.build_kills, args.trials)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        tallies = campaign(Path(tmp), plan, seed=args.seed, save=not args.no_save)
+        tallies = campaign(Path(tmp), plan, seed=args.seed, save=not args.no_save,
+                           only=tuple(args.only))  # fmt: skip
     sys.exit(1 if any(t.survived < t.trials for t in tallies.values()) else 0)
 
 

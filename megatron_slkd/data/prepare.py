@@ -325,9 +325,19 @@ def prepare_data(cfg: PrepareConfig) -> dict:
         print(f"prepare-data: skipping {len(skipped)} file(s) of Megatron datasets in the "
               f"input directories ({shown})", file=sys.stderr)  # fmt: skip
     with claim(Path(prefix), what="dataset", timeout_s=cfg.lock_timeout):
-        for left in Path(prefix).parent.glob(glob.escape(Path(prefix).name) + ".partial-*"):
-            left.unlink(missing_ok=True)
+        _remove_partial_files(prefix, "*")  # of killed runs: the claim says none is live
         return _prepare(cfg, files)
+
+
+def _remove_partial_files(prefix: str, pid: str) -> None:
+    """The partial files of the run with ``pid`` (``*``: of any run) on ``prefix``:
+    ``PREFIX.partial-PID.bin/.idx``, and ``.PREFIX.partial-PID.bin.tmp``, where
+    multi-storage-client (megatron-core's builder writes through it when it is installed)
+    keeps a file until it is closed."""
+    out = Path(prefix)
+    pattern = f"{glob.escape(out.name)}.partial-{pid}.*"
+    for left in [*out.parent.glob(pattern), *out.parent.glob("." + pattern)]:
+        left.unlink(missing_ok=True)
 
 
 def _prepare(cfg: PrepareConfig, files: list[Path]) -> dict:
@@ -367,9 +377,11 @@ def _prepare(cfg: PrepareConfig, files: list[Path]) -> dict:
     except BaseException:
         # Closed first: with multi-storage-client installed, megatron-core's builder writes
         # through msc.open, whose file would be written out again when collected.
-        builder.data_file.close()
-        for suffix in (".bin", ".idx"):
-            Path(tmp + suffix).unlink(missing_ok=True)
+        try:
+            builder.data_file.close()
+        except OSError:
+            pass  # out of space again: the error being raised says so; the files go anyway
+        _remove_partial_files(prefix, str(os.getpid()))
         raise
     finally:
         bar.close()

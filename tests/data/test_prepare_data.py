@@ -117,7 +117,9 @@ def test_one_prepare_data_per_prefix(tmp_path, sp_model):
         r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and f"pid {os.getpid()}" in r.stderr, r.stderr
     assert "dataset is being written by" in r.stderr and not list(prefix.parent.glob("corpus.*"))
+    # Left by a killed run: its partial .bin, or multi-storage-client's hidden file of it.
     (prefix.parent / "corpus.partial-999999.bin").write_bytes(b"left by a killed run")
+    (prefix.parent / ".corpus.partial-999998.bin.tmp").write_bytes(b"left by a killed run")
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert sorted(f.name for f in prefix.parent.iterdir()) == [
