@@ -9,16 +9,23 @@ with status :data:`EXIT_PREEMPTED` (75, EX_TEMPFAIL), which the sbatch scripts
 answer with ``scontrol requeue`` (:mod:`megatron_slkd.slurm`). Rerunning the
 same command resumes. The ``slkd`` entry point installs a watch for those two
 commands before anything heavy is imported, so an early signal is not fatal.
+
+The other commands are short, or (``merge-cache``, ``thin-cache``,
+``remap-cache``, ``prepare-data``) resume by rerunning whatever state they were
+stopped in. Under :func:`stopped_by_sigterm` a SIGTERM raises
+:class:`Preempted` where they are: their cleanups run (claims released, partial
+files removed), one line is printed, and the status is 75 too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
 from megatron_slkd.errors import SlkdError
 
-__all__ = ["EXIT_PREEMPTED", "Preempted", "PreemptionWatch"]
+__all__ = ["EXIT_PREEMPTED", "Preempted", "PreemptionWatch", "stopped_by_sigterm"]
 
 EXIT_PREEMPTED = 75
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -107,3 +114,29 @@ class PreemptionWatch:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm(what: str):
+    """Within it, SIGTERM raises :class:`Preempted` in the main thread (``what``: the
+    command, for the message). Its default action killed the process on the spot: a
+    claim left behind refused the requeued job on another node for ``--lock-timeout``,
+    and partial files stayed until a rerun. A second SIGTERM while the first is handled
+    is ignored, so the cleanups finish (Slurm sends SIGKILL after its KillWait anyway).
+    Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Preempted(
+            f"{what} stopped by {signal.Signals(signum).name} before it finished; what it "
+            "had finished is kept: rerun the same command to go on"
+        )
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -13,7 +13,9 @@
 
 Errors in the inputs end the command with a one-line message and exit status 2.
 SIGTERM or SIGUSR1 (Slurm's preemption and time-limit signals) end build-cache
-and train at a resumable point with one line and exit status 75.
+and train at a resumable point with one line and exit status 75; SIGTERM ends
+the other commands with their claims released and partial files removed, one
+line and status 75 (rerun the same command).
 """
 
 from __future__ import annotations
@@ -197,7 +199,12 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
 
         refuse_urls({"--" + k.removeprefix("cfg__").replace("__", "-").replace("_", "-"): v
                      for k, v in vars(args).items()}, allow=_OBJECT_URLS.get(name))  # fmt: skip
-        return _run(name, args)
+        if name in _PREEMPTIBLE:
+            return _run(name, args)
+        from megatron_slkd.preempt import stopped_by_sigterm
+
+        with stopped_by_sigterm(name):
+            return _run(name, args)
     except (SlkdError, OSError) as exc:
         where = [getattr(args, k, None) for k in ("output", "cfg__checkpoint__dir")]
         status, exc = as_reported(exc, next((w for w in where if w), None))

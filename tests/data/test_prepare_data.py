@@ -302,3 +302,26 @@ def test_hf_tokenizer_from_gguf(tmp_path):
     first = next(iter(stdlib_docstrings(max_documents=1)))
     assert ds.get(0).tolist() == tok.encode(first) + [tok.eod]
     assert np.asarray(ds.get(0)).max() < 49152
+
+
+def test_sigterm_releases_the_claim_and_removes_the_partial_files(tmp_path, sp_model):
+    # SIGTERM (Slurm's preemption, scancel) used to kill prepare-data on the spot: its
+    # claim stayed, and refused the requeued job on another node for --lock-timeout.
+    import signal
+    import time
+
+    prefix = tmp_path / "out" / "corpus"
+    argv = [sys.executable, "-m", "megatron_slkd", "prepare-data", "--builtin-corpus",
+            "stdlib-docstrings", "--output-prefix", str(prefix), "--tokenizer-model", sp_model,
+            "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(prefix.parent.glob("*corpus.partial-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # tokenizing
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 75, err
+    assert err.strip().splitlines()[-1].startswith(
+        "slkd prepare-data: stopped: prepare-data stopped by SIGTERM before it finished"), err
+    assert "Traceback" not in err and list(prefix.parent.iterdir()) == [], err
