@@ -1,5 +1,7 @@
 """Shared fixtures (helpers live in tests/helpers.py)."""
 
+import signal
+
 import pytest
 from helpers import write_synthetic_cache
 
@@ -16,3 +18,14 @@ def pytest_collection_modifyitems(config, items):
 def synthetic_cache(tmp_path):
     lengths = [5, 1, 40, 17, 3, 90, 2, 33]
     return write_synthetic_cache(tmp_path / "cache", lengths)
+
+
+@pytest.fixture(autouse=True)
+def _preemption_signals_left_unblocked():
+    """Fail the test that leaves SIGTERM or SIGUSR1 blocked (an in-process ``slkd train`` or
+    ``build-cache`` keeps its preemption watch to the end of the process): every later
+    subprocess of its worker would inherit the block, and signal tests elsewhere fail."""
+    yield
+    watched = {signal.SIGTERM, signal.SIGUSR1}
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, watched) & watched
+    assert not blocked, f"the test left {sorted(s.name for s in blocked)} blocked"

@@ -92,18 +92,19 @@ def test_a_negative_seed_is_refused_by_the_parser(command):
     ],
     ids=lambda argv: argv[0],
 )
-def test_an_output_directory_where_a_file_is(tmp_path, synthetic_cache, capsys, argv):
+def test_an_output_directory_where_a_file_is(tmp_path, synthetic_cache, argv):
     # An --output naming a data file (DATA.bin) used to end in mkdir's "File exists (errno
     # 17); fix the storage, then rerun the same command": no storage fault, and the same
-    # command failed again.
-    from megatron_slkd.cli import main
-
+    # command failed again. (A process of its own: slkd train blocks SIGTERM and SIGUSR1
+    # in its process for good, which every later subprocess of a test would inherit.)
     (tmp_path / "DATA.bin").write_bytes(b"not a directory")
     (tmp_path / "in.txt").write_text("one document\n")
     fill = {"cache": str(synthetic_cache.path), "tmp": str(tmp_path),
             "file": str(tmp_path / "DATA.bin"), "text": str(tmp_path / "in.txt")}  # fmt: skip
-    assert main([a.format(**fill) for a in argv]) == 2
-    err = capsys.readouterr().err
+    r = subprocess.run([sys.executable, "-m", "megatron_slkd", *(a.format(**fill) for a in argv)],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    err = r.stderr
     assert f"error: {tmp_path / 'DATA.bin'}: a file, where the " in err, err
     assert "directory" in err and "errno" not in err, err
     assert (tmp_path / "DATA.bin").read_bytes() == b"not a directory"
