@@ -48,12 +48,14 @@ def run(args: argparse.Namespace) -> int:
 
     def human(r):
         s, t = r["scan"], r["tokenizer"]
-        ends = s["documents_end_with"]
+        ends, empty = s["documents_end_with"], s.get("empty_documents", 0)
+        every = "every document with tokens" if empty else "every document"
         print(
             f"{args.data_prefix}: {s['num_documents']} documents in {s['num_sequences']} "
             f"sequences, {s['num_tokens']} tokens ({s['dtype']}); largest id "
             f"{s['max_token_id']} < {t['vocab_size']}; "
-            + (f"every document ends with {ends} (EOD)" if ends is not None else "no common EOD")
+            + (f"{every} ends with {ends} (EOD)" if ends is not None else "no common EOD")
+            + (f"; {empty} documents are empty (nothing to train on)" if empty else "")
         )
         c = r["text_check"]
         print(f"text check: skipped ({c['skipped'] if c['skipped'] is not True else 'asked'})"

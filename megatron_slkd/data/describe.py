@@ -167,6 +167,7 @@ def scan_dataset(prefix: str, *, progress: bool = True) -> dict:
         else np.zeros(0, np.int64)
     )
     values = np.unique(ends)
+    cum = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # tokens before each sequence
     return {
         "num_sequences": int(len(lengths)),
         "num_documents": int(len(docs) - 1),
@@ -174,6 +175,7 @@ def scan_dataset(prefix: str, *, progress: bool = True) -> dict:
         "dtype": ds.dtype.name,
         "max_token_id": top,
         "documents_end_with": int(values[0]) if len(values) == 1 else None,
+        "empty_documents": int((np.diff(cum[docs]) == 0).sum()),
         **_file_key(prefix),
     }
 

@@ -130,6 +130,28 @@ def test_describe_data_records_each_tokenizer_family(families, tmp_path, kind):
         assert tok.eod >= 600 and tok.vocab_size > 600
 
 
+def test_empty_documents_are_counted_and_named(families, tmp_path):
+    # preprocess_data.py ends a document with no sequence for an empty input (and
+    # IndexedDatasetBuilder.add_item takes an empty one); the summary said "every document
+    # ends with 500 (EOD)" of a dataset where some held nothing.
+    import torch
+
+    root, flags = families
+    tok = _tokenizer("NullTokenizer", flags["NullTokenizer"])
+    prefix = write_megatron_dataset(tmp_path / "corpus", [[], [5, 6, tok.eod], [], [7, tok.eod]])
+    builder = IndexedDatasetBuilder(str(tmp_path / "b.bin"), dtype=np.int32)
+    for d in ([5, tok.eod], [], [6, tok.eod]):  # a document of one empty sequence
+        builder.add_item(torch.tensor(d, dtype=torch.int64))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "b.idx"))
+    for p, empty in ((prefix, 2), (str(tmp_path / "b"), 1)):
+        r = slkd("describe-data", p, "--tokenizer-type", "NullTokenizer",
+                 *flags["NullTokenizer"])  # fmt: skip
+        assert (f"every document with tokens ends with {tok.eod} (EOD); {empty} documents are "
+                "empty (nothing to train on)") in r.stdout, r.stdout  # fmt: skip
+        assert resolve_meta(p)["scan"]["empty_documents"] == empty
+
+
 def test_megatron_sentencepiece_rules(families):
     root, flags = families
     gpt = _tokenizer("GPTSentencePieceTokenizer", flags["GPTSentencePieceTokenizer"])
