@@ -28,6 +28,7 @@ from megatron_slkd.errors import (
     CacheFormatError,
     CacheMismatchError,
     ConfigError,
+    DataMismatchError,
     LoaderFailedError,
     SlkdError,
     first_line,
@@ -221,7 +222,7 @@ def read_tokenizer(cfg: TrainConfig, *, check: bool = True) -> DataTokenizer:
     for p in prefixes:
         records[p] = resolve_meta(p, cfg.data, meta_path=cfg.data.meta.get(p))
         if check:
-            check_dataset(p, records[p])
+            _check_document_ends(cfg, p, records[p]["tokenizer"], check_dataset(p, records[p]))
         metas[p] = records[p]["tokenizer"]
     prints = {m["fingerprint"] for m in metas.values()}
     if len(prints) > 1:
@@ -235,6 +236,25 @@ def read_tokenizer(cfg: TrainConfig, *, check: bool = True) -> DataTokenizer:
             f"{tok.vocab_size} ids; drop model.vocab_size or prepare the data with that tokenizer"
         )
     return tok
+
+
+def _check_document_ends(cfg: TrainConfig, prefix: str, tokenizer: dict, scan: dict) -> None:
+    """Refuse the document options on data whose documents do not end with the
+    end-of-document id (Megatron-LM's preprocess_data.py without --append-eod): megatron-core
+    finds a packed sample's documents by that id, so the attention mask kept nothing apart
+    and no loss was masked, with no word, and the student attended across the documents
+    the teacher saw one at a time."""
+    d = cfg.data
+    asked = [f for f, on in (("--data-reset-attention-mask", d.reset_attention_mask),
+                             ("--data-eod-mask-loss", d.eod_mask_loss)) if on]  # fmt: skip
+    eod = tokenizer.get("eod")
+    if asked and eod is not None and scan.get("documents_end_with") != eod:
+        raise DataMismatchError(
+            f"{prefix}: {' and '.join(asked)} find a packed sample's documents by the "
+            f"end-of-document id {eod}, but not every document of {prefix} ends with it "
+            "(prepared without --append-eod?), so they would do nothing; prepare the data "
+            "with the id appended, or leave them off"
+        )
 
 
 def build_datasets(cfg: TrainConfig, tokenizer: DataTokenizer, train_samples: int,

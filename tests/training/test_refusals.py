@@ -62,6 +62,20 @@ def test_cache_of_another_tokenizer(markov, tmp_path):
                    "--model-vocab-size", "5000"), "model.vocab_size=5000")  # fmt: skip
 
 
+def test_document_options_on_data_without_end_of_document_ids(tmp_path):
+    # Prepared without --append-eod: megatron-core finds a packed sample's documents by the
+    # id, so --data-reset-attention-mask kept nothing apart, with no word.
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    prefix = write_dataset(tmp_path / "noeod", [rng.integers(0, 99, 150) for _ in range(40)])
+    (tmp_path / "noeod.meta.json").write_text(json.dumps(
+        {"tokenizer": {"fingerprint": "t", "vocab_size": 100, "eod": 99}}))  # fmt: skip
+    for flag in ("--data-reset-attention-mask", "--data-eod-mask-loss"):
+        _refused(_base(prefix, tmp_path / flag, "--kd-ce-only", flag), prefix, flag,
+                 "end-of-document id 99", "--append-eod")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "extra, needles",
     [
