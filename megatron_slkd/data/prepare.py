@@ -92,7 +92,7 @@ def input_files(cfg: PrepareConfig) -> tuple[list[Path], list[Path]]:
     had its partial ``.bin`` (empty, or being written) read back as one more document,
     and a rerun read the first run's dataset as text.
     """
-    out = Path(cfg.output_prefix).absolute()
+    out = Path(cfg.output_prefix).resolve()  # compared with inputs spelled any way (.., links)
     files, skipped = [], []
     for item in cfg.inputs:
         p = Path(item)
@@ -104,7 +104,7 @@ def input_files(cfg: PrepareConfig) -> tuple[list[Path], list[Path]]:
         for f in sorted(p.rglob("*")):
             if not f.is_file() or f.name.startswith("."):
                 continue
-            ours = f.absolute().parent == out.parent and f.name.startswith(out.name + ".")
+            ours = f.resolve().parent == out.parent and f.name.startswith(out.name + ".")
             (skipped if ours or _dataset_file(f) else files).append(f)
     return files, skipped
 

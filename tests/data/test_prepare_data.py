@@ -12,6 +12,7 @@ import pytest
 
 from megatron_slkd.data import PrepareConfig, open_dataset, prepare_data, read_meta
 from megatron_slkd.data.corpus import stdlib_docstrings
+from megatron_slkd.data.prepare import input_files
 from megatron_slkd.data.tokenizers import SentencePieceTokenizer, load_tokenizer
 from megatron_slkd.errors import DataPreparationError
 
@@ -95,6 +96,11 @@ def test_an_input_directory_holding_datasets_and_the_output(tmp_path, sp_model):
     cfg = PrepareConfig(output_prefix=str(docs / "out"), inputs=[str(docs)],
                         tokenizer_model=sp_model, progress=False)  # fmt: skip
     tok = SentencePieceTokenizer(sp_model)
+    # A SentencePiece model trained for the output (PREFIX.model, PREFIX.vocab: text) is the
+    # output's too, however the input directory is spelled.
+    (docs / "out.vocab").write_text("▁the\t-1.5\n")
+    spelled = PrepareConfig(output_prefix=str(docs / "out"), inputs=[str(docs / ".." / "docs")])
+    assert sorted(f.name for f in input_files(spelled)[0]) == ["0.txt", "1.txt", "2.txt"]
     for _ in range(2):  # the rerun reads the same three documents, not the first run's output
         assert prepare_data(cfg)["num_documents"] == 3
         ds = open_dataset(str(docs / "out"))
