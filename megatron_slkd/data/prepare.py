@@ -104,7 +104,7 @@ def input_files(cfg: PrepareConfig) -> tuple[list[Path], list[Path]]:
         for f in sorted(p.rglob("*")):
             if not f.is_file() or f.name.startswith("."):
                 continue
-            ours = f.resolve().parent == out.parent and f.name.startswith(out.name + ".")
+            ours = f.name.startswith(out.name + ".") and f.parent.resolve() == out.parent
             (skipped if ours or _dataset_file(f) else files).append(f)
     return files, skipped
 

@@ -340,13 +340,14 @@ def converted_before(hf_path: str, out_dir) -> dict | None:
     directory before the model loads, since the conversion would be written into it.
 
     Raises:
+        ConfigError: a file stands at ``out_dir`` or on its path.
         TeacherError: ``out_dir`` holds other files, or the conversion of another model.
     """
+    from megatron_slkd.ownership import check_output_dir
     from megatron_slkd.records import load_record
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise TeacherError(f"--output {out}: a file, not a directory; give a new directory")
+    check_output_dir(out, "converted teacher")
     if not out.is_dir() or not any(out.iterdir()):
         return None
     if not (out / SPEC_NAME).is_file():

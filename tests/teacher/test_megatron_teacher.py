@@ -240,8 +240,11 @@ def test_convert_teacher_writes_its_output_whole_and_only_there(tiny, tiny_conve
     other = tmp_path / "other-model"
     shutil.copytree(tiny / "model", other)
     (other / "config.json").write_text((other / "config.json").read_text() + " ")
+    (tmp_path / "DATA.bin").write_bytes(b"a file")
     for out, needle in ((busy, "a directory holding other files"),
-                        (done, "holds the conversion of")):  # fmt: skip
+                        (done, "holds the conversion of"),
+                        (tmp_path / "DATA.bin" / "teacher",
+                         "a file, where the converted teacher's directory")):  # fmt: skip
         model = other if out == done else tiny / "model"
         r, imported = slkd_imports("convert-teacher", "--hf-model", model, "--output", out)
         assert r.returncode == 2 and needle in r.stderr.strip().splitlines()[-1], r.stderr
