@@ -316,6 +316,8 @@ class TrainConfig:
             )
         if self.data.path and (self.data.train_path or self.data.valid_path):
             raise ConfigError("give either data.path (with data.split) or per-split blends")
+        if self.optim.min_lr is None:  # derived here, so the range check sees its value
+            self.optim.min_lr = self.optim.lr / 10
         self._check_ranges()
         groups = m.num_query_groups or m.num_attention_heads
         for what, n in (
@@ -410,8 +412,6 @@ class TrainConfig:
             raise ConfigError("optim.adam_beta1 and optim.adam_beta2 must be below 1")
         if self.data.seed >= 2**32:  # megatron-core shuffles with numpy's RandomState
             raise ConfigError(f"data.seed={self.data.seed} must be below 2**32 (--data-seed)")
-        if self.optim.min_lr is None:
-            self.optim.min_lr = self.optim.lr / 10
         if self.optim.min_lr > self.optim.lr:
             raise ConfigError(f"optim.min_lr={self.optim.min_lr} is above optim.lr="
                               f"{self.optim.lr} (megatron-core's scheduler asserts on it); lower "
