@@ -101,7 +101,8 @@ def _pack_shard(
     )
     return write_shard_file(path, encoding=enc, vocab_size=VOCAB, chunk_tokens=4096,
                             doc_start=doc_start, lengths=lengths, counts=counts,
-                            entries=[entries], token_crc=0)  # fmt: skip
+                            entries=[entries], token_crc=0,
+                            token_xxh128=None)  # fmt: skip
 
 
 def _manifest(directory: Path, enc, records: list, ndocs: int, ntok: int) -> None:

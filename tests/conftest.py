@@ -1,9 +1,19 @@
 """Shared fixtures (helpers live in tests/helpers.py)."""
 
+import os
 import signal
+import tempfile
 
 import pytest
 from helpers import write_synthetic_cache
+
+
+def pytest_configure(config):
+    """Records of verdicts and teacher hashes go to a directory of this session, not the
+    user's (subprocesses inherit it)."""
+    if "SLKD_TEST_CACHE_HOME" not in os.environ:
+        os.environ["SLKD_TEST_CACHE_HOME"] = tempfile.mkdtemp(prefix="slkd-cache-home-")
+    os.environ["SLKD_CACHE_HOME"] = os.environ["SLKD_TEST_CACHE_HOME"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,6 +13,7 @@ import zlib
 from enum import IntEnum
 
 import numpy as np
+import xxhash
 
 try:  # the same CRC-32 as zlib's, vectorized (several times faster where wheels exist)
     from zlib_ng.zlib_ng import crc32 as _crc32
@@ -39,10 +40,13 @@ __all__ = [
     "crc32",
     "file_crc32",
     "token_crc32",
+    "TokenHasher",
+    "TOKEN_HASH_NAME",
 ]
 
 MAGIC = b"SLKDSHRD"
-VERSION = 1
+VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: no 128-bit token hash (its bytes are zero)
 HEADER_SIZE = 128
 MAX_COUNT_BITS = 8  # the per-token entry count takes at most one byte
 MAX_ENTRY_BYTES = 4
@@ -51,8 +55,10 @@ LOGPROB_RANGE = 24.0  # nats covered by quantized log-probabilities
 
 # magic, version, header_size, value_kind, id_bits, value_bits, entry_bytes,
 # num_samples, count_bits, vocab_size, chunk_tokens, doc_start, num_docs,
-# num_tokens, num_entries, num_chunks, token_crc, index_crc, value_scale
-_HEADER = struct.Struct("<8sIIBBBBHHIIQQQQQIId")
+# num_tokens, num_entries, num_chunks, token_crc, index_crc, value_scale, token_xxh128
+_HEADER = struct.Struct("<8sIIBBBBHHIIQQQQQIId16s")
+_NO_HASH = bytes(16)
+TOKEN_HASH_NAME = "token_xxh128"  # the manifest key of a shard's 128-bit token identity
 _HEADER_CRC = struct.Struct("<I")
 
 
@@ -176,6 +182,9 @@ class ShardHeader:
     num_chunks: int
     token_crc: int
     index_crc: int
+    token_xxh128: str | None = None
+    """32 hex digits (:class:`TokenHasher`); None where not recorded (version 1 shards,
+    and shards thinned from them)."""
 
     def pack(self) -> bytes:
         e = self.encoding
@@ -199,6 +208,7 @@ class ShardHeader:
             self.token_crc,
             self.index_crc,
             e.value_scale,
+            _NO_HASH if self.token_xxh128 is None else bytes.fromhex(self.token_xxh128),
         )
         body = body.ljust(HEADER_SIZE - _HEADER_CRC.size, b"\0")
         return body + _HEADER_CRC.pack(zlib.crc32(body))
@@ -218,10 +228,11 @@ class ShardHeader:
         body = raw[: HEADER_SIZE - _HEADER_CRC.size]
         (stored,) = _HEADER_CRC.unpack_from(raw, HEADER_SIZE - _HEADER_CRC.size)
         f = _HEADER.unpack_from(raw)
-        if f[1] != VERSION:
+        if f[1] not in READ_VERSIONS:
             raise CacheFormatError(
-                f"{path}: shard format version {f[1]}, this reader knows version {VERSION}; "
-                "use a megatron-slkd release that matches the cache"
+                f"{path}: shard format version {f[1]}, this reader knows versions "
+                f"{', '.join(map(str, READ_VERSIONS))}; use a megatron-slkd release that "
+                "matches the cache"
             )
         if zlib.crc32(body) != stored:
             raise CacheFormatError(f"{path}: header CRC mismatch; the shard header is corrupt")
@@ -245,6 +256,7 @@ class ShardHeader:
             tcrc,
             icrc,
             scale,
+            txxh,
         ) = f
         try:
             enc = Encoding(ValueKind(kind), id_bits, vbits, ebytes, nsamp, scale, cbits)
@@ -265,7 +277,10 @@ class ShardHeader:
         )
         if bad:
             raise CacheFormatError(f"{path}: inconsistent header fields; the shard is corrupt")
-        return cls(enc, vocab, chunk, doc_start, ndocs, ntok, nent, nchunk, tcrc, icrc)
+        if f[1] == 1 and txxh != _NO_HASH:
+            raise CacheFormatError(f"{path}: inconsistent header fields; the shard is corrupt")
+        xxh = None if txxh == _NO_HASH else txxh.hex()
+        return cls(enc, vocab, chunk, doc_start, ndocs, ntok, nent, nchunk, tcrc, icrc, xxh)
 
 
 def section_offsets(h: ShardHeader) -> dict[str, int]:
@@ -367,3 +382,26 @@ def file_crc32(path, block: int = 1 << 24) -> int:
 def token_crc32(tokens: np.ndarray, value: int = 0) -> int:
     """CRC-32 of token ids as little-endian int32, whatever their stored dtype."""
     return crc32(np.asarray(tokens).astype("<i4", copy=False), value)
+
+
+class TokenHasher:
+    """The identity of a run of dataset tokens, fed in pieces: their CRC-32 (``crc32``,
+    kept for caches of format version 1) and XXH3-128 (``xxh128()``, 32 hex digits), both
+    of the token ids as little-endian int32, whatever their stored dtype.
+
+    XXH3-128 decides every content match (format version 2): at 128 bits, a chance match
+    between the documents of a trillion-token corpus is out of reach (about n^2 / 2^129
+    pairs), where CRC-32's 32 bits give one per 2^16 documents of one length.
+    """
+
+    def __init__(self) -> None:
+        self.crc32 = 0
+        self._xxh = xxhash.xxh3_128()
+
+    def update(self, tokens: np.ndarray) -> None:
+        data = np.ascontiguousarray(np.asarray(tokens).astype("<i4", copy=False))
+        self.crc32 = crc32(data, self.crc32)
+        self._xxh.update(memoryview(data).cast("B"))
+
+    def xxh128(self) -> str:
+        return self._xxh.hexdigest()

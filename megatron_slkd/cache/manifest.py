@@ -11,14 +11,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from megatron_slkd.cache.format import Encoding
+from megatron_slkd.cache.format import TOKEN_HASH_NAME, Encoding
 from megatron_slkd.errors import CacheFormatError
 from megatron_slkd.records import dump_record, load_record, parse_record
 
 __all__ = ["Manifest", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME"]
 
 FORMAT_NAME = "megatron-slkd-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: shards record CRC-32 token checksums only
 MANIFEST_NAME = "manifest.json"
 
 _SHARD_KEYS = {
@@ -47,8 +48,9 @@ class Manifest:
         encoding: entry packing (:class:`~megatron_slkd.cache.format.Encoding`).
         shards: per-shard records, sorted by ``doc_start``: ``file``,
             ``doc_start``, ``doc_end`` (exclusive), ``num_tokens``,
-            ``num_entries``, ``size_bytes``, ``token_crc32`` (of the dataset
-            tokens it covers), ``index_crc32``, ``file_crc32``.
+            ``num_entries``, ``size_bytes``, ``token_crc32`` and ``token_xxh128``
+            (of the dataset tokens it covers; the latter absent in caches written
+            before format version 2), ``index_crc32``, ``file_crc32``.
         extra: anything else (for example what a thinned cache derives from).
     """
 
@@ -73,6 +75,12 @@ class Manifest:
             "extra": self.extra,
         }
         return dump_record(d)
+
+    def unproven_shards(self) -> list[str]:
+        """The shards whose dataset tokens are recorded by CRC-32 only (written before
+        format version 2): a dataset whose tokens differ but collide in CRC-32 passes
+        their check."""
+        return [s["file"] for s in self.shards if not s.get(TOKEN_HASH_NAME)]
 
     def teacher_figures(self) -> dict[str, float] | None:
         """The teacher's mean figures recorded at build, over a sample of positions
@@ -162,10 +170,11 @@ class Manifest:
         try:
             if d.get("format") != FORMAT_NAME:
                 raise CacheFormatError(f"{path}: not a {FORMAT_NAME} manifest")
-            if d.get("format_version") != FORMAT_VERSION:
+            if d.get("format_version") not in READ_VERSIONS:
                 raise CacheFormatError(
                     f"{path}: manifest version {d.get('format_version')}, this reader knows "
-                    f"{FORMAT_VERSION}"
+                    f"{', '.join(map(str, READ_VERSIONS))}; use a megatron-slkd release that "
+                    "matches the cache"
                 )
             m = cls(
                 dataset=dict(d["dataset"]),
@@ -187,6 +196,11 @@ class Manifest:
                         raise CacheFormatError(
                             f"{path}: shards[{i}].{key} missing or not {typ.__name__}"
                         )
+                xxh = s.get(TOKEN_HASH_NAME)
+                if xxh is not None and not _is_hex128(xxh):
+                    raise CacheFormatError(
+                        f"{path}: shards[{i}].{TOKEN_HASH_NAME} must be 32 hex digits"
+                    )
                 if "/" in s["file"] or s["file"].startswith("."):
                     raise CacheFormatError(f"{path}: shards[{i}].file must be a plain file name")
                 if not 0 <= s["doc_start"] <= s["doc_end"]:
@@ -199,3 +213,11 @@ class Manifest:
             ) from exc
         m.shards.sort(key=lambda s: s["doc_start"])
         return m
+
+
+def _is_hex128(value) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == 32
+        and all(c in "0123456789abcdef" for c in value)
+    )

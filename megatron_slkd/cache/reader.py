@@ -18,6 +18,7 @@ import numpy as np
 from megatron_slkd.cache import _decode
 from megatron_slkd.cache.format import (
     HEADER_SIZE,
+    TOKEN_HASH_NAME,
     ShardHeader,
     ValueKind,
     chunk_crc,
@@ -63,6 +64,8 @@ def check_header(path, raw: bytes, size: int, record: dict, manifest: Manifest) 
         num_tokens=record["num_tokens"],
         num_entries=record["num_entries"],
         index_crc=record["index_crc32"],
+        token_crc=record["token_crc32"],
+        token_xxh128=record.get(TOKEN_HASH_NAME),
         encoding=manifest.encoding,
         vocab_size=manifest.tokenizer["vocab_size"],
     )

@@ -4,7 +4,7 @@
 Megatron-LM's ``tools/merge_datasets.py`` concatenates prefixes, and corpora
 get subset, re-ordered or deduplicated; the document ids every cache is keyed
 by change, the documents do not. Each document of the new dataset is matched
-by content (its length and the CRC-32 of its tokens as int32) to a document
+by content (its length and the XXH3-128 of its tokens as int32) to a document
 of one of the source datasets, and the source's entries are copied byte for
 byte (same encoding, no re-sampling) into shards of the new dataset's order.
 The draws were keyed by the source positions (decision D2), so the result is
@@ -12,8 +12,9 @@ the source's sample at each position: the same targets, not the ones
 ``build-cache`` with the same seed would draw on the new dataset.
 
 Each source dataset is checked against its cache first (lengths and every
-shard's token checksum), so a match by content is a match of the tokens the
-teacher saw. A document with no match is an error listing its id, unless
+shard's token identity), so a match by content is a match of the tokens the
+teacher saw; the new shards record the new dataset's token identity, read from
+it as they are written. A document with no match is an error listing its id, unless
 ``allow_missing``: it then gets empty rows (training falls back to
 cross-entropy there) and the manifest counts it.
 """
@@ -25,12 +26,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
-from megatron_slkd.cache import _decode, _encode
-from megatron_slkd.cache.format import crc32
+from megatron_slkd.cache import _decode
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
 from megatron_slkd.cache.reader import SparseKDCache, open_cache
+from megatron_slkd.cache.verify import token_identities
 from megatron_slkd.cache.writer import check_finished_shard, differences, write_shard_file
 from megatron_slkd.errors import (
     CacheCoverageError,
@@ -42,27 +44,29 @@ from megatron_slkd.errors import (
 __all__ = ["document_keys", "remap_cache"]
 
 
-def document_keys(ds, start: int = 0, end: int | None = None) -> np.ndarray:
-    """``[n]`` uint64 content keys of documents ``start..end-1``: length << 32 | CRC-32
-    of the tokens as little-endian int32 (the cache's token checksum rule)."""
+def document_keys(ds, start: int = 0, end: int | None = None) -> list[bytes]:
+    """Content keys of documents ``start..end-1``: the length (8 bytes, little-endian) and
+    the XXH3-128 of the tokens as little-endian int32 (the cache's token identity rule),
+    24 bytes each. At 128 bits a chance match among even 10^9 documents of one length is
+    out of reach (about n^2 / 2^129), where CRC-32 gave one in 2^32 pairs."""
     from megatron_slkd.data.indexed import iter_token_blocks
 
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
     end = len(lengths) if end is None else end
-    crcs = np.zeros(end - start, dtype=np.uint64)
+    keys: list[bytes] = []
     d = start
     for block in iter_token_blocks(ds, start, end):
         data = np.ascontiguousarray(block, dtype="<i4")
         view, at = memoryview(data).cast("B"), 0
         while at < len(data):
             n = int(lengths[d])
-            crcs[d - start] = crc32(view[4 * at : 4 * (at + n)])
+            digest = xxhash.xxh3_128_digest(view[4 * at : 4 * (at + n)])
+            keys.append(n.to_bytes(8, "little") + digest)
             at += n
             d += 1
-    while d < end:  # empty documents at the end
-        crcs[d - start] = crc32(b"")
-        d += 1
-    return (lengths[start:end].astype(np.uint64) << np.uint64(32)) | crcs
+    empty = xxhash.xxh3_128_digest(b"")
+    keys += [bytes(8) + empty] * (end - d)  # empty documents at the end
+    return keys
 
 
 class _Source:
@@ -122,7 +126,7 @@ def _common_manifest(caches: list[SparseKDCache]) -> Manifest:
     return caches[0].manifest
 
 
-def _write_shards(locks, mine, out, num_shards, plan, lengths, keys, base, readers, match,
+def _write_shards(locks, mine, out, num_shards, plan, lengths, new, base, readers, match,
                   bar) -> int:  # fmt: skip
     """Write this process's shards of the new cache; returns the tokens copied.
 
@@ -150,8 +154,8 @@ def _write_shards(locks, mine, out, num_shards, plan, lengths, keys, base, reade
                 src, doc = match[d]
                 pieces.append(readers[src].entries(doc, counts[at : at + n]))
             at += n
-        # The shard's token CRC from its documents' (the content keys hold them).
-        token_crc = _encode.crc32_fold(keys[a:b] & 0xFFFFFFFF, 4 * lengths[a:b])
+        # The new dataset's own tokens, read again: the record states what is there.
+        tokens = token_identities(new, [(a, b)])[0]
         total, shown = max(sum(p.size for p in pieces), 1), [0]
 
         def check(written, total=total, shown=shown, shard_tokens=shard_tokens):
@@ -164,8 +168,8 @@ def _write_shards(locks, mine, out, num_shards, plan, lengths, keys, base, reade
         write_shard_file(
             path, encoding=base.encoding, vocab_size=readers[0].cache.vocab_size,
             chunk_tokens=readers[0].cache.shards[0].header.chunk_tokens, doc_start=a,
-            lengths=lengths[a:b], counts=counts, entries=pieces, token_crc=token_crc,
-            sidecar=base, check=check,
+            lengths=lengths[a:b], counts=counts, entries=pieces, token_crc=tokens.crc32,
+            token_xxh128=tokens.xxh128(), sidecar=base, check=check,
         )  # fmt: skip
         bar.update(shard_tokens - shown[0])
         copied += shard_tokens
@@ -223,11 +227,10 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
                 f"give the right one with --source-prefix {c.path}=PREFIX"
             )
         source_datasets.append(ds)
-        for d, key in enumerate(document_keys(ds).tolist()):
+        for d, key in enumerate(document_keys(ds)):
             table.setdefault(key, (i, d))  # a duplicated document: its first copy
     lengths = np.asarray(new.sequence_lengths, dtype=np.int64)
-    new_keys = document_keys(new)
-    keys = new_keys.tolist()
+    keys = document_keys(new)
     match = [table.get(k) for k in keys]
     missing = [d for d, x in enumerate(match) if x is None and lengths[d] > 0]
     if missing and not allow_missing:
@@ -263,7 +266,7 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
                 clear_dead_owner(path, what="remapped shard", timeout_s=lock_timeout)
             else:
                 locks.append(claim(path, what="remapped shard", timeout_s=lock_timeout))
-        copied = _write_shards(locks, mine, out, num_shards, plan, lengths, new_keys, base,
+        copied = _write_shards(locks, mine, out, num_shards, plan, lengths, new, base,
                                readers, match, bar)  # fmt: skip
     finally:
         for lock in locks:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_slkd.cache.format import ValueKind, encoding_for
+from megatron_slkd.cache.format import TOKEN_HASH_NAME, ValueKind, encoding_for
 from megatron_slkd.cache.manifest import MANIFEST_NAME
 from megatron_slkd.cache.reader import open_cache
 from megatron_slkd.cache.writer import (
@@ -110,7 +110,7 @@ def thin_cache(source, output, num_samples: int, *, seed: int = 0) -> dict:
             pos += length
             if d % 256 == 255:
                 w.commit()
-        records.append(w.finalize(token_crc32=rec["token_crc32"], sidecar=base))
+        records.append(w.finalize(rec["token_crc32"], rec.get(TOKEN_HASH_NAME), sidecar=base))
     atomic_write_text(out / MANIFEST_NAME, dataclasses.replace(base, shards=records).to_json())
     return {"output": str(out), "num_samples": num_samples, "from": n, "shards": len(records)}
 

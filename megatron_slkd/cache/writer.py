@@ -22,8 +22,10 @@ import numpy as np
 
 from megatron_slkd.cache import _encode
 from megatron_slkd.cache.format import (
+    TOKEN_HASH_NAME,
     Encoding,
     ShardHeader,
+    TokenHasher,
     ValueKind,
     chunk_count_range,
     counts_nbytes,
@@ -133,6 +135,7 @@ def write_shard_file(
     counts: np.ndarray,
     entries,
     token_crc: int,
+    token_xxh128: str | None,
     teacher_stats: dict | None = None,
     sidecar: Manifest | None = None,
     check=None,
@@ -150,6 +153,8 @@ def write_shard_file(
         entries: the packed entry bytes in order, as any number of pieces
             (bytes-like or uint8 arrays), ``entry_bytes * counts.sum()`` in all.
         token_crc: CRC-32 of the shard's dataset tokens (see the format spec).
+        token_xxh128: their XXH3-128 (:class:`~megatron_slkd.cache.format.TokenHasher`);
+            None records none (a shard thinned from one of format version 1).
         teacher_stats: sums recorded with the shard (``build-cache``'s teacher figures).
         sidecar: a manifest without shards; ``<path>.json`` is written under it.
         check: called with the entry bytes written so far, after every 64 MiB and
@@ -189,6 +194,7 @@ def write_shard_file(
         num_entries=int(cum[-1]),
         num_chunks=num_chunks,
         token_crc=token_crc,
+        token_xxh128=token_xxh128,
     )
     off = section_offsets(ShardHeader(**fields, index_crc=0))
     bounds = chunk_offsets.astype(np.int64) * eb  # entry byte range of each chunk
@@ -267,6 +273,8 @@ def write_shard_file(
         index_crc32=header.index_crc,
         file_crc32=file_crc,
     )
+    if token_xxh128 is not None:
+        record[TOKEN_HASH_NAME] = token_xxh128
     if teacher_stats:
         record["teacher_stats"] = teacher_stats
     if sidecar is not None:
@@ -282,11 +290,14 @@ class ShardWriter:
     Use :meth:`open`, which starts a new shard or resumes an unfinished one.
     """
 
-    def __init__(self, path, state: dict, files):
+    def __init__(self, path, state: dict, files, hasher: TokenHasher | None = None):
         self.path = Path(path)
         self._state = state
         self._files = files
         self.encoding = Encoding.from_json(state["encoding"])
+        # The tokens' identity as they are added; a resumed writer has not seen the
+        # committed documents' tokens, so it takes the identity given to open().
+        self._hasher = hasher
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -300,6 +311,7 @@ class ShardWriter:
         doc_end: int,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         key: dict | None = None,
+        content: dict | None = None,
     ) -> ShardWriter:
         """Start writing ``path`` or resume it from its last commit.
 
@@ -307,6 +319,12 @@ class ShardWriter:
             key: what else the shard's content depends on (the builder passes its
                 manifest's compatibility key: dataset, tokenizer, teacher,
                 sampling); an unfinished shard resumes only under an equal key.
+            content: the identity of the dataset tokens of ``[doc_start, doc_end)``,
+                ``{"token_crc32", "token_xxh128"}`` (:func:`~megatron_slkd.cache.verify.
+                token_identities`): an unfinished shard resumes only onto the same
+                tokens, and a resumed shard records it (its committed documents' tokens
+                are not seen again). Without it, a writer that resumes must be given the
+                identity at :meth:`finalize`.
 
         Raises:
             CacheMismatchError: an unfinished shard at ``path`` was started
@@ -326,11 +344,20 @@ class ShardWriter:
             chunk_tokens=chunk_tokens,
             key=key,
         )
+        if content is not None:
+            params["content"] = content
         progress = partial / "progress.json"
         if progress.exists():
             state = load_record(progress, CacheFormatError)
             if state.get("params") != params:
                 have = dict(state.get("params") or {})
+                if content is not None and "content" not in have:
+                    raise CacheMismatchError(
+                        f"{partial}: an unfinished shard of documents {doc_start}..{doc_end - 1} "
+                        "was started by a megatron-slkd that kept no identity of its tokens, so "
+                        "this dataset cannot be shown to be the one it began on; remove it (or "
+                        "use another --output) to start over"
+                    )
                 diff = differences(have.pop("key", None) or {}, key or {})
                 diff += differences(have, {k: v for k, v in params.items() if k != "key"})
                 diff = "; ".join(diff[:6])
@@ -357,7 +384,7 @@ class ShardWriter:
             token_crc=0,
             sizes={name: 0 for name in _PARTS},
         )
-        writer = cls(path, state, files)
+        writer = cls(path, state, files, TokenHasher())
         writer.commit()
         return writer
 
@@ -368,9 +395,18 @@ class ShardWriter:
         Raises:
             CacheFormatError: the progress record is unreadable.
         """
-        state = load_record(progress_path, CacheFormatError)
-        params = state.get("params")
-        return params.get("key") if isinstance(params, dict) else None
+        return ShardWriter.started_params(progress_path).get("key")
+
+    @staticmethod
+    def started_params(progress_path) -> dict:
+        """What an unfinished shard was started with: ``key``, ``content`` (the identity
+        of its tokens; absent when started by a version that kept none), the range.
+
+        Raises:
+            CacheFormatError: the progress record is unreadable.
+        """
+        params = load_record(progress_path, CacheFormatError).get("params")
+        return params if isinstance(params, dict) else {}
 
     # -- properties -------------------------------------------------------
     @property
@@ -478,9 +514,11 @@ class ShardWriter:
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         if tokens is None:
-            st["token_crc"] = None
+            st["token_crc"], self._hasher = None, None
         elif st["token_crc"] is not None:
             st["token_crc"] = token_crc32(tokens, st["token_crc"])
+            if self._hasher is not None:
+                self._hasher.update(tokens)
 
     def _append(self, name: str, data) -> None:
         self._files[name].write(data)
@@ -494,20 +532,23 @@ class ShardWriter:
         partial = self.path.with_name(self.path.name + ".partial")
         atomic_write_text(partial / "progress.json", dump_record(self._state, indent=None))
 
-    def finalize(self, token_crc32: int | None = None, *, sidecar: Manifest | None = None) -> dict:
+    def finalize(self, token_crc32: int | None = None, token_xxh128: str | None = None, *,
+                 sidecar: Manifest | None = None) -> dict:  # fmt: skip
         """Write the shard file atomically, remove the partial state, return its manifest record.
 
         Args:
-            token_crc32: the shard's token checksum, required when documents were
-                added by length only.
+            token_crc32, token_xxh128: the shard's token identity, required when documents
+                were added by length only (``thin-cache`` copies its source shard's; an
+                ``token_xxh128`` of None, from a source of format version 1, records none).
             sidecar: a manifest without shards: ``<shard>.json`` (this shard's record
                 under it, what ``merge-cache`` collects) is written before the shard
                 file takes its final name, so a finished shard always has its sidecar.
+
+        Raises:
+            ValueError: the identity is unknown (added by length, or resumed without
+                ``content``), or the tokens added are not those ``content`` describes.
         """
-        if token_crc32 is not None:
-            self._state["token_crc"] = token_crc32
-        if self._state["token_crc"] is None:
-            raise ValueError(f"{self.path}: documents were added by length; pass token_crc32")
+        xxh = self._token_xxh128(token_crc32, token_xxh128)
         if self.next_document != self.doc_end:
             raise ValueError(
                 f"{self.path}: finalize after {self._state['docs']} documents; documents "
@@ -531,6 +572,7 @@ class ShardWriter:
             counts=np.fromfile(partial / "counts.bin", dtype=np.uint8),
             entries=[entries],
             token_crc=st["token_crc"],
+            token_xxh128=xxh,
             teacher_stats=st.get("stats"),
             sidecar=sidecar,
         )
@@ -539,6 +581,27 @@ class ShardWriter:
         del entries
         shutil.rmtree(partial)
         return record
+
+    def _token_xxh128(self, token_crc32: int | None, token_xxh128: str | None) -> str | None:
+        """The shard's 128-bit token identity (and its CRC-32 into the state), checked
+        against what ``open`` was given."""
+        st = self._state
+        if token_crc32 is not None:  # the caller's, for documents added by length
+            st["token_crc"] = token_crc32
+            return token_xxh128
+        if st["token_crc"] is None:
+            raise ValueError(f"{self.path}: documents were added by length; pass token_crc32")
+        content = st["params"].get("content")
+        seen = None if self._hasher is None else self._hasher.xxh128()
+        if content is None and seen is None:
+            raise ValueError(f"{self.path}: resumed without the identity of its tokens; pass "
+                             "content= to open()")  # fmt: skip
+        if content is not None and (st["token_crc"] != content["token_crc32"]
+                                    or seen not in (None, content["token_xxh128"])):  # fmt: skip
+            raise ValueError(
+                f"{self.path}: the tokens added are not those whose identity open() was given"
+            )
+        return seen if content is None else content["token_xxh128"]
 
     def close(self) -> None:
         """Close the partial files without finishing (the shard stays resumable)."""

@@ -80,7 +80,7 @@ def _open_checked(prefix: str, cache_dir: str, check_tokens: bool,
                   record: dict | None = None, config=None) -> SparseKDCache:  # fmt: skip
     """The cache of ``prefix``, opened and checked against the data at ``prefix`` once per
     process and pair (the train, validation and test splits of one prefix share it)."""
-    from megatron_slkd.cache.verify import check_alignment, tokenizer_problems
+    from megatron_slkd.cache.verify import check_content, tokenizer_problems
     from megatron_slkd.data.indexed import open_dataset
     from megatron_slkd.storage import is_object_url
 
@@ -110,7 +110,9 @@ def _open_checked(prefix: str, cache_dir: str, check_tokens: bool,
                     missing,
                     prefix,
                 )
-            problems = check_alignment(cache, open_dataset(prefix), tokens=check_tokens)
+            # The dataset's tokens are read only where no verdict says they were shown
+            # equal to the cache's (a first start, verify-cache, or the ranks' shared check).
+            problems = check_content(cache, prefix, open_dataset(prefix), tokens=check_tokens)
             problems += tokenizer_problems(cache, prefix, record)
             if problems:
                 raise CacheMismatchError(

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_slkd.cache.format import encoding_for
+from megatron_slkd.cache.format import TOKEN_HASH_NAME, encoding_for
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
+from megatron_slkd.cache.verify import token_identities
 from megatron_slkd.cache.writer import (
     ShardWriter,
     check_finished_shard,
@@ -429,6 +430,7 @@ def _build_shard(cfg, teacher, par, ds, doc_tokens0, path, doc_range, base, bar,
             doc_start=doc_range[0],
             doc_end=doc_range[1],
             key=base.compatibility_key(),
+            content=shard_content(ds, doc_range),
         )
     )
     first = par.agree(writer.next_document if writer else None)
@@ -719,6 +721,13 @@ def build_cache(cfg: BuildConfig, teacher, *, locks=(), watch=None,
     return report
 
 
+def shard_content(ds, doc_range: tuple[int, int]) -> dict:
+    """The identity of the tokens of documents ``doc_range`` of ``ds``, as a shard being
+    written keeps it (its resume key) and records it when finished."""
+    h = token_identities(ds, [doc_range])[0]
+    return {"token_crc32": h.crc32, TOKEN_HASH_NAME: h.xxh128()}
+
+
 def check_existing_shards(cfg: BuildConfig, teacher_hash: str | None) -> None:
     """Refuse, before a teacher loads, to continue shards started with other settings.
 
@@ -744,10 +753,12 @@ def check_existing_shards(cfg: BuildConfig, teacher_hash: str | None) -> None:
         if sidecar.exists():
             key, what = Manifest.load(sidecar).compatibility_key(), f"finished shard {sidecar}"
         elif progress.exists():
-            key = ShardWriter.started_key(progress)
-            what = f"unfinished shard {progress.parent}"
+            params = ShardWriter.started_params(progress)
+            key, what = params.get("key"), f"unfinished shard {progress.parent}"
             if key is None:  # started by a version that kept no key: the writer decides
                 continue
+            # The documents' tokens: read for the shards that resume, and only those.
+            _check_same_tokens(what, params, lambda a, b: shard_content(ds, (a, b)))
         else:
             continue
         have = {k: key.get(k) for k in want}
@@ -768,6 +779,25 @@ def check_existing_shards(cfg: BuildConfig, teacher_hash: str | None) -> None:
                 f"{what} was built with other settings ({'; '.join(diff[:6])}){hint}; rerun "
                 "with those settings, or remove it (or use another --output) to start over"
             )
+
+
+def _check_same_tokens(what: str, params: dict, content) -> None:
+    """Refuse to resume an unfinished shard onto other tokens than it started on
+    (``content(a, b)``: the dataset's identity of documents a..b-1)."""
+    a, b = params["doc_start"], params["doc_end"]
+    if "content" not in params:
+        raise CacheMismatchError(
+            f"{what} was started by a megatron-slkd that kept no identity of its tokens, so "
+            "this dataset cannot be shown to be the one it began on; remove it (or use "
+            "another --output) to start over"
+        )
+    if params["content"].get(TOKEN_HASH_NAME) != content(a, b)[TOKEN_HASH_NAME]:
+        raise CacheMismatchError(
+            f"{what} was started on other tokens: documents {a}..{b - 1} of the dataset have "
+            "the same lengths but not the same content (another tokenization or corpus at "
+            "this prefix?); rerun on the dataset it was started on, or remove it (or use "
+            "another --output) to start over"
+        )
 
 
 def claim_shards(cfg: BuildConfig, timeout_s: float) -> list:

@@ -8,12 +8,12 @@ in Hugging Face's own format (:mod:`megatron_slkd.gguf`).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
 import torch
 
+from megatron_slkd import identity
 from megatron_slkd.errors import SlkdError, quoted
 from megatron_slkd.teacher.windows import pad_windows
 
@@ -37,48 +37,25 @@ def smollm2_gguf() -> Path | None:
 
 
 def file_sha256(path: Path) -> str | None:
-    """``sha256:<hex>`` of a file's bytes (None when ``path`` is not a file)."""
-    if not Path(path).is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-_WHOLE_FILE = 64 << 20  # files up to this size are hashed whole in a directory
-_BLOCK = 1 << 20
+    """``sha256:<hex>`` of a file's bytes (None when ``path`` is not a file); remembered
+    per content (:func:`megatron_slkd.identity.file_sha256`)."""
+    return identity.file_sha256(path) if Path(path).is_file() else None
 
 
 def checkpoint_hash(path) -> str | None:
     """An identity of a teacher checkpoint's content, found without loading it.
 
-    A file: ``sha256:`` of its bytes. A directory: ``sampled-sha256:`` over its
-    files in name order: each file's relative name and size, and its bytes
-    whole when at most 64 MiB, else three 1 MiB blocks (start, middle, end), so
-    a directory of large weight files is identified in milliseconds (two
-    different trainings of one architecture differ in every block). None for a
-    name that is not a local path.
+    A file: ``sha256:`` of every byte. A directory: ``sha256-tree:`` over its files in
+    name order, each file's relative name, size and SHA-256 of every byte. Each file is
+    read once per content and its hash remembered (:mod:`megatron_slkd.identity`), so a
+    later build costs a ``stat`` per file. None for a name that is not a local path.
     """
     p = Path(path)
     if p.is_file():
         return file_sha256(p)
     if not p.is_dir():
         return None
-    h = hashlib.sha256()
-    for f in sorted(x for x in p.rglob("*") if x.is_file()):
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(p).as_posix()}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if size <= _WHOLE_FILE:
-                while block := fh.read(1 << 24):
-                    h.update(block)
-            else:
-                for at in (0, size // 2, size - _BLOCK):
-                    fh.seek(at)
-                    h.update(fh.read(_BLOCK))
-    return "sampled-sha256:" + h.hexdigest()
+    return identity.tree_sha256(p)
 
 
 class HFTeacher:

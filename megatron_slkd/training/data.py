@@ -40,6 +40,7 @@ __all__ = [
     "data_prefixes",
     "data_blends",
     "read_tokenizer",
+    "check_cache_contents",
     "build_datasets",
     "first_reordered",
     "make_loader",
@@ -208,6 +209,33 @@ def check_one_teacher(manifests: dict, flag: str) -> None:
                 f"same teacher and method, or give {flag} to distill from all of them on purpose"
             )
 
+
+
+def check_cache_contents(cfg: TrainConfig, *, rank: int, size: int, all_gather) -> None:
+    """Show every local cache of the run to hold the targets of its prefix's tokens, once per
+    (dataset, cache) pair: the pairs without a verdict have their tokens read by all ``size``
+    ranks together, each its share of the shards (:func:`~megatron_slkd.cache.verify.
+    check_contents`); later starts find the verdict and read no token. Caches on object
+    storage are checked where the datasets are built. Every rank calls it.
+
+    Raises:
+        CacheMismatchError: a shard's tokens differ from its prefix's (on every rank).
+    """
+    if cfg.kd.ce_only or not cfg.kd.caches or not cfg.kd.check_tokens:
+        return
+    from megatron_slkd.cache import open_cache
+    from megatron_slkd.cache.verify import check_contents
+    from megatron_slkd.storage import is_object_url
+
+    caches = {str(k): str(v) for k, v in cfg.kd.caches.items()}
+    pairs = [(p, open_cache(caches[p])) for p in data_prefixes(cfg)[0]
+             if not (is_object_url(p) or is_object_url(caches[p]))]  # fmt: skip
+    problems = check_contents(pairs, rank=rank, size=size, all_gather=all_gather)
+    if problems:
+        raise CacheMismatchError(
+            f"{len(problems)} cache shard(s) do not match their data prefix: "
+            + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else "")
+        )
 
 
 def read_tokenizer(cfg: TrainConfig, *, check: bool = True) -> DataTokenizer:

@@ -55,6 +55,13 @@ def _agree(error: BaseException | None) -> None:
         raise ConfigError("another rank refused the run during setup; see its error above")
 
 
+def _all_gather(obj) -> list:
+    """``obj`` of every rank, in rank order."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @contextlib.contextmanager
 def _checked():
     """Run a setup step on every rank and make them agree on whether it worked."""
@@ -414,6 +421,7 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
     )
     from megatron_slkd.training.data import (
         build_datasets,
+        check_cache_contents,
         handover_deadline,
         make_loader,
         read_tokenizer,
@@ -442,6 +450,8 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
             owner.append(claim(run_dir / "run", what="training run",
                                timeout_s=cfg.checkpoint.lock_timeout))  # fmt: skip
         tokenizer = read_tokenizer(cfg, check=dist.get_rank() == 0)  # _checked shares the verdict
+        check_cache_contents(cfg, rank=dist.get_rank(), size=dist.get_world_size(),
+                             all_gather=_all_gather)  # fmt: skip
         if cfg.checkpoint.reshardable and cfg.parallel.distributed_optimizer:
             from megatron.core.optimizer import distrib_optimizer
 

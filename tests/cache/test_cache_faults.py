@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megatron_slkd.cache import ShardWriter, encoding_for, open_cache
-from megatron_slkd.cache.format import HEADER_SIZE, VERSION
+from megatron_slkd.cache.format import HEADER_SIZE, VERSION, TokenHasher
 from megatron_slkd.errors import (
     CacheCoverageError,
     CacheFormatError,
@@ -28,17 +28,23 @@ _CHILD = textwrap.dedent(
     """
     import sys, numpy as np
     from megatron_slkd.cache import ShardWriter, encoding_for
+    from megatron_slkd.cache.format import TokenHasher
     path, ndocs = sys.argv[1], int(sys.argv[2])
     enc = encoding_for("rs", 500, num_samples=50)
+    tokens = lambda d: np.random.default_rng(10**6 + d).integers(0, 500, 20 + d % 37)
+    h = TokenHasher()
+    for d in range(ndocs):
+        h.update(tokens(d))
     w = ShardWriter.open(path, encoding=enc, vocab_size=500, doc_start=0, doc_end=ndocs,
-                         chunk_tokens=128)
+                         chunk_tokens=128,
+                         content={"token_crc32": h.crc32, "token_xxh128": h.xxh128()})
     while w.next_document < ndocs:
         d = w.next_document
         rng = np.random.default_rng(d)
         n = 20 + d % 37
         counts = np.zeros((n, 4), np.int64); counts[:, 0] = 47; counts[:, 1:] = 1
         ids = np.stack([rng.choice(500, 4, replace=False) for _ in range(n)])
-        w.add_document(rng.integers(0, 500, n), ids, counts / 50, np.full(n, 4), counts)
+        w.add_document(tokens(d), ids, counts / 50, np.full(n, 4), counts)
         if d % 3 == 2:
             w.commit()
             print("committed", d, flush=True)
@@ -65,7 +71,11 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
 
 def test_resume_drops_uncommitted_documents(tmp_path):
     enc = encoding_for("rs", 100, num_samples=4)
-    kw = dict(encoding=enc, vocab_size=100, doc_start=10, doc_end=13)
+    h = TokenHasher()
+    for _ in range(3):
+        h.update(np.arange(3))
+    kw = dict(encoding=enc, vocab_size=100, doc_start=10, doc_end=13,
+              content={"token_crc32": h.crc32, "token_xxh128": h.xxh128()})  # fmt: skip
     w = ShardWriter.open(tmp_path / "s", **kw)
     one = (
         np.arange(3),
@@ -113,7 +123,7 @@ def test_wrong_magic_and_version(synthetic_cache):
         open_cache(synthetic_cache.path)
     raw[8:12] = (VERSION + 1).to_bytes(4, "little")
     p.write_bytes(raw)
-    with pytest.raises(CacheFormatError, match="version 2"):
+    with pytest.raises(CacheFormatError, match="version 3"):
         open_cache(synthetic_cache.path)
 
 

@@ -169,13 +169,21 @@ def test_shard_bytes_follow_the_spec(synthetic_cache):
 
     rec = synthetic_cache.manifest.shards[0]
     raw = (synthetic_cache.path / rec["file"]).read_bytes()
-    assert raw[:8] == b"SLKDSHRD" and struct.unpack_from("<II", raw, 8) == (1, 128)
+    assert raw[:8] == b"SLKDSHRD" and struct.unpack_from("<II", raw, 8) == (2, 128)
     kind, id_bits, value_bits, entry_bytes = raw[16:20]
     num_samples, count_bits, vocab, chunk = struct.unpack_from("<HHII", raw, 20)
     doc_start, ndocs, ntok, nent, nchunks = struct.unpack_from("<5Q", raw, 32)
     assert (kind, num_samples, vocab, doc_start) == (0, 50, 300, 0)
     assert (ndocs, ntok, nent) == (rec["doc_end"], rec["num_tokens"], rec["num_entries"])
     assert struct.unpack_from("<I", raw, 124)[0] == zlib.crc32(raw[:124])
+    # The token identity: CRC-32 at 72 and XXH3-128 (canonical bytes) at 88, of the
+    # shard's tokens as little-endian int32.
+    import xxhash
+
+    tokens = np.concatenate(synthetic_cache.docs[rec["doc_start"] : rec["doc_end"]]).astype("<i4")
+    assert struct.unpack_from("<I", raw, 72)[0] == zlib.crc32(tokens.tobytes())
+    assert raw[88:104] == xxhash.xxh3_128_digest(tokens.tobytes())
+    assert raw[88:104].hex() == rec["token_xxh128"] and raw[104:124] == bytes(20)
     off = 128
     doc_off = np.frombuffer(raw, "<u8", ndocs + 1, off)
     off += 8 * (ndocs + 1)

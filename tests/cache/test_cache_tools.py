@@ -81,7 +81,7 @@ def test_verify_finds_misalignment(tmp_path):
     docs = [d.copy() for d in cache.docs]
     docs[4] = docs[4][::-1].copy()  # same length, different tokens
     r = verify_cache(cache.path, write_dataset(tmp_path / "tok", docs))
-    assert not r["ok"] and "token checksum of documents 3..5" in r["problems"][0]
+    assert not r["ok"] and "token identity of documents 3..5" in r["problems"][0]
     docs = [d.copy() for d in cache.docs]
     docs[7] = np.concatenate([docs[7], [1]])
     r = verify_cache(cache.path, write_dataset(tmp_path / "len", docs))

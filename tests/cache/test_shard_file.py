@@ -42,7 +42,8 @@ def _shard(rng, num_docs=7, chunk_tokens=16):
     counts[ends[lengths > 0] - 1] = 0  # a document's last position has none
     entries = rng.integers(0, 256, int(counts.sum()) * enc.entry_bytes).astype(np.uint8)
     kw = dict(encoding=enc, vocab_size=1000, chunk_tokens=chunk_tokens, doc_start=3,
-              lengths=lengths, counts=counts, token_crc=1234)  # fmt: skip
+              lengths=lengths, counts=counts, token_crc=1234,
+              token_xxh128="00112233445566778899aabbccddeeff")  # fmt: skip
     return kw, entries
 
 
@@ -65,6 +66,7 @@ def test_any_split_of_the_entries_writes_the_same_file_and_its_crcs(tmp_path, se
                  encoding=kw["encoding"], shards=[whole])  # fmt: skip
     shard = ShardFile(tmp_path, whole, m)
     assert shard.header.token_crc == 1234 and shard.header.doc_start == 3
+    assert shard.header.token_xxh128 == whole["token_xxh128"] == kw["token_xxh128"]
     bits, c, eb = kw["encoding"].count_bits, kw["chunk_tokens"], kw["encoding"].entry_bytes
     n = shard.header.num_chunks
     assert n == -(-len(kw["counts"]) // c) and n > 2

@@ -149,7 +149,7 @@ def test_a_cache_of_other_tokens_with_the_same_lengths_is_refused_by_default(
         _config(root, data, 16, 0, "100,0,0", True, caches=caches), blend=([other], None),
         path_to_cache=str(tmp_path / "index-cache"),
     )  # fmt: skip
-    with pytest.raises(CacheMismatchError, match=r"token checksum of documents 0\.\.\d+ differs"):
+    with pytest.raises(CacheMismatchError, match=r"token identity of documents 0\.\.\d+ differs"):
         BlendedMegatronDatasetBuilder(SparseKDGPTDataset, [10, 0, 0], lambda: True, cfg).build()
     # The explicit opt-out accepts it, and says so in the log.
     with caplog.at_level("WARNING", logger="megatron_slkd"):

@@ -14,6 +14,7 @@ import pytest
 from helpers import SLKD
 
 from megatron_slkd.cache import ShardWriter, encoding_for
+from megatron_slkd.cache.format import TokenHasher
 from megatron_slkd.teacher import smollm2_gguf
 
 pytestmark = [
@@ -93,7 +94,11 @@ def test_sigkill_mid_build_then_resume_is_byte_identical(tiny, clean, tmp_path):
 
 def test_out_of_disk_space_leaves_no_finished_shard(tmp_path, monkeypatch):
     enc = encoding_for("rs", 100, num_samples=4)
-    kw = dict(encoding=enc, vocab_size=100, doc_start=0, doc_end=2)
+    h = TokenHasher()
+    for _ in range(2):
+        h.update(np.arange(5))
+    kw = dict(encoding=enc, vocab_size=100, doc_start=0, doc_end=2,
+              content={"token_crc32": h.crc32, "token_xxh128": h.xxh128()})  # fmt: skip
     w = ShardWriter.open(tmp_path / "s.slkd", **kw)
     doc = (
         np.arange(5),
