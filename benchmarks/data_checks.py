@@ -1,4 +1,4 @@
-"""Pre-training data checks on a large dataset: the token-id scan and the token checksums.
+"""Pre-training data checks on a large dataset: the token-id scan and the content check.
 
     python benchmarks/data_checks.py [--tokens 1000000000] [--dir /tmp/slkd-bench] [--keep]
         [--no-save]
@@ -10,9 +10,13 @@ unless ``--keep``), then measures, from page cache, on this machine:
 
 - ``check_dataset``'s full scan for the largest token id and the ids the
   documents end with (target: at least 100M tokens/s on one core);
-- ``token_checksums`` over 64 shard ranges, what opening a cache for training
-  costs with token checksums on (target: a few seconds for 1B tokens), with one
-  thread and with every CPU;
+- the hashes themselves, GB/s on one core over 256 MiB in memory: CRC-32
+  (zlib-ng), XXH3-128 (the content identity), SHA-256 (teacher files);
+- ``token_identities`` over 64 shard ranges: the first start of ``slkd train``
+  on a (dataset, cache) pair reads every token once (later starts find the
+  verdict), with one thread and with every CPU;
+- ``check_content`` with a verdict recorded: what every later start costs;
+- ``document_keys``, the per-document 128-bit keys ``remap-cache`` matches by;
 - ``index_key``, the digest of the document layout every rank of ``slkd train``
   (and every SparseKDGPTDataset config) takes for megatron-core's sample-index
   key: from a cold page cache (as root: the caches are dropped first) and warm.
@@ -55,6 +59,59 @@ def write_dataset(prefix: str, tokens: int, seed: int = 0) -> None:
     builder.finalize(prefix + ".idx")
 
 
+def hash_rates(save: bool) -> None:
+    """GB/s of each hash on one core, over 256 MiB already in memory."""
+    import hashlib
+
+    import xxhash
+
+    from megatron_slkd.cache.format import crc32
+
+    data = np.random.default_rng(0).integers(0, 256, 1 << 28, dtype=np.uint8).tobytes()
+    for name, fn in (("crc32", crc32), ("xxh3_128", xxhash.xxh3_128_digest),
+                     ("sha256", lambda b: hashlib.sha256(b).digest())):  # fmt: skip
+        dt = min(_timed(fn, data) for _ in range(3))
+        record("data_checks", "hash_rate", save, hash=name, gb_per_s=round(len(data) / dt / 1e9, 2))
+
+
+def verdict_path(prefix, ds, ranges, save: bool, tokens: int) -> None:
+    """A cache of ``ranges`` on the dataset (sidecar records only: the check reads the
+    manifest's shard list and the index), then ``check_content`` twice: the first reads
+    every token and records the verdict, the second finds it."""
+    import tempfile
+
+    from megatron_slkd.cache.manifest import Manifest
+    from megatron_slkd.cache.verify import check_content, token_identities
+
+    class _Cache:  # what the content check reads of an open cache
+        def __init__(self, manifest, path):
+            self.manifest, self.path = manifest, Path(path)
+            self.num_documents = len(ds.sequence_lengths)
+            self.shards = [_Shard(ds, a, b) for a, b in ranges]
+
+    class _Shard:
+        def __init__(self, ds, a, b):
+            offsets = np.concatenate([[0], np.cumsum(ds.sequence_lengths[a:b])])
+            self.doc_offsets, self.path = offsets.astype(np.uint64), f"shard {a}..{b}"
+
+    found = token_identities(ds, ranges)
+    shards = [dict(file=f"s{i}", doc_start=a, doc_end=b, token_crc32=h.crc32,
+                   token_xxh128=h.xxh128(), file_crc32=0, num_tokens=0)
+              for i, ((a, b), h) in enumerate(zip(ranges, found, strict=True))]  # fmt: skip
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["SLKD_CACHE_HOME"] = home
+        m = Manifest(dataset={}, tokenizer={}, teacher={}, sampling={}, encoding=None,
+                     shards=shards)  # fmt: skip
+        cache = _Cache(m, Path(home) / "cache")
+        for ext in (".bin", ".idx"):  # settled: written more than two seconds ago
+            st = os.stat(prefix + ext)
+            os.utime(prefix + ext, ns=(st.st_atime_ns, st.st_mtime_ns - 10**10))
+        first = _timed(lambda: check_content(cache, prefix, ds) == [] or sys.exit("misaligned"))
+        later = min(_timed(lambda: check_content(cache, prefix, ds)) for _ in range(3))
+    record("data_checks", "content_check", save, tokens=tokens, shards=len(ranges),
+           first_start_seconds=round(first, 3), later_start_seconds=round(later, 4))
+
+
 def _timed(fn, *args) -> float:
     t = time.perf_counter()
     fn(*args)
@@ -70,7 +127,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the dataset for a rerun")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
-    from megatron_slkd.cache.verify import token_checksums
+    from megatron_slkd.cache.remap import document_keys
+    from megatron_slkd.cache.verify import token_identities
     from megatron_slkd.data.describe import scan_dataset
     from megatron_slkd.data.indexed import open_dataset
 
@@ -98,17 +156,24 @@ def main() -> None:
     record("data_checks", "max_id_scan", save, tokens=args.tokens, seconds=round(dt, 3),
            tokens_per_s=round(args.tokens / dt), documents=scan["num_documents"],
            target_tokens_per_s=100_000_000)  # fmt: skip
+    hash_rates(save)
     ds = open_dataset(prefix)
     n = len(ds.sequence_lengths)
     cuts = np.linspace(0, n, 65).astype(int)
     ranges = list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
     for workers in (1, len(os.sched_getaffinity(0))):
         t = time.perf_counter()
-        token_checksums(ds, ranges, workers=workers)
+        token_identities(ds, ranges, workers=workers)
         dt = time.perf_counter() - t
-        record("data_checks", "token_checksums", save, tokens=args.tokens, shards=64,
-               threads=workers, seconds=round(dt, 3),
-               tokens_per_s=round(args.tokens / dt))  # fmt: skip
+        record("data_checks", "token_identities", save, tokens=args.tokens, shards=64,
+               threads=workers, seconds=round(dt, 3), tokens_per_s=round(args.tokens / dt),
+               seconds_per_1t_tokens_one_process=round(dt * 1000))  # fmt: skip
+    verdict_path(prefix, ds, ranges, save, args.tokens)
+    t = time.perf_counter()
+    keys = document_keys(ds, 0, min(n, 200_000))
+    dt = time.perf_counter() - t
+    record("data_checks", "document_keys", save, documents=len(keys), seconds=round(dt, 3),
+           documents_per_s=round(len(keys) / dt))  # fmt: skip
     from megatron_slkd.data.indexed import index_key
 
     cold = None

@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from megatron_slkd.cache.format import TOKEN_HASH_NAME
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.reader import ShardFile
 from megatron_slkd.cache.writer import atomic_write_text
@@ -55,7 +56,8 @@ def collect_shards(inputs: list) -> tuple[Manifest, list[tuple[Path, dict]]]:
     for d, m, _ in found:
         for s in m.shards:
             # The same shard reached twice (a sidecar next to a manifest) counts once.
-            shards.setdefault((s["doc_start"], s["doc_end"], s["file_crc32"]), (d, s))
+            same = (s["doc_start"], s["doc_end"], s["file_crc32"], s.get(TOKEN_HASH_NAME))
+            shards.setdefault(same, (d, s))
     return base, sorted(shards.values(), key=lambda x: (x[1]["doc_start"], x[1]["doc_end"]))
 
 

@@ -243,7 +243,7 @@ def check_content(cache: SparseKDCache, prefix: str, ds, *, tokens: bool = True)
 
 
 def check_contents(pairs: list[tuple[str, SparseKDCache]], *, rank: int = 0, size: int = 1,
-                   all_gather=None, workers: int | None = None) -> list[str]:  # fmt: skip
+                   all_gather=None, workers: int | None = None) -> dict:  # fmt: skip
     """The content check of several (dataset prefix, cache) pairs spread over ``size``
     ranks: the pairs without a verdict (rank 0's view, shared) have their shards' tokens
     read, each rank taking its share by tokens (and ``workers`` threads); the problems
@@ -252,6 +252,10 @@ def check_contents(pairs: list[tuple[str, SparseKDCache]], *, rank: int = 0, siz
     Args:
         all_gather: ``f(obj) -> [obj of rank 0, ..., obj of rank size - 1]`` across the
             ranks (``torch.distributed.all_gather_object``); None for one rank.
+
+    Returns:
+        ``problems`` (the same on every rank), the prefixes whose tokens were ``read``
+        and those ``known`` from a verdict, ``tokens`` read by all ranks, ``seconds``.
     """
     from megatron_slkd.data.indexed import open_dataset
 
@@ -273,7 +277,13 @@ def check_contents(pairs: list[tuple[str, SparseKDCache]], *, rank: int = 0, siz
             note_aligned(keys[i], started, record=rank == 0)
     for _, cache in pairs:
         _warn_unproven(cache)
-    return [p for _, p in problems]
+    return {
+        "problems": [p for _, p in problems],
+        "read": [pairs[i][0] for i in need],
+        "known": [p for i, (p, _) in enumerate(pairs) if i not in need],
+        "tokens": sum(pairs[i][1].num_tokens for i in need),
+        "seconds": round(time.time() - started, 3),
+    }
 
 
 def tokenizer_problems(cache: SparseKDCache, prefix: str, record: dict | None = None) -> list[str]:

@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
+from megatron_slkd import identity
 from megatron_slkd.cache.format import file_crc32
 from megatron_slkd.data.tokenizers import MEGATRON_TOKENIZER_TYPES, Tokenizer, megatron_tokenizer
 from megatron_slkd.errors import DataMismatchError, DataPreparationError
@@ -289,8 +291,27 @@ def check_dataset(prefix: str, record: dict, *, progress: bool = True) -> dict:
     """
     scan = record.get("scan")
     if not (scan and _same_files(prefix, scan)):
-        scan = scan_dataset(prefix, progress=progress)
+        scan = _remembered_scan(prefix, progress)
     _check_scan(prefix, record["tokenizer"], scan)
+    return scan
+
+
+def _remembered_scan(prefix: str, progress: bool) -> dict:
+    """The scan of the dataset files now at ``prefix``: remembered by their stat
+    (:mod:`megatron_slkd.identity`) from an earlier start, else read and remembered, so a
+    dataset without a scan in its record (made by Megatron-LM's tools) is read once."""
+    try:
+        key = {ext: identity.stat_key(prefix + ext) for ext in (".bin", ".idx")}
+    except OSError:
+        return scan_dataset(prefix, progress=progress)  # the scan names what is missing
+    known = identity.recall("scans", key)
+    if known is not None:
+        return known["value"]
+    started = time.time()
+    scan = scan_dataset(prefix, progress=progress)
+    if all(identity.settled(k, started) and identity.stat_key(k["path"]) == k
+           for k in key.values()):  # fmt: skip
+        identity.remember("scans", key, scan)
     return scan
 
 

@@ -211,18 +211,21 @@ def check_one_teacher(manifests: dict, flag: str) -> None:
 
 
 
-def check_cache_contents(cfg: TrainConfig, *, rank: int, size: int, all_gather) -> None:
+def check_cache_contents(cfg: TrainConfig, *, rank: int, size: int, all_gather) -> str | None:
     """Show every local cache of the run to hold the targets of its prefix's tokens, once per
     (dataset, cache) pair: the pairs without a verdict have their tokens read by all ``size``
     ranks together, each its share of the shards (:func:`~megatron_slkd.cache.verify.
     check_contents`); later starts find the verdict and read no token. Caches on object
     storage are checked where the datasets are built. Every rank calls it.
 
+    Returns:
+        A line for the log (None when there is nothing to check).
+
     Raises:
         CacheMismatchError: a shard's tokens differ from its prefix's (on every rank).
     """
     if cfg.kd.ce_only or not cfg.kd.caches or not cfg.kd.check_tokens:
-        return
+        return None
     from megatron_slkd.cache import open_cache
     from megatron_slkd.cache.verify import check_contents
     from megatron_slkd.storage import is_object_url
@@ -230,12 +233,17 @@ def check_cache_contents(cfg: TrainConfig, *, rank: int, size: int, all_gather) 
     caches = {str(k): str(v) for k, v in cfg.kd.caches.items()}
     pairs = [(p, open_cache(caches[p])) for p in data_prefixes(cfg)[0]
              if not (is_object_url(p) or is_object_url(caches[p]))]  # fmt: skip
-    problems = check_contents(pairs, rank=rank, size=size, all_gather=all_gather)
+    r = check_contents(pairs, rank=rank, size=size, all_gather=all_gather)
+    problems = r["problems"]
     if problems:
         raise CacheMismatchError(
             f"{len(problems)} cache shard(s) do not match their data prefix: "
             + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else "")
         )
+    if not r["read"]:
+        return f"cache contents: {len(r['known'])} prefix(es) known to match (no token read)"
+    return (f"cache contents: {len(r['read'])} prefix(es) shown to match ({r['tokens']:,} tokens "
+            f"read by {size} rank(s) in {r['seconds']:.1f} s), {len(r['known'])} known")
 
 
 def read_tokenizer(cfg: TrainConfig, *, check: bool = True) -> DataTokenizer:

@@ -450,8 +450,10 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
             owner.append(claim(run_dir / "run", what="training run",
                                timeout_s=cfg.checkpoint.lock_timeout))  # fmt: skip
         tokenizer = read_tokenizer(cfg, check=dist.get_rank() == 0)  # _checked shares the verdict
-        check_cache_contents(cfg, rank=dist.get_rank(), size=dist.get_world_size(),
-                             all_gather=_all_gather)  # fmt: skip
+        contents = check_cache_contents(cfg, rank=dist.get_rank(), size=dist.get_world_size(),
+                                        all_gather=_all_gather)  # fmt: skip
+        if contents:
+            _log0(contents)
         if cfg.checkpoint.reshardable and cfg.parallel.distributed_optimizer:
             from megatron.core.optimizer import distrib_optimizer
 

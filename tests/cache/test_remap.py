@@ -153,3 +153,60 @@ def test_remap_cli_resumes_and_under_mpirun(sources, tmp_path):
         name = f"shard-{i:05d}-of-00004.slkd"
         assert (tmp_path / "mpi" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
     _check_rows(tmp_path / "mpi", every, srcs)
+
+
+def _crc32_twin(doc: np.ndarray, vocab: int) -> np.ndarray:
+    """Another document of ``doc``'s length and CRC-32 (of its tokens as little-endian int32),
+    at most four tokens changed, every token still below ``vocab``: CRC-32 is affine over
+    GF(2), so the bit flips whose CRC images cancel are a null vector of a 32 x 36 system."""
+    import zlib
+
+    base = np.asarray(doc, dtype="<i4")
+    zero = zlib.crc32(np.zeros_like(base).tobytes())
+    at = np.linspace(1, len(base) - 2, 4).astype(int)
+    bits = [(int(p), b) for p in at for b in range(9)]  # 36 candidate flips, below 512
+    assert vocab >= 512 and base[at].max() < 512
+    images = []
+    for p, b in bits:
+        flip = np.zeros_like(base)
+        flip[p] = 1 << b
+        images.append(zlib.crc32(flip.tobytes()) ^ zero)
+    # Gaussian elimination over GF(2), tracking which flips make each row.
+    rows = [(img, 1 << i) for i, img in enumerate(images)]
+    for bit in range(32):
+        pivot = next((r for r in rows if r[0] >> bit & 1), None)
+        if pivot is None:
+            continue
+        rows = [(r[0] ^ pivot[0], r[1] ^ pivot[1]) if r is not pivot and r[0] >> bit & 1
+                else r for r in rows if r is not pivot]  # fmt: skip
+    combo = next(m for img, m in rows if img == 0 and m)
+    twin = base.copy()
+    for i, (p, b) in enumerate(bits):
+        if combo >> i & 1:
+            twin[p] ^= 1 << b
+    assert zlib.crc32(twin.tobytes()) == zlib.crc32(base.tobytes())
+    assert not np.array_equal(twin, base) and twin.max() < vocab
+    return twin.astype(np.int64)
+
+
+def test_a_crc32_twin_is_no_match(tmp_path):
+    # Document 3 of a 12-document dataset replaced by its CRC-32 twin: same length, same
+    # CRC-32, other tokens. Matched by (length, CRC-32), the remap copied document 3's
+    # rows from the source and recorded the twin's CRC, so verify and train passed it.
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 500, 64) for _ in range(12)]  # pre-chunked: one length
+    src = write_dataset(tmp_path / "src", docs)
+    cache = write_positional_cache(tmp_path / "src-cache", docs, VOCAB)
+    twin = [*docs[:3], _crc32_twin(docs[3], VOCAB), *docs[4:]]
+    new = _write(tmp_path / "new", twin)
+    given = {str(cache): src}
+    with pytest.raises(CacheCoverageError, match=r"1 of 12 documents .*\(ids \[3\]\)"):
+        remap_cache([cache], new, tmp_path / "out", source_prefixes=given, progress=False)
+    r = remap_cache([cache], new, tmp_path / "out2", source_prefixes=given, allow_missing=True,
+                    progress=False)  # fmt: skip
+    assert r["missing_documents"] == [3]
+    assert verify_cache(tmp_path / "out2", new)["ok"]
+    assert not open_cache(tmp_path / "out2").read(3, 0, 64).num_entries.any()
+    # The source cache against the twin dataset: same lengths and CRC-32, refused.
+    found = verify_cache(cache, new)
+    assert not found["ok"] and "token identity of documents 0..11 differs" in found["problems"][0]

@@ -697,3 +697,35 @@ def test_the_default_window_is_the_teachers_positions_where_it_has_fewer(tiny, t
     r = slkd("build-cache", "--data-prefix", tiny / "data", "--teacher", tiny / "model",
              "--output", tmp_path / "c2", "--context-length", "2048", check=False)  # fmt: skip
     assert r.returncode == 2 and "--context-length 2048 exceeds the teacher's 1024" in r.stderr
+
+
+def test_an_unfinished_shard_resumes_only_onto_its_own_tokens(dataset, tmp_path):
+    # The dataset at the prefix rewritten between the crash and the rerun: the same
+    # document lengths, other tokens. Its resume key held document and token counts only,
+    # so the shard finished on a mixture of the two datasets, matching neither.
+    from helpers import slkd
+
+    prefix, docs = dataset
+    out = tmp_path / "c"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cache(_cfg(prefix, out), PrefixTeacher(fail_after=3))
+    write_dataset(prefix, [(d + 1) % VOCAB for d in docs])
+    with pytest.raises(CacheMismatchError, match=r"unfinished shard .* started on other tokens: "
+                                                 r"documents 0\.\.7"):  # fmt: skip
+        check_existing_shards(_cfg(prefix, out), None)
+    with pytest.raises(CacheMismatchError, match="content.token_xxh128"):  # the writer's own
+        build_cache(_cfg(prefix, out), PrefixTeacher())
+    # The CLI refuses it before the teacher loads (this one cannot).
+    junk = tmp_path / "teacher"
+    junk.mkdir()
+    (junk / "config.json").write_text("{}")
+    r = slkd("build-cache", "--data-prefix", prefix, "--teacher", junk, "--output", out,
+             "--context-length", "16", "--stride", "8", check=False)  # fmt: skip
+    assert r.returncode == 2 and "started on other tokens" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    # Back on its own tokens, it resumes to an uninterrupted build's bytes.
+    write_dataset(prefix, docs)
+    build_cache(_cfg(prefix, out), PrefixTeacher())
+    build_cache(_cfg(prefix, tmp_path / "clean"), PrefixTeacher())
+    name = shard_file_name(0, 1)
+    assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
