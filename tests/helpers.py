@@ -286,3 +286,34 @@ def write_markov_corpus(
     )  # fmt: skip
     (cache / MANIFEST_NAME).write_text(manifest.to_json())
     return prefix, cache
+
+
+def as_format_version_1(cache_dir: Path) -> None:
+    """Rewrite a cache in place as format version 1 wrote it: shard headers of version 1
+    with no 128-bit token identity (bytes 88..123 zero), records without ``token_xxh128``,
+    manifest and sidecars of ``format_version`` 1 (the layout is otherwise the same)."""
+    import json
+    import struct
+    import zlib
+
+    from megatron_slkd.records import dump_record
+
+    cache_dir = Path(cache_dir)
+    for shard in cache_dir.glob("*.slkd"):
+        with open(shard, "r+b") as f:
+            head = bytearray(f.read(128))
+            head[8:12] = struct.pack("<I", 1)
+            head[88:124] = bytes(36)
+            head[124:128] = struct.pack("<I", zlib.crc32(bytes(head[:124])))
+            f.seek(0)
+            f.write(head)
+    for record in [cache_dir / "manifest.json", *cache_dir.glob("*.slkd.json")]:
+        if not record.exists():
+            continue
+        d = json.loads(record.read_text())
+        d.pop("checksum", None)
+        d["format_version"] = 1
+        for s in d["shards"]:
+            s.pop("token_xxh128", None)
+            s["file_crc32"] = zlib.crc32((cache_dir / s["file"]).read_bytes())
+        record.write_text(dump_record(d))

@@ -3,7 +3,7 @@
 Per shard: the whole-file CRC against the manifest, every chunk CRC, a full
 decode (ids inside the vocabulary, values inside the encoding). Against the
 IndexedDataset (``--data-prefix``): document count, every document length,
-the token checksum of each shard's documents, and the tokenizer fingerprint
+the token identity of each shard's documents, and the tokenizer fingerprint
 recorded by ``prepare-data``. Under ``mpirun -n K`` the shards are split
 across ranks (largest first, each to the least-loaded rank) and the problems
 gathered on rank 0.
@@ -324,7 +324,8 @@ def verify_cache(path, data_prefix: str | None = None, *, comm=None, tokens: boo
         path: the cache directory.
         data_prefix: the IndexedDataset prefix to check alignment against.
         comm: an mpi4py communicator to split the work over (None: this process).
-        tokens: compare token checksums (reads every dataset token).
+        tokens: compare the tokens' identities (reads every dataset token; when every
+            shard matches, a verdict is kept for ``slkd train``).
         data_meta: the dataset's tokenizer record (None: ``PREFIX.meta.json`` if any).
     """
     start = time.time()

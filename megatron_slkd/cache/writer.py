@@ -440,7 +440,7 @@ class ShardWriter:
 
         Args:
             tokens: ``[L]`` the document's token ids (checksummed for alignment),
-                or just L when the caller supplies the shard's token checksum to
+                or just L when the caller supplies the shard's token identity to
                 :meth:`finalize` (as ``thin-cache`` does from the source shard).
             ids: ``[R, K]`` sparse target ids; row p is the distribution of the
                 token at p + 1. R is L - 1, or L (the row after the last token

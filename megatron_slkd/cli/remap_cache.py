@@ -2,7 +2,7 @@
 
 Megatron-LM's tools/merge_datasets.py output of several prefixes, a subset, a
 re-ordered or deduplicated copy: each document of --data-prefix is matched by
-content (length and token checksum) to a document of the source caches'
+content (length and the XXH3-128 of its tokens) to a document of the source caches'
 datasets, and its entries are copied, not re-sampled; no teacher runs.
 
     slkd remap-cache cache-a/ cache-b/ --data-prefix data/merged_text_document \\

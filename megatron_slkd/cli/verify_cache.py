@@ -1,7 +1,7 @@
 """Verify a cache: every CRC, a full decode, and alignment with its dataset.
 
 With --data-prefix it also checks the document count, every document length,
-each shard's token checksum and the tokenizer fingerprint (of PREFIX.meta.json,
+each shard's 128-bit token identity and the tokenizer fingerprint (of PREFIX.meta.json,
 or of the tokenizer named by --tokenizer-type/--tokenizer-model or --data-meta). Under mpirun the
 shards are split across the ranks:
 
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip-token-checksum",
         action="store_true",
-        help="compare document lengths only, not token checksums (faster)",
+        help="compare document lengths only, not the tokens' identities (faster)",
     )
     p.add_argument("--no-mpi", action="store_true", help="ignore an MPI launcher")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

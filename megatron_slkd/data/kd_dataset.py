@@ -38,8 +38,9 @@ class SparseKDGPTDatasetConfig(GPTDatasetConfig):
     kd_caches: dict[str, str] = dataclasses.field(default_factory=dict)
     """Data prefix -> cache directory, for every prefix of the blend."""
     kd_check_tokens: bool = True
-    """At build time, compare each shard's token checksum (recorded when the cache
-    was built) with the data: one read of every token, seconds per billion. Document
+    """At build time, compare each shard's token identity (recorded when the cache was
+    built) with the data: one read of every token for a (dataset, cache) pair not shown
+    aligned before (a verdict, :func:`~megatron_slkd.cache.verify.check_content`). Document
     count and lengths are always compared; turning this off (a warning is logged)
     accepts a cache of another dataset whose documents have the same lengths."""
     kd_data_meta: dict[str, dict] = dataclasses.field(default_factory=dict)

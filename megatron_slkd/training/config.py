@@ -182,8 +182,10 @@ class KDConfig:
     student would learn a mixture of teachers (a cache left over from an older teacher
     looks like any other)."""
     check_tokens: bool = True
-    """Compare every shard's token checksum with the data before training (one read of
-    every token, seconds per billion); --no-kd-check-tokens skips it with a warning."""
+    """Compare every shard's 128-bit token identity with the data before training: one
+    read of every token, spread over the ranks, the first time a (dataset, cache) pair is
+    met; later starts find its verdict and read none. --no-kd-check-tokens skips it with a
+    warning."""
 
 
 @dataclasses.dataclass

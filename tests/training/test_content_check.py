@@ -54,3 +54,22 @@ def test_a_second_start_reads_no_dataset_token_for_the_check(markov, tmp_path):
     assert third.returncode == 2, third.stderr[-2000:]
     last = third.stderr.strip().splitlines()[-1]
     assert "token identity of documents" in last and "differs from the dataset's" in last
+
+
+def test_a_cache_of_format_version_1_trains_and_says_what_it_cannot_prove(markov, tmp_path):
+    from helpers import as_format_version_1
+
+    from megatron_slkd.cache import open_cache
+    from megatron_slkd.cache.verify import verify_cache
+
+    src, cache = markov
+    old = tmp_path / "old-cache"
+    shutil.copytree(cache, old)
+    as_format_version_1(old)
+    c = open_cache(old)
+    assert c.manifest.unproven_shards() == [s["file"] for s in c.manifest.shards]
+    assert verify_cache(old, src)["ok"]
+    r = slkd(*_args(src, old, tmp_path / "run"))
+    warned = [x for x in r.stderr.splitlines() if "record only a CRC-32" in x]
+    assert len(warned) == 1 and str(old) in warned[0], r.stderr[-3000:]
+    assert "step 1/1" in r.stdout
