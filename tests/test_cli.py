@@ -108,3 +108,33 @@ def test_an_output_directory_where_a_file_is(tmp_path, synthetic_cache, argv):
     assert f"error: {tmp_path / 'DATA.bin'}: a file, where the " in err, err
     assert "directory" in err and "errno" not in err, err
     assert (tmp_path / "DATA.bin").read_bytes() == b"not a directory"
+
+
+@pytest.mark.parametrize("release", ["0.15.2", "0.20.0"])
+def test_an_unsupported_megatron_core_is_one_line_before_anything_loads(tmp_path, release):
+    # A megatron-core outside 0.16-0.19 first on the path (here a tree saying so, as a
+    # Megatron-LM checkout on PYTHONPATH would): refused before torch or megatron loads.
+    import os
+
+    major, minor, patch = release.split(".")
+    core = tmp_path / "tree" / "megatron" / "core"
+    core.mkdir(parents=True)
+    (core.parent / "__init__.py").write_text("")
+    (core / "__init__.py").write_text("raise ImportError('never imported')\n")
+    (core / "package_info.py").write_text(f"MAJOR = {major}\nMINOR = {minor}\nPATCH = {patch}\n")
+    code = ("import sys\nfrom megatron_slkd.cli import main\nstatus = main(sys.argv[1:])\n"
+            "print(sorted(m for m in ('torch', 'megatron.core') if m in sys.modules))\n"
+            "sys.exit(status)\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "tree")}
+    for argv in (["train", "--data-path", "x", "--kd-ce-only"],
+                 ["verify-cache", str(tmp_path / "c")]):  # fmt: skip
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                           env=env, timeout=120)  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines() == [
+            f"slkd {argv[0]}: error: megatron-core {release} is installed; megatron-slkd "
+            "supports 0.16 to 0.19.x (Python 3.10-3.11: pip install 'megatron-core>=0.16,<0.17'; "
+            "Python >= 3.12: pip install 'megatron-core>=0.16,<0.20')"
+        ]
+        loaded = r.stdout.strip().splitlines()[-1]
+        assert loaded == ("['torch']" if argv[0] == "train" else "[]")  # megatron.core: never

@@ -5,8 +5,9 @@ checkpoints and logging as ``pretrain_gpt.py``; the dataset provider builds
 ``SparseKDGPTDataset`` (megatron-core's GPTDataset plus the teacher's cached
 sparse targets, checked against each data prefix), ``forward_step`` broadcasts
 the targets with the batch, and ``loss_func`` is the vocab-parallel sparse KD
-loss. Run it from a Megatron-LM checkout (core_r0.16.0, the branch that goes
-with megatron-core 0.16) with megatron-slkd installed:
+loss. Run it from a Megatron-LM checkout of the release branch that goes with
+the installed megatron-core (core_r0.16.0 with 0.16 on Python >= 3.10,
+core_r0.19.0 with 0.19 on Python >= 3.12) with megatron-slkd installed:
 
     cd Megatron-LM
     PYTHONPATH=$PWD torchrun --nproc-per-node 8 \\
@@ -40,6 +41,7 @@ from megatron.training.utils import get_blend_and_blend_per_split
 from model_provider import model_provider
 
 from megatron_slkd.cache import Manifest
+from megatron_slkd.compat.megatron import check_version
 from megatron_slkd.data.batch import get_kd_batch
 from megatron_slkd.data.describe import check_blend_splits
 from megatron_slkd.data.kd_dataset import SparseKDGPTDataset, SparseKDGPTDatasetConfig
@@ -67,8 +69,8 @@ def add_slkd_args(parser):
     )  # fmt: skip
     group.add_argument(
         "--slkd-check-tokens", action=argparse.BooleanOptionalAction, default=True,
-        help="compare every shard's token checksum with the data at start-up (default; "
-        "--no-slkd-check-tokens skips it with a warning)",
+        help="compare every shard's 128-bit token identity with the data at start-up, once "
+        "per (dataset, cache) pair (default; --no-slkd-check-tokens skips it with a warning)",
     )  # fmt: skip
     group.add_argument(
         "--slkd-object-cache-dir", default=None,
@@ -110,6 +112,14 @@ def check_slkd_inputs(args) -> None:
     checkpoint: minutes on a large job): every prefix of the blend opens, has a cache
     in --slkd-cache, and that cache's manifest reads, and --reset-attention-mask can
     reach every stage's layers; raises the typed error otherwise."""
+    check_version()
+    theirs = [f"--{n.replace('_', '-')}" for n in ("logits_load_dir", "logits_save_dir")
+              if getattr(args, n, None)]  # Megatron-LM's own offline KD, core_r0.19.0 on
+    if theirs:
+        raise ConfigError(
+            f"--slkd-cache with {' and '.join(theirs)}: two knowledge-distillation paths at "
+            "once (Megatron-LM's cached top-K logits and these sparse targets); give one"
+        )
     if args.reset_attention_mask and args.pipeline_model_parallel_size > 2:
         # Megatron-LM's get_batch gives middle stages no batch: their layers attend causally
         # across documents, so the run would not do what --reset-attention-mask says.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
     """Entry point of ``slkd`` (and, with ``command``, of one ``tools/*.py`` script)."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*Apex.*")
+    # torch's CUDA build (the only one on PyPI for Python 3.12) says at import, on every
+    # rank, that a machine without a GPU has no CUDA runtime: true, and no error.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     words = sys.argv[1:] if argv is None else argv
     chosen = words[0] if command is None and words and words[0] in _COMMANDS else None
     if (command or chosen) in _PREEMPTIBLE:
@@ -199,6 +203,9 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
 
         refuse_urls({"--" + k.removeprefix("cfg__").replace("__", "-").replace("_", "-"): v
                      for k, v in vars(args).items()}, allow=_OBJECT_URLS.get(name))  # fmt: skip
+        from megatron_slkd.compat.megatron import check_version
+
+        check_version()  # a release no shim knows: one line now, not a traceback later
         if name in _PREEMPTIBLE:
             return _run(name, args)
         from megatron_slkd.preempt import stopped_by_sigterm

@@ -60,6 +60,23 @@ def _patch_cuda_queries() -> None:
     torch.cuda.manual_seed = lambda seed: None
     torch.cuda.manual_seed_all = lambda seed: None
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    # megatron-core 0.19.0 waits on the current stream for CUDA-graph events before every
+    # gradient reduction (0.17.0 on, only when reductions overlap); on CPU there is one
+    # stream and no event.
+    torch.cuda.current_stream = lambda *a, **k: _CpuStream()
+
+
+class _CpuStream:
+    """What megatron-core asks of ``torch.cuda.current_stream()`` on CPU: nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 def _patch_megatron() -> None:

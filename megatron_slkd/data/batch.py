@@ -72,7 +72,8 @@ def get_kd_batch(data_iterator, *, device: str | torch.device = "cpu") -> dict |
     along the sequence for this context-parallel rank.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from megatron_slkd.compat.megatron import cp_split
 
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     if not (first or last):
@@ -88,4 +89,4 @@ def get_kd_batch(data_iterator, *, device: str | torch.device = "cpu") -> dict |
         w = out["kd_weights"].float()
         total = w.sum(-1, keepdim=True)
         out["kd_weights"] = torch.where(total > 0, w / total.clamp(min=1e-12), 0.0)
-    return get_batch_on_this_cp_rank(out)
+    return cp_split(out)

@@ -222,22 +222,45 @@ class GPT2BPETokenizer(Tokenizer):
 
 
 class NullTokenizer(Tokenizer):
-    """Megatron's ``NullTokenizer`` (megatron-core's own): ids ``0..vocab_size-1`` are
-    themselves (text is the ids written out), and ``vocab_size`` is the end-of-document
-    id, so the vocabulary holds ``vocab_size + 1`` ids."""
+    """Megatron's ``NullTokenizer`` (megatron-core's own): ids ``0..eod-1`` are themselves
+    (text is the ids written out) and the end-of-document id ``eod`` is the last of the
+    vocabulary, which holds ``eod + 1`` ids.
 
-    def __init__(self, vocab_size: int):
+    What Megatron-LM's ``--vocab-size V`` means changed in megatron-core 0.18.0: before,
+    V ids and the end-of-document id V after them (V + 1 in all); from 0.18.0, V ids in
+    all, the last (V - 1) the end-of-document id. :meth:`from_vocab_size` reads the flag
+    as the installed release does; the record keeps ``eod`` (as ``ids_without_eod``),
+    which means the same under both, so a dataset described under one release is read
+    the same under the other.
+    """
+
+    def __init__(self, ids_without_eod: int):
         from megatron.core.tokenizers.text.libraries.null_tokenizer import (
             NullTokenizer as _CoreNull,
         )
 
-        if int(vocab_size) < 1:
-            raise DataPreparationError(f"NullTokenizer needs --vocab-size >= 1, got {vocab_size}")
-        self._tok = _CoreNull(int(vocab_size))
+        if int(ids_without_eod) < 1:
+            raise DataPreparationError(
+                f"NullTokenizer needs at least one id before the end-of-document id, got "
+                f"{ids_without_eod}"
+            )
+        n = int(ids_without_eod)
+        self._tok = _CoreNull(n + 1) if _null_size_is_whole() else _CoreNull(n)
         self.vocab_size = int(self._tok.vocab_size)
         self.eod = int(self._tok.eod)
+        assert (self.vocab_size, self.eod) == (n + 1, n), (self.vocab_size, self.eod)
         # Not "vocab_size": a tokenizer record has that key for the whole vocabulary (+1).
-        self.spec = {"kind": "null", "ids_without_eod": int(vocab_size)}
+        self.spec = {"kind": "null", "ids_without_eod": n}
+
+    @classmethod
+    def from_vocab_size(cls, vocab_size: int) -> NullTokenizer:
+        """The tokenizer Megatron-LM builds for ``--vocab-size`` under the installed
+        megatron-core (see the class docstring)."""
+        if int(vocab_size) < (2 if _null_size_is_whole() else 1):
+            raise DataPreparationError(
+                f"NullTokenizer needs a larger --vocab-size, got {vocab_size}"
+            )
+        return cls(int(vocab_size) - 1 if _null_size_is_whole() else int(vocab_size))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.text_to_ids(text)
@@ -247,6 +270,16 @@ class NullTokenizer(Tokenizer):
 
     def pieces(self) -> list[str]:
         return [str(i) for i in range(self.vocab_size)]
+
+
+def _null_size_is_whole() -> bool:
+    """Whether megatron-core's NullTokenizer takes the whole vocabulary size (0.18.0 on,
+    where it also takes ``eod_id``) rather than the ids before the end-of-document id."""
+    import inspect
+
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer as core
+
+    return "eod_id" in inspect.signature(core.__init__).parameters
 
 
 MEGATRON_TOKENIZER_TYPES = (
@@ -287,7 +320,7 @@ def megatron_tokenizer(
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(need(vocab_file, "--vocab-file"), need(merge_file, "--merge-file"))
     if tokenizer_type == "NullTokenizer":
-        return NullTokenizer(need(vocab_size, "--vocab-size"))
+        return NullTokenizer.from_vocab_size(need(vocab_size, "--vocab-size"))
     raise DataPreparationError(
         f"--tokenizer-type {tokenizer_type!r} is not supported; choose from "
         f"{', '.join(MEGATRON_TOKENIZER_TYPES)}"

@@ -24,14 +24,13 @@ def corpus(tmp_path_factory):
     from helpers import write_dataset
 
     from megatron_slkd.data.describe import describe_data
-    from megatron_slkd.data.tokenizers import megatron_tokenizer
+    from megatron_slkd.data.tokenizers import NullTokenizer
 
     root = tmp_path_factory.mktemp("documents")
     rng = np.random.default_rng(0)
     docs = [[*rng.integers(0, VOCAB, int(n)).tolist(), VOCAB] for n in rng.integers(9, 30, 40)]
     prefix = write_dataset(root / "corpus", docs)
-    describe_data(prefix, megatron_tokenizer("NullTokenizer", vocab_size=VOCAB),
-                  progress=False, text_check=False)  # fmt: skip
+    describe_data(prefix, NullTokenizer(VOCAB), progress=False, text_check=False)
     return prefix
 
 

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 from helpers import slkd, slkd_imports, write_dataset
 
@@ -118,7 +119,9 @@ def test_resume_on_a_dataset_rewritten_in_place(markov, tmp_path):
     run = tmp_path / "run"
     slkd(*_base(prefix, run, "--kd-ce-only"))
     docs = IndexedDataset(prefix)
-    write_dataset(prefix, [docs[i] for i in range(1, len(docs))])  # the first one dropped
+    kept = [np.array(docs[i]) for i in range(1, len(docs))]  # the first one dropped
+    del docs  # its memory map: the rewrite truncates the file under it (SIGBUS)
+    write_dataset(prefix, kept)
     last = _refused(_base(prefix, run, "--kd-ce-only"), str(run), f"{prefix} was rewritten",
                     "--no-checkpoint-resume", before_megatron=True)  # fmt: skip
     assert "other data" in last
