@@ -262,6 +262,12 @@ class NullTokenizer(Tokenizer):
             )
         return cls(int(vocab_size) - 1 if _null_size_is_whole() else int(vocab_size))
 
+    @staticmethod
+    def vocab_size_flag(ids_without_eod: int) -> int:
+        """The ``--vocab-size`` that gives ``NullTokenizer(ids_without_eod)`` under the
+        installed megatron-core (see the class docstring)."""
+        return int(ids_without_eod) + 1 if _null_size_is_whole() else int(ids_without_eod)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.text_to_ids(text)
 

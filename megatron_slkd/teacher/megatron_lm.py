@@ -353,11 +353,33 @@ def tokenizer_from_args(spec: dict, override: str | None = None):
 
     kind, model, vocab, merges = tokenizer_files(spec, override)
     where = Path(spec["checkpoint"]) / "common.pt"
+    if kind == "NullTokenizer":
+        return _null_tokenizer(spec["args"], where)
     try:
         return megatron_tokenizer(kind, model, vocab_file=vocab, merge_file=merges,
                                   vocab_size=getattr(spec["args"], "vocab_size", None))  # fmt: skip
     except (DataPreparationError, OSError, ValueError) as exc:
         raise TeacherError(f"{where}: cannot load the run's tokenizer ({first_line(exc)})") from exc
+
+
+def _null_tokenizer(args, where):
+    """The NullTokenizer of the run, by what ``--vocab-size`` meant to the Megatron-LM that
+    saved it (not to the installed one): runs whose arguments hold
+    ``null_tokenizer_eod_id`` (core_r0.19.0; not core_r0.16.0) count the end-of-document
+    id inside ``--vocab-size`` (the last id, unless that flag moved it), older runs add it
+    after."""
+    from megatron_slkd.data.tokenizers import NullTokenizer
+
+    size = int(args.vocab_size)
+    if not hasattr(args, "null_tokenizer_eod_id"):
+        return NullTokenizer(size)
+    eod = args.null_tokenizer_eod_id
+    if eod is not None and int(eod) != size - 1:
+        raise TeacherError(
+            f"{where}: the run's NullTokenizer has its end-of-document id at {eod}, not at "
+            f"the end of its {size} ids; only the last id is supported"
+        )
+    return NullTokenizer(size - 1)
 
 
 def tokenizer_files(spec: dict, override: str | None = None) -> tuple:
@@ -403,7 +425,9 @@ def _config(args: argparse.Namespace, tp: int, pp: int, dtype: torch.dtype, wher
 
     fields = {f.name for f in dataclasses.fields(TransformerConfig) if f.init}
     kw = {n: getattr(args, n) for n in fields if hasattr(args, n)}
-    kw = {k: v for k, v in kw.items() if not isinstance(v, _Opaque)}
+    # A dense model takes no MoE setting (mixture-of-experts runs are refused), and
+    # megatron-core 0.19.0 refuses two deprecated ones that older runs record by default.
+    kw = {k: v for k, v in kw.items() if not isinstance(v, _Opaque) and not k.startswith("moe_")}
     if getattr(args, "swiglu", False):
         kw.update(gated_linear_unit=True, activation_func=F.silu)
     elif getattr(args, "squared_relu", False):

@@ -20,6 +20,8 @@ import torch
 
 os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 os.environ.setdefault("MASTER_PORT", "29877")
+from megatron_slkd.data.tokenizers import NullTokenizer  # noqa: E402
+
 prefix, cache, work = sys.argv[1], sys.argv[2], sys.argv[3]
 extra = sys.argv[4:]  # more Megatron-LM arguments (--num-workers 1 ...)
 sys.argv = [
@@ -28,7 +30,7 @@ sys.argv = [
     "--num-attention-heads", "4", "--seq-length", "64", "--max-position-embeddings", "64",
     "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-3",
     "--data-path", prefix, "--split", "100,0,0", "--data-cache-path", work, "--num-workers", "0",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "127",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", str(NullTokenizer.vocab_size_flag(127)),
     "--slkd-cache", f"{prefix}={cache}", "--slkd-alpha", "0.1",
     "--transformer-impl", "local", "--normalization", "RMSNorm", "--swiglu",
     "--position-embedding-type", "rope", "--disable-bias-linear", "--use-cpu-initialization",

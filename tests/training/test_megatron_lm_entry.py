@@ -75,6 +75,11 @@ def test_entry_script_refuses_bad_inputs_before_megatron_lm_starts(markov, tmp_p
             "--data-path", prefix, "--slkd-cache", f"{prefix}={cache}", "--reset-attention-mask",
             "--pipeline-model-parallel-size", "4"],
     }  # fmt: skip
+    if "--logits-load-dir" in (Path(TREE) / "megatron/training/arguments.py").read_text():
+        for theirs in ("--logits-load-dir", "--logits-save-dir"):  # core_r0.19.0's own KD
+            cases[f"--slkd-cache with {theirs}: two knowledge-distillation paths"] = [
+                "--data-path", prefix, "--slkd-cache", f"{prefix}={cache}", theirs,
+                str(tmp_path / "logits")]  # fmt: skip
     path = os.pathsep.join(filter(None, [TREE, os.environ.get("MEGATRON_LM_EXTRA_PATH")]))
     runs = [(needle, data, "0") for needle, data in cases.items()]
     runs.append((None, cases["no such cache directory"], "1"))  # one line per job, not per rank
