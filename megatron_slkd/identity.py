@@ -36,6 +36,8 @@ __all__ = [
     "cache_home",
     "stat_key",
     "settled",
+    "recordable",
+    "dataset_key",
     "file_sha256",
     "tree_sha256",
     "recall",
@@ -66,6 +68,18 @@ def settled(key: dict, since: float) -> bool:
     """Whether the file ``key`` describes was last written :data:`SETTLE_S` seconds or more
     before ``since`` (a ``time.time()`` taken before it was read)."""
     return key["mtime_ns"] <= (since - SETTLE_S) * 1e9
+
+
+def recordable(key: dict, since: float) -> bool:
+    """Whether a fact read from the file ``key`` describes, by a read begun at ``since``,
+    may be remembered: the file had settled before the read and is unchanged since."""
+    return settled(key, since) and stat_key(key["path"]) == key
+
+
+def dataset_key(prefix: str) -> dict:
+    """The stat keys of a Megatron dataset's ``.bin`` and ``.idx`` (OSError when one is
+    missing)."""
+    return {ext: stat_key(prefix + ext) for ext in (".bin", ".idx")}
 
 
 class _Unreadable(SlkdError):
@@ -151,7 +165,7 @@ def _digests(files: list[Path]) -> dict[str, str]:
         for f, digest in zip(todo, pool.map(lambda f: _sha256(keys[f]["path"]), todo),
                              strict=True):  # fmt: skip
             out[f] = digest
-    fresh = [f for f in todo if settled(keys[f], started) and stat_key(f) == keys[f]]
+    fresh = [f for f in todo if recordable(keys[f], started)]
     for directory, names in by_dir.items():
         new = {keys[f]["path"]: {"key": keys[f], "sha256": out[f]} for f in names if f in fresh}
         if not new:

@@ -192,7 +192,7 @@ def verdict_key(cache: SparseKDCache, prefix: str) -> dict | None:
     if is_object_url(prefix):
         return None
     try:
-        files = {ext: identity.stat_key(prefix + ext) for ext in (".bin", ".idx")}
+        files = identity.dataset_key(prefix)
     except OSError:
         return None
     shards = [[r["file"], r["doc_start"], r["doc_end"], r["token_crc32"],
@@ -219,9 +219,7 @@ def note_aligned(key: dict | None, started: float, *, record: bool = True) -> No
     if key is None:
         return
     _VERIFIED.add(_id(key))
-    files = key["dataset"]
-    unchanged = all(identity.stat_key(k["path"]) == k for k in files.values())
-    if record and unchanged and all(identity.settled(k, started) for k in files.values()):
+    if record and all(identity.recordable(k, started) for k in key["dataset"].values()):
         identity.remember(_VERDICTS, key, {"aligned": True})
 
 

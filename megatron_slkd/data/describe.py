@@ -301,7 +301,7 @@ def _remembered_scan(prefix: str, progress: bool) -> dict:
     (:mod:`megatron_slkd.identity`) from an earlier start, else read and remembered, so a
     dataset without a scan in its record (made by Megatron-LM's tools) is read once."""
     try:
-        key = {ext: identity.stat_key(prefix + ext) for ext in (".bin", ".idx")}
+        key = identity.dataset_key(prefix)
     except OSError:
         return scan_dataset(prefix, progress=progress)  # the scan names what is missing
     known = identity.recall("scans", key)
@@ -309,8 +309,7 @@ def _remembered_scan(prefix: str, progress: bool) -> dict:
         return known["value"]
     started = time.time()
     scan = scan_dataset(prefix, progress=progress)
-    if all(identity.settled(k, started) and identity.stat_key(k["path"]) == k
-           for k in key.values()):  # fmt: skip
+    if all(identity.recordable(k, started) for k in key.values()):
         identity.remember("scans", key, scan)
     return scan
 
