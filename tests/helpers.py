@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_slkd.cache import Manifest, ShardWriter, encoding_for
@@ -317,3 +319,25 @@ def as_format_version_1(cache_dir: Path) -> None:
             s.pop("token_xxh128", None)
             s["file_crc32"] = zlib.crc32((cache_dir / s["file"]).read_bytes())
         record.write_text(dump_record(d))
+
+
+MEGATRON_LM_DIR = os.environ.get("MEGATRON_LM_DIR")
+"""A Megatron-LM source tree of the installed megatron-core's release (``.ci/megatron_lm.sh``
+prepares one from ``../shared/megatron-lm/``); the tests that run inside Megatron-LM skip
+without it, except under ``SLKD_REQUIRE_MEGATRON_LM=1`` (CI), where the session refuses to
+start (tests/conftest.py)."""
+
+needs_megatron_lm = pytest.mark.skipif(
+    not MEGATRON_LM_DIR,
+    reason="set MEGATRON_LM_DIR to a Megatron-LM tree of the installed release to run "
+    "(eval \"$(bash .ci/megatron_lm.sh .venv/bin/python DIR)\" prepares one)",
+)
+
+
+def megatron_lm_env() -> dict[str, str]:
+    """The environment of a process that runs inside the Megatron-LM tree: the tree's
+    ``megatron`` first on the path, then ``MEGATRON_LM_EXTRA_PATH`` (six, pydantic, triton
+    where the venv lacks them)."""
+    extra = os.environ.get("MEGATRON_LM_EXTRA_PATH")
+    path = os.pathsep.join(filter(None, [MEGATRON_LM_DIR, extra]))
+    return dict(os.environ, PYTHONPATH=path)

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import slkd, write_markov_corpus, write_synthetic_cache
+from helpers import (
+    megatron_lm_env,
+    needs_megatron_lm,
+    slkd,
+    write_markov_corpus,
+    write_synthetic_cache,
+)
 
 pytest.importorskip("multistorageclient", reason="pip install 'megatron-slkd[object]'")
 pytest.importorskip("moto.server", reason="pip install 'moto[server]'")
@@ -446,8 +452,7 @@ def test_a_renewal_applied_but_answered_with_an_error_keeps_the_claim(store, tmp
     assert not st.exists("shard-00000-of-00001.slkd.owner")
 
 
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"),
-                    reason="set MEGATRON_LM_DIR to a Megatron-LM checkout to run")  # fmt: skip
+@needs_megatron_lm
 def test_the_megatron_lm_entry_reads_a_cache_on_s3(store, tmp_path):
     """examples/megatron_lm/pretrain_gpt_slkd.py inside Megatron-LM (its parser, data loader
     with a worker, model and schedule): the same losses from s3:// as from the directory."""
@@ -455,9 +460,7 @@ def test_the_megatron_lm_entry_reads_a_cache_on_s3(store, tmp_path):
     import sys
 
     harness = Path(__file__).resolve().parent / "system" / "megatron_lm_harness.py"
-    path = os.pathsep.join(filter(None, [os.environ["MEGATRON_LM_DIR"],
-                                         os.environ.get("MEGATRON_LM_EXTRA_PATH")]))  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=path)
+    env = megatron_lm_env()
     prefix, cache = write_markov_corpus(tmp_path / "data", num_docs=60)
     url = _upload(cache, "caches/megatron-lm")
     reports = {}

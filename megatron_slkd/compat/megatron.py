@@ -18,6 +18,7 @@ __all__ = [
     "SUPPORTED",
     "MegatronVersionError",
     "installed_version",
+    "tree_version",
     "check_version",
     "cp_split",
 ]
@@ -46,7 +47,7 @@ def installed_version() -> str | None:
 
     spec = importlib.util.find_spec("megatron")
     for location in (spec.submodule_search_locations or []) if spec else []:
-        version = _tree_version(location)
+        version = tree_version(location)
         if version is not None:
             return version
     try:
@@ -55,7 +56,7 @@ def installed_version() -> str | None:
         return None
 
 
-def _tree_version(megatron_dir: str) -> str | None:
+def tree_version(megatron_dir: str) -> str | None:
     """The version a source tree's ``megatron/core/package_info.py`` states."""
     import re
     from pathlib import Path

@@ -82,6 +82,10 @@ def add_tokenizer_arguments(p: argparse.ArgumentParser, *, meta: bool = True,
     g.add_argument("--vocab-file", help="GPT2BPETokenizer: vocab.json")
     g.add_argument("--merge-file", help="GPT2BPETokenizer: merges.txt")
     g.add_argument("--vocab-size", type=int, help="NullTokenizer: ids below this; EOD is this id")
+    g.add_argument("--legacy-tokenizer", action="store_true",
+                   help="SentencePieceTokenizer as Megatron-LM's --legacy-tokenizer built it "
+                   "(<CLS> <SEP> <EOD> <MASK> appended, documents end with <EOD>); without it, "
+                   "as megatron-core builds it (documents end with the model's EOS)")  # fmt: skip
     if meta:
         g.add_argument("--data-meta", help="the dataset's record written by `slkd "
                        "describe-data --output` (for a read-only data directory)")  # fmt: skip
@@ -112,6 +116,7 @@ def tokenizer_from_args(args) -> Tokenizer | None:
         vocab_file=getattr(args, "vocab_file", None),
         merge_file=getattr(args, "merge_file", None),
         vocab_size=getattr(args, "vocab_size", None),
+        legacy=bool(getattr(args, "legacy_tokenizer", False)),
     )
 
 

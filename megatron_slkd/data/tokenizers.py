@@ -10,8 +10,13 @@ A tokenizer is described by a JSON-ready *spec* (kind and path) from which
 
 Datasets tokenized elsewhere name their tokenizer the Megatron way
 (:func:`megatron_tokenizer`: ``--tokenizer-type`` with ``--tokenizer-model``,
-``--vocab-file``/``--merge-file`` or ``--vocab-size``), with Megatron-LM's
-rules for the vocabulary size and the end-of-document id of each type.
+``--vocab-file``/``--merge-file`` or ``--vocab-size``). Where the installed
+megatron-core builds that type offline, the tokenizer is megatron-core's own
+(``megatron.core.tokenizers``, what Megatron-LM's ``preprocess_data.py`` and
+training use by default from core_r0.16.0 on), so its vocabulary size and
+end-of-document id are the ones of the Megatron the user runs; the classes
+here serve what it does not build (see :func:`megatron_tokenizer`) and rebuild
+a tokenizer from its record.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ __all__ = [
     "HFTokenizer",
     "GPT2BPETokenizer",
     "NullTokenizer",
+    "MegatronCoreTokenizer",
     "MEGATRON_TOKENIZER_TYPES",
     "megatron_tokenizer",
     "load_tokenizer",
@@ -305,8 +311,22 @@ def megatron_tokenizer(
     vocab_file: str | None = None,
     merge_file: str | None = None,
     vocab_size: int | None = None,
+    legacy: bool = False,
 ) -> Tokenizer:
     """The tokenizer Megatron-LM's ``--tokenizer-type`` names, with its arguments.
+
+    HuggingFaceTokenizer (a local directory) and the SentencePiece types are megatron-core's
+    own (:class:`MegatronCoreTokenizer`), built with Megatron-LM's default arguments. The
+    fallbacks, each for what megatron-core does not build here:
+
+    - ``legacy`` SentencePieceTokenizer: Megatron-LM's ``--legacy-tokenizer``
+      (``megatron.training.tokenizer``, core_r0.16.0 and older; core_r0.19.0 has no
+      legacy path), which appends ``<CLS> <SEP> <EOD> <MASK>`` and ends documents with
+      ``<EOD>`` where megatron-core's ends them with the model's EOS;
+    - GPT2BPETokenizer: megatron-core 0.16-0.19 build it through the Hugging Face hub's
+      ``gpt2`` (a network fetch); its vocabulary and EOD come from the files here;
+    - a Hugging Face name or GGUF file: megatron-core reads directories only;
+    - NullTokenizer: megatron-core's own class, read by release (:class:`NullTokenizer`).
 
     Raises:
         DataPreparationError: an unknown type, or an argument the type needs is missing.
@@ -318,11 +338,15 @@ def megatron_tokenizer(
         return value
 
     if tokenizer_type == "HuggingFaceTokenizer":
-        return HFTokenizer(need(tokenizer_model, "--tokenizer-model (directory, name or .gguf)"))
-    if tokenizer_type == "SentencePieceTokenizer":
+        model = need(tokenizer_model, "--tokenizer-model (directory, name or .gguf)")
+        if Path(model).is_dir():
+            return MegatronCoreTokenizer(tokenizer_type, model)
+        return HFTokenizer(model)
+    if tokenizer_type == "SentencePieceTokenizer" and legacy:
         return MegatronSentencePieceTokenizer(need(tokenizer_model, "--tokenizer-model"))
-    if tokenizer_type in ("GPTSentencePieceTokenizer", "Llama2Tokenizer"):
-        return SentencePieceTokenizer(need(tokenizer_model, "--tokenizer-model"))
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                          "Llama2Tokenizer"):  # fmt: skip
+        return MegatronCoreTokenizer(tokenizer_type, need(tokenizer_model, "--tokenizer-model"))
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(need(vocab_file, "--vocab-file"), need(merge_file, "--merge-file"))
     if tokenizer_type == "NullTokenizer":
@@ -331,6 +355,62 @@ def megatron_tokenizer(
         f"--tokenizer-type {tokenizer_type!r} is not supported; choose from "
         f"{', '.join(MEGATRON_TOKENIZER_TYPES)}"
     )
+
+
+class MegatronCoreTokenizer(Tokenizer):
+    """A tokenizer as the installed megatron-core builds it for Megatron-LM's
+    ``--tokenizer-type`` (``MegatronTokenizer.from_pretrained`` with Megatron-LM's default
+    arguments: no extra special tokens, fast Hugging Face tokenizers, SentencePiece not in
+    legacy mode). Its vocabulary, end-of-document id, encode and decode are megatron-core's;
+    its spec names the family (``huggingface`` or ``sentencepiece``), whose class gives the
+    same pieces, so a record made with it is rebuilt by :func:`load_tokenizer`."""
+
+    _LIBRARY = {
+        "HuggingFaceTokenizer": "huggingface",
+        "SentencePieceTokenizer": "sentencepiece",
+        "GPTSentencePieceTokenizer": "sentencepiece",
+        "Llama2Tokenizer": "sentencepiece",
+    }
+    _OPTIONS = {
+        "huggingface": dict(vocab_file=None, merges_file=None, additional_special_tokens=[],
+                            use_fast=True, trust_remote_code=False, include_special_tokens=True),
+        "sentencepiece": dict(legacy=False, special_tokens=None),
+    }  # fmt: skip
+
+    def __init__(self, tokenizer_type: str, model: str):
+        from megatron.core.tokenizers import MegatronTokenizer
+
+        library = self._LIBRARY[tokenizer_type]
+        path = Path(model)
+        if not path.exists():
+            raise DataPreparationError(f"{path}: {tokenizer_type} model not found")
+        try:
+            self._tok = MegatronTokenizer.from_pretrained(
+                tokenizer_path=str(path), metadata_path={"library": library},
+                **self._OPTIONS[library],
+            )  # fmt: skip
+            self._pieces = list(self._tok.vocab)
+            self.eod = int(self._tok.eod)
+            self.vocab_size = int(self._tok.vocab_size)
+        except (OSError, ValueError, RuntimeError, TypeError, AttributeError, KeyError) as exc:
+            raise DataPreparationError(
+                f"{path}: megatron-core cannot build a {tokenizer_type} from it ({quoted(exc)})"
+            ) from exc
+        if len(self._pieces) != self.vocab_size:  # ids without a piece: none known so far
+            raise DataPreparationError(
+                f"{path}: megatron-core's {tokenizer_type} has {self.vocab_size} ids but "
+                f"{len(self._pieces)} pieces; name the tokenizer another way"
+            )
+        self.spec = {"kind": library, "path": str(path.resolve())}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.tokenize(text))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.detokenize([int(i) for i in ids])
+
+    def pieces(self) -> list[str]:
+        return list(self._pieces)
 
 
 def load_tokenizer(spec: dict) -> Tokenizer:

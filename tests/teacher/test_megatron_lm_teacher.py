@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import slkd, torchrun_slkd, write_dataset
+from helpers import megatron_lm_env, needs_megatron_lm, slkd, torchrun_slkd, write_dataset
 
 from megatron_slkd.cache import open_cache
 from megatron_slkd.teacher.hf import TeacherError
@@ -210,16 +210,13 @@ def test_reading_the_arguments_runs_no_code_from_the_file(tmp_path, monkeypatch)
     assert args.num_layers == 2 and not (tmp_path / "PWNED").exists()
 
 
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"),
-                    reason="set MEGATRON_LM_DIR to a Megatron-LM checkout to run")  # fmt: skip
+@needs_megatron_lm
 @pytest.mark.parametrize("arch", list(_ARCH))
 def test_checkpoints_this_megatron_lm_writes_give_its_logits(arch, tmp_path):
     """The fixtures' recipe, and more architectures, run with the Megatron-LM checkout."""
-    path = os.pathsep.join(filter(None, [os.environ["MEGATRON_LM_DIR"],
-                                         os.environ.get("MEGATRON_LM_EXTRA_PATH")]))  # fmt: skip
     shutil.copy(CHECKPOINTS / "llama" / "tokens.pt", tmp_path / "tokens.pt")
     r = subprocess.run([sys.executable, str(HARNESS), "save", "tokens.pt", "logits.pt",
                         *_COMMON, *_ARCH[arch]], cwd=tmp_path, capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=path), timeout=600)  # fmt: skip
+                       env=megatron_lm_env(), timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
     run_distributed(_logits_match, 2, [str(tmp_path)], tp=2, megatron=True)

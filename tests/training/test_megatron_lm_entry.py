@@ -1,32 +1,30 @@
-"""The Megatron-LM entry script against a real Megatron-LM checkout (outside CI).
+"""The Megatron-LM entry script inside a real Megatron-LM tree.
 
-Set ``MEGATRON_LM_DIR`` to a Megatron-LM source tree of the branch that matches
-the installed megatron-core (core_r0.16.0 for 0.16), with its dataset helpers
-compiled (``make -C megatron/core/datasets``) and its Python dependencies
-installed (or in ``MEGATRON_LM_EXTRA_PATH``); without it the test skips.
+``MEGATRON_LM_DIR``: a Megatron-LM source tree of the release of the installed
+megatron-core (core_r0.16.0 for 0.16, core_r0.19.0 for 0.19), its dataset helpers
+compiled, its extra packages in ``MEGATRON_LM_EXTRA_PATH``; ``.ci/megatron_lm.sh``
+prepares both from ``../shared/megatron-lm/``. Without it the tests skip (CI requires it).
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from helpers import MEGATRON_LM_DIR, megatron_lm_env, needs_megatron_lm
 
 from megatron_slkd.cache import Manifest
 
 HARNESS = Path(__file__).resolve().parents[1] / "system" / "megatron_lm_harness.py"
 ENTRY = Path(__file__).resolve().parents[2] / "examples" / "megatron_lm" / "pretrain_gpt_slkd.py"
-TREE = os.environ.get("MEGATRON_LM_DIR")
+TREE = MEGATRON_LM_DIR
 
 
-@pytest.mark.skipif(not TREE, reason="set MEGATRON_LM_DIR to a Megatron-LM checkout to run")
+@needs_megatron_lm
 def test_entry_script_trains_inside_megatron_lm(markov, tmp_path):
     prefix, cache = markov
-    path = os.pathsep.join(filter(None, [TREE, os.environ.get("MEGATRON_LM_EXTRA_PATH")]))
-    env = dict(os.environ, PYTHONPATH=path)
+    env = megatron_lm_env()
     r = subprocess.run([sys.executable, str(HARNESS), prefix, str(cache), str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
@@ -39,7 +37,7 @@ def test_entry_script_trains_inside_megatron_lm(markov, tmp_path):
     assert grads["with_grad"] == grads["params"]
 
 
-@pytest.mark.skipif(not TREE, reason="set MEGATRON_LM_DIR to a Megatron-LM checkout to run")
+@needs_megatron_lm
 def test_entry_script_refuses_bad_inputs_before_megatron_lm_starts(markov, tmp_path):
     # The script itself, as torchrun starts it on each rank: it stops before pretrain()
     # (whose initialization would need CUDA here, and minutes on a cluster).
@@ -80,11 +78,10 @@ def test_entry_script_refuses_bad_inputs_before_megatron_lm_starts(markov, tmp_p
             cases[f"--slkd-cache with {theirs}: two knowledge-distillation paths"] = [
                 "--data-path", prefix, "--slkd-cache", f"{prefix}={cache}", theirs,
                 str(tmp_path / "logits")]  # fmt: skip
-    path = os.pathsep.join(filter(None, [TREE, os.environ.get("MEGATRON_LM_EXTRA_PATH")]))
     runs = [(needle, data, "0") for needle, data in cases.items()]
     runs.append((None, cases["no such cache directory"], "1"))  # one line per job, not per rank
     for needle, data, rank in runs:
-        env = dict(os.environ, PYTHONPATH=path, RANK=rank, WORLD_SIZE="2")
+        env = dict(megatron_lm_env(), RANK=rank, WORLD_SIZE="2")
         r = subprocess.run([sys.executable, str(ENTRY), *model, *data], capture_output=True,
                            text=True, env=env, timeout=300)  # fmt: skip
         assert r.returncode == 2, (needle, r.stderr[-3000:])
