@@ -337,7 +337,9 @@ needs_megatron_lm = pytest.mark.skipif(
 def megatron_lm_env() -> dict[str, str]:
     """The environment of a process that runs inside the Megatron-LM tree: the tree's
     ``megatron`` first on the path, then ``MEGATRON_LM_EXTRA_PATH`` (six, pydantic, triton
-    where the venv lacks them)."""
+    where the venv lacks them), and a port of its own (test files run side by side)."""
+    from megatron_slkd.launch import free_port
+
     extra = os.environ.get("MEGATRON_LM_EXTRA_PATH")
     path = os.pathsep.join(filter(None, [MEGATRON_LM_DIR, extra]))
-    return dict(os.environ, PYTHONPATH=path)
+    return dict(os.environ, PYTHONPATH=path, MASTER_PORT=str(free_port()))

@@ -3,8 +3,11 @@
 A Megatron-LM user's teacher is usually a checkpoint their own training wrote:
 a ``--save`` directory (``latest_checkpointed_iteration.txt`` and
 ``iter_NNNNNNN/``) or one of its iteration directories, in the ``torch_dist``
-format (Megatron-LM's default): ``metadata.json``, ``common.pt`` holding the
-run's arguments, and megatron-core's distributed checkpoint files.
+format (Megatron-LM's default): ``metadata.json``, the run's arguments, and
+megatron-core's distributed checkpoint files. The arguments (the "common
+state") are in ``common.pt`` up to megatron-core 0.18; from 0.19 they are an
+object inside the distributed checkpoint itself (``common_state``), and both
+are read.
 
 The model is rebuilt from those arguments the way Megatron-LM's
 ``gpt_builder`` builds it: the arguments that name a ``TransformerConfig``
@@ -25,7 +28,7 @@ or gated attention, the legacy model) are refused by name before anything
 loads, as are checkpoints in another format (legacy ``torch``, ``torch_dcp``,
 ``fsdp_dtensor``).
 
-``common.pt`` is read with a restricted unpickler: argument values, torch
+The common state is read with a restricted unpickler: argument values, torch
 dtypes and enums are rebuilt; any other object becomes an opaque stand-in, and
 no code from the file runs.
 """
@@ -182,7 +185,7 @@ def find_iteration(path) -> Path | None:
             )
         return p / name
     if p.is_dir() and (
-        (p / "common.pt").is_file() or (p / "metadata.json").is_file() or any(p.glob("mp_rank_*"))
+        (p / _COMMON).is_file() or (p / "metadata.json").is_file() or any(p.glob("mp_rank_*"))
     ):
         return p
     return None
@@ -221,7 +224,7 @@ def _check_format(iteration: Path) -> None:
 
 
 class _Opaque:
-    """Stands in for an object of ``common.pt`` that is not needed to rebuild the model."""
+    """Stands in for an object of the common state not needed to rebuild the model."""
 
     def __init__(self, *args, **kwargs) -> None:
         pass
@@ -251,20 +254,57 @@ class _ArgsUnpickler(pickle.Unpickler):
                 return found
         return _Opaque
 
-    def persistent_load(self, pid):  # tensors in common.pt: not needed
+    def persistent_load(self, pid):  # tensors in the common state: not needed
         return None
+
+
+_COMMON = "common.pt"
+_COMMON_OBJECT = "common_state/shard_0_1"  # megatron-core 0.19: ShardedObject("common_state")
+
+
+def args_location(iteration) -> Path:
+    """Where the run's arguments of ``iteration`` are: its ``common.pt`` (megatron-core up
+    to 0.18), else the distributed checkpoint's metadata (0.19 keeps them inside)."""
+    common = Path(iteration) / _COMMON
+    return common if common.exists() else Path(iteration) / ".metadata"
+
+
+def _common_state_bytes(iteration: Path) -> bytes:
+    """The ``torch.save`` bytes of the common state: ``common.pt`` whole, or (megatron-core
+    0.19) the byte range the distributed checkpoint's metadata gives for ``common_state``."""
+    where = args_location(iteration)
+    if where.name == _COMMON:
+        return where.read_bytes()
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(iteration)).read_metadata().storage_data
+    except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+        raise OSError(f"unreadable ({first_line(exc)})") from exc
+    info = next((v for k, v in storage.items() if k.fqn == _COMMON_OBJECT), None)
+    if info is None:
+        raise FileNotFoundError(f"no {_COMMON} and no {_COMMON_OBJECT!r} in the checkpoint")
+    if getattr(info, "transform_descriptors", None):
+        raise OSError(f"{_COMMON_OBJECT!r} is stored transformed ({info.transform_descriptors})")
+    with open(Path(iteration) / info.relative_path, "rb") as f:
+        f.seek(info.offset)
+        data = f.read(info.length)
+    if len(data) != info.length:
+        raise EOFError(f"{info.relative_path} ends inside {_COMMON_OBJECT!r}")
+    return data
 
 
 @functools.lru_cache(maxsize=8)
 def read_args(iteration) -> argparse.Namespace:
-    """The training run's arguments, from ``ITERATION/common.pt``.
+    """The training run's arguments, from the common state of ``iteration``
+    (:func:`args_location`).
 
     Raises:
         TeacherError: missing, unreadable, or holding no arguments.
     """
-    path = Path(iteration) / "common.pt"
+    path = args_location(iteration)
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(io.BytesIO(_common_state_bytes(Path(iteration)))) as z:
             name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
             state = _ArgsUnpickler(io.BytesIO(z.read(name))).load()
     except (OSError, zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError) as exc:
@@ -272,6 +312,8 @@ def read_args(iteration) -> argparse.Namespace:
             f"{path}: cannot read the checkpoint's arguments ({type(exc).__name__}: "
             f"{first_line(exc)}); the checkpoint is incomplete or damaged"
         ) from exc
+    if isinstance(state, (list, tuple)) and state:  # megatron-core 0.19 saves [state]
+        state = state[0]
     args = state.get("args") if isinstance(state, dict) else None
     if not isinstance(args, argparse.Namespace):
         raise TeacherError(f"{path}: holds no training arguments ('args'); not a Megatron-LM "
@@ -282,7 +324,7 @@ def read_args(iteration) -> argparse.Namespace:
 def _need(args: argparse.Namespace, where: Path, *names: str) -> None:
     missing = [n for n in names if getattr(args, n, None) is None]
     if missing:
-        raise TeacherError(f"{where}/common.pt: the arguments lack {missing}; not a GPT "
+        raise TeacherError(f"{args_location(where)}: the arguments lack {missing}; not a GPT "
                            "checkpoint of Megatron-LM")  # fmt: skip
 
 
@@ -309,7 +351,7 @@ def teacher_spec(path) -> dict:
     """
     iteration = find_iteration(path)
     if iteration is None:
-        raise TeacherError(f"{path}: not a Megatron-LM checkpoint (no {_TRACKER}, no common.pt)")
+        raise TeacherError(f"{path}: not a Megatron-LM checkpoint (no {_TRACKER}, no {_COMMON})")
     _check_format(iteration)
     args = read_args(iteration)
     _need(args, iteration, "num_layers", "hidden_size", "num_attention_heads",
@@ -352,7 +394,7 @@ def tokenizer_from_args(spec: dict, override: str | None = None):
     from megatron_slkd.errors import DataPreparationError
 
     kind, model, vocab, merges = tokenizer_files(spec, override)
-    where = Path(spec["checkpoint"]) / "common.pt"
+    where = args_location(spec["checkpoint"])
     if kind == "NullTokenizer":
         return _null_tokenizer(spec["args"], where)
     try:
@@ -396,7 +438,7 @@ def tokenizer_files(spec: dict, override: str | None = None) -> tuple:
     """
     from megatron_slkd.data.tokenizers import MEGATRON_TOKENIZER_TYPES
 
-    args, where = spec["args"], Path(spec["checkpoint"]) / "common.pt"
+    args, where = spec["args"], args_location(spec["checkpoint"])
     kind = getattr(args, "tokenizer_type", None)
     if kind not in MEGATRON_TOKENIZER_TYPES:
         raise TeacherError(
@@ -425,10 +467,15 @@ def tokenizer_files(spec: dict, override: str | None = None) -> tuple:
 
 def _config(args: argparse.Namespace, tp: int, pp: int, dtype: torch.dtype, where: str):
     """The run's TransformerConfig, as Megatron-LM derives it, at this run's layout."""
+    from megatron.core import ModelParallelConfig
     from megatron.core.transformer import TransformerConfig
 
     fields = {f.name for f in dataclasses.fields(TransformerConfig) if f.init}
-    kw = {n: getattr(args, n) for n in fields if hasattr(args, n)}
+    # The run's parallel layout is not the model: every ModelParallelConfig field is this
+    # run's (megatron-core 0.19.0 added tensor_parallel_num_weight_shards, which a run at
+    # TP 1 records as 1 and a load at TP 2 refuses).
+    layout = {f.name for f in dataclasses.fields(ModelParallelConfig)}
+    kw = {n: getattr(args, n) for n in fields - layout if hasattr(args, n)}
     # A dense model takes no MoE setting (mixture-of-experts runs are refused), and
     # megatron-core 0.19.0 refuses two deprecated ones that older runs record by default.
     kw = {k: v for k, v in kw.items() if not isinstance(v, _Opaque) and not k.startswith("moe_")}

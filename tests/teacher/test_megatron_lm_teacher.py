@@ -24,6 +24,7 @@ import torch
 from helpers import megatron_lm_env, needs_megatron_lm, slkd, torchrun_slkd, write_dataset
 
 from megatron_slkd.cache import open_cache
+from megatron_slkd.data.tokenizers import NullTokenizer
 from megatron_slkd.teacher.hf import TeacherError
 from megatron_slkd.teacher.megatron_lm import find_iteration, read_args, teacher_spec
 from megatron_slkd.testing import run_distributed
@@ -46,9 +47,10 @@ _ARCH = {
     "nope": ["--num-layers", "2", "--position-embedding-type", "none",
              "--kv-channels", "16", "--attention-softmax-in-fp32"],
 }  # fmt: skip
+# NullTokenizer(200): 200 ids and its EOD, whatever --vocab-size means to the release.
 _COMMON = ["--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "64",
            "--max-position-embeddings", "64", "--tokenizer-type", "NullTokenizer",
-           "--vocab-size", "200", "--seed", "7"]  # fmt: skip
+           "--vocab-size", str(NullTokenizer.vocab_size_flag(200)), "--seed", "7"]  # fmt: skip
 
 
 def _logits_match(rank, world, roots, layouts=((2, 1),)):
