@@ -17,6 +17,12 @@ Runs alternate (CE, KD, CE, KD, ...) and the medians of the repeats are reported
 
 Targets (issue "Student pretraining on megatron-core"): KD / CE step time at most
 1.10 on CPU at TP=2; data wait at most 2% of step time.
+
+Each record names the Python, torch and megatron-core it ran on and the loss of
+the last step of each mode (the same seed in every repeat), so two releases of
+megatron-core can be compared on one interpreter and torch build, e.g. with an
+older release first on the path: ``PYTHONPATH=DIR python benchmarks/train_step.py``
+where ``pip install --no-deps --target DIR megatron-core==0.16.1``.
 """
 
 import argparse
@@ -86,6 +92,18 @@ def write_corpus(root: Path, docs: int, seed: int = 0) -> tuple[str, Path]:
     return prefix, cache
 
 
+def versions() -> dict:
+    """The interpreter, torch and megatron-core (as imported: PYTHONPATH first) measured."""
+    import platform
+
+    import torch
+
+    from megatron_slkd.compat.megatron import installed_version
+
+    return dict(python=platform.python_version(), torch=torch.__version__,
+                megatron_core=installed_version())  # fmt: skip
+
+
 def run(mode: str, prefix: str, cache: Path, work: Path, args) -> list[dict]:
     run_dir = work / f"{mode}-{len(list(work.glob(mode + '-*')))}"
     cmd = [
@@ -128,22 +146,25 @@ def main() -> None:
         prefix, cache = write_corpus(work, args.docs)
         times: dict[str, list[float]] = {"ce": [], "kd": []}
         waits: dict[str, list[float]] = {"ce": [], "kd": []}
+        losses: dict[str, list[float]] = {"ce": [], "kd": []}
         for _ in range(args.repeats):
             for mode in ("ce", "kd"):
                 rows = run(mode, prefix, cache, work, args)
                 times[mode].append(statistics.median(r["step_time"] for r in rows))
+                losses[mode].append(rows[-1]["loss"])
                 total = sum(r["step_time"] for r in rows)
                 waits[mode].append(sum(r["data_wait"] * r["step_time"] for r in rows) / total)
     ce, kd = statistics.median(times["ce"]), statistics.median(times["kd"])
     tokens = args.micro * args.accumulate * args.seq
     common = dict(tp=args.tp, layers=args.layers, hidden=args.hidden, seq=args.seq,
                   global_batch=args.micro * args.accumulate, vocab=VOCAB, workers=args.workers,
-                  steps_measured=args.steps - args.warmup, repeats=args.repeats)  # fmt: skip
+                  steps_measured=args.steps - args.warmup, repeats=args.repeats,
+                  **versions())  # fmt: skip
     save = not args.no_save
     record("train_step", "step_time_ce", save, seconds=ce, tokens_per_s=tokens / ce,
-           runs=times["ce"], **common)  # fmt: skip
+           runs=times["ce"], last_loss=losses["ce"], **common)  # fmt: skip
     record("train_step", "step_time_rs_kd", save, seconds=kd, tokens_per_s=tokens / kd,
-           runs=times["kd"], **common)  # fmt: skip
+           runs=times["kd"], last_loss=losses["kd"], **common)  # fmt: skip
     record("train_step", "kd_over_ce", save, ratio=kd / ce, target=1.10, **common)
     for mode in ("ce", "kd"):
         record("train_step", f"data_wait_{mode}", save, share=statistics.median(waits[mode]),
