@@ -1,9 +1,12 @@
-"""Typed errors raised by megatron-slkd.
+"""Typed errors raised by megatron-slkd: every error type of the package is here.
 
-Every message names the file, the document or token range involved, what
-differs, and what to do about it. Callers may catch :class:`SlkdError` to
-handle all of them at once; the CLI turns them into one-line reports and a
-non-zero exit status instead of tracebacks.
+The rule: what a user can cause (a file, a flag, a dataset, a teacher, the
+storage, another process of the job) raises a subclass of :class:`SlkdError`
+whose message names the file, the document or token range involved, what
+differs, and what to do about it; the CLI turns them into one-line reports and
+a non-zero exit status instead of tracebacks. A caller's bug (a wrong argument
+to a library function) raises ``ValueError`` or ``TypeError``. Callers may
+catch :class:`SlkdError` to handle all of the first kind at once.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ __all__ = [
     "ObjectChangedError",
     "ObjectPermissionError",
     "ObjectTimeoutError",
+    "TeacherError",
+    "CheckpointError",
+    "OwnershipError",
+    "Preempted",
+    "EXIT_PREEMPTED",
+    "MegatronVersionError",
+    "DamagedRecordError",
     "as_reported",
     "first_line",
     "one_line",
@@ -70,6 +80,38 @@ class DataFormatError(DataMismatchError):
 
 class ConfigError(SlkdError):
     """An option value cannot work with the data or the launch (say which and why)."""
+
+
+class TeacherError(SlkdError):
+    """The teacher cannot be loaded or does not fit the dataset."""
+
+
+class CheckpointError(SlkdError):
+    """A checkpoint that cannot be resumed by this run."""
+
+
+class OwnershipError(SlkdError):
+    """Another live process writes this output, or this process lost its ownership."""
+
+
+EXIT_PREEMPTED = 75
+"""Exit status of a command stopped by a preemption signal with its progress durable
+(EX_TEMPFAIL: Slurm's requeue and job arrays take it as "run again")."""
+
+
+class Preempted(SlkdError):
+    """The command stopped on a preemption signal with its progress durable."""
+
+    exit_status = EXIT_PREEMPTED
+
+
+class MegatronVersionError(ConfigError):
+    """The installed megatron-core is outside the supported releases."""
+
+
+class DamagedRecordError(SlkdError):
+    """A record of what is already known (a remembered hash, scan or verdict) is damaged:
+    it is treated as absent and established again."""
 
 
 class PeerFailedError(SlkdError):

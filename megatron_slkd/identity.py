@@ -27,7 +27,7 @@ import os
 import time
 from pathlib import Path
 
-from megatron_slkd.errors import SlkdError
+from megatron_slkd.errors import DamagedRecordError
 from megatron_slkd.records import dump_record, load_record
 
 __all__ = [
@@ -82,14 +82,10 @@ def dataset_key(prefix: str) -> dict:
     return {ext: stat_key(prefix + ext) for ext in (".bin", ".idx")}
 
 
-class _Unreadable(SlkdError):
-    """A damaged record: treated as absent, and rewritten."""
-
-
 def _load(path: Path) -> dict | None:
     try:
-        return load_record(path, _Unreadable)
-    except (OSError, _Unreadable):
+        return load_record(path, DamagedRecordError)
+    except (OSError, DamagedRecordError):
         return None  # absent, unreadable or damaged: the fact is established again
 
 

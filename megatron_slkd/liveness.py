@@ -48,6 +48,11 @@ from datetime import timedelta
 
 from megatron_slkd.errors import PeerFailedError, first_line
 
+# What torch's TCPStore raises when its host (rank 0, or the torchrun agent) is gone:
+# DistStoreError and DistNetworkError (RuntimeError), the socket's OSError (timeouts
+# included), and ValueError for a value cut short (decode).
+_STORE_GONE = (RuntimeError, OSError, ValueError)
+
 __all__ = ["Deadline", "PeerWatch", "peer_failure", "peer_gone", "stop_line", "watching"]
 
 _log = logging.getLogger(__name__)
@@ -181,7 +186,7 @@ class PeerWatch:
                     deadline = time.monotonic() + self.interval_s + 1.0
                     while not self._store.check(others) and time.monotonic() < deadline:
                         time.sleep(0.05)
-            except Exception:
+            except _STORE_GONE:
                 pass  # the peers fall back on the heartbeat's timeout
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s + self.grace_s + 30)
@@ -210,7 +215,7 @@ class PeerWatch:
                 self._store.add(f"beat/{self.rank}", 1)
                 counts = {p: self._store.add(f"beat/{p}", 0) for p in self.watched}
                 reason = self._store.get("stop").decode() if self._store.check(["stop"]) else None
-            except Exception as exc:  # the store's host is gone
+            except _STORE_GONE as exc:  # the store's host is gone
                 self._lose(
                     f"the launch's key-value store at {self._where} (rank 0 or the torchrun "
                     f"agent) stopped answering ({first_line(exc, type(exc).__name__)}): that "
@@ -221,8 +226,8 @@ class PeerWatch:
                 self._reason = reason  # kept: the store's host may be the one stopping
                 try:
                     self._store.set(f"done/{self.rank}", "1")  # word received
-                except Exception:
-                    pass
+                except _STORE_GONE:
+                    pass  # the word was for the others' grace only: this process stops anyway
                 if not self._stop.wait(self.grace_s):  # not a stop this process makes too
                     self._lose(reason)
                 return
@@ -235,8 +240,8 @@ class PeerWatch:
                            "s: it was killed, or it or its machine hangs")  # fmt: skip
                     try:  # the others learn it at their next beat
                         self._announce(why)
-                    except Exception:
-                        pass
+                    except _STORE_GONE:
+                        pass  # then they learn it from their own heartbeat timeout
                     self._lose(why)
                     return
 
@@ -249,8 +254,8 @@ class PeerWatch:
         try:
             if self._store.check([key]):  # get() would wait for a missing key
                 return self._store.get(key).decode()
-        except Exception:
-            pass
+        except _STORE_GONE:
+            pass  # documented: None when the store is gone
         return None
 
     def _name(self, rank: int) -> str:

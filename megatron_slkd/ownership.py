@@ -50,7 +50,7 @@ import time
 import uuid
 from pathlib import Path
 
-from megatron_slkd.errors import ConfigError, SlkdError
+from megatron_slkd.errors import ConfigError, OwnershipError
 from megatron_slkd.records import dump_record, parse_record
 
 __all__ = [
@@ -89,10 +89,6 @@ def claim_in_store(staging, store) -> None:
     (``store``: the :class:`~megatron_slkd.storage.ObjectStore` that directory is published
     to)."""
     _STORES.append((Path(staging).resolve(), store))
-
-
-class OwnershipError(SlkdError):
-    """Another live process writes this output, or this process lost its ownership."""
 
 
 def _identity() -> dict:

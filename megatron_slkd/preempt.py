@@ -23,18 +23,11 @@ import contextlib
 import signal
 import threading
 
-from megatron_slkd.errors import SlkdError
+from megatron_slkd.errors import EXIT_PREEMPTED, Preempted
 
 __all__ = ["EXIT_PREEMPTED", "Preempted", "PreemptionWatch", "stopped_by_sigterm"]
 
-EXIT_PREEMPTED = 75
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(SlkdError):
-    """The command stopped on a preemption signal with its progress durable."""
-
-    exit_status = EXIT_PREEMPTED
 
 
 def _start_resource_tracker() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-from megatron_slkd.errors import ConfigError
+from megatron_slkd.errors import MegatronVersionError
 
 __all__ = [
     "SUPPORTED",
@@ -25,10 +25,6 @@ __all__ = [
 
 SUPPORTED = ((0, 16), (0, 19))
 """The oldest and newest (major, minor) releases tested, both included."""
-
-
-class MegatronVersionError(ConfigError):
-    """The installed megatron-core is outside the supported releases."""
 
 
 def _parse(version: str) -> tuple[int, int] | None:

@@ -393,8 +393,13 @@ class MegatronCoreTokenizer(Tokenizer):
             self.eod = int(self._tok.eod)
             self.vocab_size = int(self._tok.vocab_size)
         except (OSError, ValueError, RuntimeError, TypeError, AttributeError, KeyError) as exc:
+            if library == "sentencepiece":
+                raise DataPreparationError(
+                    f"{path}: not a SentencePiece model ({quoted(exc)})"
+                ) from exc
             raise DataPreparationError(
-                f"{path}: megatron-core cannot build a {tokenizer_type} from it ({quoted(exc)})"
+                f"{path}: cannot load a Hugging Face tokenizer ({quoted(exc)}); give a local "
+                "directory, a GGUF file, or a name already in the Hugging Face cache"
             ) from exc
         if len(self._pieces) != self.vocab_size:  # ids without a piece: none known so far
             raise DataPreparationError(

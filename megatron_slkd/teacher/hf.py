@@ -14,14 +14,10 @@ from pathlib import Path
 import torch
 
 from megatron_slkd import identity
-from megatron_slkd.errors import SlkdError, quoted
+from megatron_slkd.errors import TeacherError, quoted
 from megatron_slkd.teacher.windows import pad_windows
 
 __all__ = ["HFTeacher", "smollm2_gguf", "TeacherError", "file_sha256", "checkpoint_hash"]
-
-
-class TeacherError(SlkdError):
-    """The teacher cannot be loaded or does not fit the dataset."""
 
 
 def smollm2_gguf() -> Path | None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_slkd.errors import SlkdError, quoted
+from megatron_slkd.errors import CheckpointError, quoted
 from megatron_slkd.liveness import peer_gone
 from megatron_slkd.records import dump_record, parse_record
 
@@ -35,10 +35,6 @@ __all__ = [
 ]
 
 LATEST = "latest"
-
-
-class CheckpointError(SlkdError):
-    """A checkpoint that cannot be resumed by this run."""
 
 
 def _root(run_dir) -> Path:

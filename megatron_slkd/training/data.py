@@ -659,7 +659,9 @@ def stop_workers(iterator) -> None:
         for w in workers:
             w.join(timeout=5)
         iterator._shutdown = True  # nothing left for torch's own shutdown to wait for
-    except Exception:  # private torch internals: torch's own shutdown is the fallback
+    except (AttributeError, KeyError, OSError, RuntimeError, ValueError):
+        # Private torch internals changed, or a worker already gone: torch's own shutdown
+        # is the fallback.
         pass
 
 
