@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from megatron_slkd.errors import DamagedRecordError
-from megatron_slkd.records import dump_record, load_record
+from megatron_slkd.records import atomic_write_text, dump_record, load_record
 
 __all__ = [
     "HASH_RECORD_NAME",
@@ -92,8 +92,6 @@ def _load(path: Path) -> dict | None:
 def _store(path: Path, record: dict) -> bool:
     """Write ``record`` at ``path`` whole; False where that is impossible (a read-only
     place, a full disk): a record saves time, its absence costs only time."""
-    from megatron_slkd.cache.writer import atomic_write_text
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, dump_record(record, indent=None))

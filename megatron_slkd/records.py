@@ -10,19 +10,29 @@ are still read.
 
 Used by the cache manifest and shard sidecars, the shard writer's
 ``progress.json``, the dataset records (``.meta.json``) and the training run's
-``checkpoints/latest``.
+``checkpoints/latest``. :func:`atomic_write_text` writes them (and any other
+small file) whole or not at all.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import Any
 
 from megatron_slkd.errors import SlkdError
 
-__all__ = ["CHECKSUM_KEY", "record_checksum", "dump_record", "parse_record", "load_record"]
+__all__ = [
+    "CHECKSUM_KEY",
+    "record_checksum",
+    "dump_record",
+    "parse_record",
+    "load_record",
+    "atomic_write_text",
+    "fsync_dir",
+]
 
 CHECKSUM_KEY = "checksum"
 
@@ -72,3 +82,32 @@ def load_record(path, error: type[SlkdError]) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise error(f"{path}: damaged record (not UTF-8: {exc}); rewrite or remove it") from exc
     return parse_record(text, path, error)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file, fsync and rename.
+
+    The temporary name carries the process id, so concurrent writers of the
+    same file (several ranks finishing a cache) never share a temporary.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # out of space, or interrupted: leave nothing half-written behind
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

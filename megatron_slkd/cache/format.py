@@ -11,6 +11,7 @@ import math
 import struct
 import zlib
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
@@ -21,6 +22,9 @@ except ImportError:  # pragma: no cover - platforms without zlib-ng wheels
     from zlib import crc32 as _crc32
 
 from megatron_slkd.errors import CacheCapacityError, CacheFormatError
+
+if TYPE_CHECKING:  # the manifest module builds on this one
+    from megatron_slkd.cache.manifest import Manifest
 
 __all__ = [
     "MAGIC",
@@ -42,6 +46,8 @@ __all__ = [
     "token_crc32",
     "TokenHasher",
     "TOKEN_HASH_NAME",
+    "check_header",
+    "check_index",
 ]
 
 MAGIC = b"SLKDSHRD"
@@ -405,3 +411,64 @@ class TokenHasher:
 
     def xxh128(self) -> str:
         return self._xxh.hexdigest()
+
+
+def check_header(path, raw: bytes, size: int, record: dict, manifest: Manifest) -> ShardHeader:
+    """A shard's header, checked against its size and its manifest record.
+
+    Raises:
+        CacheFormatError: naming ``path`` and the shard's documents.
+    """
+    docs = f"documents {record['doc_start']}..{record['doc_end'] - 1}"
+    h = ShardHeader.unpack(raw, str(path))
+    end = section_offsets(h)["end"]
+    if size != end or size != record["size_bytes"]:
+        raise CacheFormatError(
+            f"{path} ({docs}): {size} bytes on disk, header implies {end} and the "
+            f"manifest {record['size_bytes']}; the shard is truncated or was replaced"
+        )
+    expect = dict(
+        doc_start=record["doc_start"],
+        num_docs=record["doc_end"] - record["doc_start"],
+        num_tokens=record["num_tokens"],
+        num_entries=record["num_entries"],
+        index_crc=record["index_crc32"],
+        token_crc=record["token_crc32"],
+        token_xxh128=record.get(TOKEN_HASH_NAME),
+        encoding=manifest.encoding,
+        vocab_size=manifest.tokenizer["vocab_size"],
+    )
+    for key, want in expect.items():
+        if getattr(h, key) != want:
+            raise CacheFormatError(
+                f"{path}: header {key}={getattr(h, key)} but the manifest says {want}; "
+                "the shard does not belong to this manifest"
+            )
+    return h
+
+
+def check_index(path, h: ShardHeader, index: np.ndarray, record: dict):
+    """(document offsets, chunk entry offsets, chunk CRCs) from a shard's index bytes,
+    checked: CRC, ends, monotonicity.
+
+    Raises:
+        CacheFormatError: naming ``path`` and the shard's documents.
+    """
+    docs = f"documents {record['doc_start']}..{record['doc_end'] - 1}"
+    if crc32(index) != h.index_crc:
+        raise CacheFormatError(f"{path} ({docs}): index CRC mismatch; the shard is corrupt")
+    n_doc, n_chunk = 8 * (h.num_docs + 1), 8 * (h.num_chunks + 1)
+    doc_offsets = index[:n_doc].view("<u8")
+    chunk_offsets = index[n_doc : n_doc + n_chunk].view("<u8")
+    chunk_crcs = index[n_doc + n_chunk : n_doc + n_chunk + 4 * h.num_chunks].view("<u4")
+    ok = (
+        doc_offsets[0] == 0
+        and int(doc_offsets[-1]) == h.num_tokens
+        and chunk_offsets[0] == 0
+        and int(chunk_offsets[-1]) == h.num_entries
+        and bool(np.all(np.diff(doc_offsets.astype(np.int64)) >= 0))
+        and bool(np.all(np.diff(chunk_offsets.astype(np.int64)) >= 0))
+    )
+    if not ok:
+        raise CacheFormatError(f"{path} ({docs}): inconsistent index; the shard is corrupt")
+    return doc_offsets, chunk_offsets, chunk_crcs

@@ -19,8 +19,8 @@ from pathlib import Path
 from megatron_slkd.cache.format import TOKEN_HASH_NAME
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.reader import ShardFile
-from megatron_slkd.cache.writer import atomic_write_text
 from megatron_slkd.errors import CacheCoverageError, CacheFormatError, CacheMismatchError
+from megatron_slkd.records import atomic_write_text
 
 __all__ = ["merge_cache", "collect_shards", "coverage_problems"]
 

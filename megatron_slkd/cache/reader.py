@@ -18,11 +18,10 @@ import numpy as np
 from megatron_slkd.cache import _decode
 from megatron_slkd.cache.format import (
     HEADER_SIZE,
-    TOKEN_HASH_NAME,
-    ShardHeader,
     ValueKind,
+    check_header,
+    check_index,
     chunk_crc,
-    crc32,
     section_offsets,
 )
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
@@ -42,67 +41,6 @@ class SparseRows(NamedTuple):
     ids: np.ndarray
     weights: np.ndarray
     num_entries: np.ndarray
-
-
-def check_header(path, raw: bytes, size: int, record: dict, manifest: Manifest) -> ShardHeader:
-    """A shard's header, checked against its size and its manifest record.
-
-    Raises:
-        CacheFormatError: naming ``path`` and the shard's documents.
-    """
-    docs = f"documents {record['doc_start']}..{record['doc_end'] - 1}"
-    h = ShardHeader.unpack(raw, str(path))
-    end = section_offsets(h)["end"]
-    if size != end or size != record["size_bytes"]:
-        raise CacheFormatError(
-            f"{path} ({docs}): {size} bytes on disk, header implies {end} and the "
-            f"manifest {record['size_bytes']}; the shard is truncated or was replaced"
-        )
-    expect = dict(
-        doc_start=record["doc_start"],
-        num_docs=record["doc_end"] - record["doc_start"],
-        num_tokens=record["num_tokens"],
-        num_entries=record["num_entries"],
-        index_crc=record["index_crc32"],
-        token_crc=record["token_crc32"],
-        token_xxh128=record.get(TOKEN_HASH_NAME),
-        encoding=manifest.encoding,
-        vocab_size=manifest.tokenizer["vocab_size"],
-    )
-    for key, want in expect.items():
-        if getattr(h, key) != want:
-            raise CacheFormatError(
-                f"{path}: header {key}={getattr(h, key)} but the manifest says {want}; "
-                "the shard does not belong to this manifest"
-            )
-    return h
-
-
-def check_index(path, h: ShardHeader, index: np.ndarray, record: dict):
-    """(document offsets, chunk entry offsets, chunk CRCs) from a shard's index bytes,
-    checked: CRC, ends, monotonicity.
-
-    Raises:
-        CacheFormatError: naming ``path`` and the shard's documents.
-    """
-    docs = f"documents {record['doc_start']}..{record['doc_end'] - 1}"
-    if crc32(index) != h.index_crc:
-        raise CacheFormatError(f"{path} ({docs}): index CRC mismatch; the shard is corrupt")
-    n_doc, n_chunk = 8 * (h.num_docs + 1), 8 * (h.num_chunks + 1)
-    doc_offsets = index[:n_doc].view("<u8")
-    chunk_offsets = index[n_doc : n_doc + n_chunk].view("<u8")
-    chunk_crcs = index[n_doc + n_chunk : n_doc + n_chunk + 4 * h.num_chunks].view("<u4")
-    ok = (
-        doc_offsets[0] == 0
-        and int(doc_offsets[-1]) == h.num_tokens
-        and chunk_offsets[0] == 0
-        and int(chunk_offsets[-1]) == h.num_entries
-        and bool(np.all(np.diff(doc_offsets.astype(np.int64)) >= 0))
-        and bool(np.all(np.diff(chunk_offsets.astype(np.int64)) >= 0))
-    )
-    if not ok:
-        raise CacheFormatError(f"{path} ({docs}): inconsistent index; the shard is corrupt")
-    return doc_offsets, chunk_offsets, chunk_crcs
 
 
 class ShardFile:

@@ -32,7 +32,8 @@ from megatron_slkd.cache import _decode
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
 from megatron_slkd.cache.reader import SparseKDCache, open_cache
-from megatron_slkd.cache.verify import token_identities
+from megatron_slkd.cache.shards import plan_shards, shard_file_name
+from megatron_slkd.cache.verify import check_alignment, token_identities
 from megatron_slkd.cache.writer import check_finished_shard, differences, write_shard_file
 from megatron_slkd.errors import (
     CacheCoverageError,
@@ -135,7 +136,6 @@ def _write_shards(locks, mine, out, num_shards, plan, lengths, new, base, reader
     source index), then the entries are streamed from the sources into place.
     A run that stops keeps its finished shards and redoes the others.
     """
-    from megatron_slkd.teacher.build import shard_file_name
 
     copied = 0
     for i in mine:
@@ -199,9 +199,7 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
     """
     from tqdm import tqdm
 
-    from megatron_slkd.cache.verify import check_alignment
     from megatron_slkd.data.indexed import dataset_fingerprint, open_dataset
-    from megatron_slkd.teacher.build import plan_shards, shard_file_name
 
     start = time.time()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)

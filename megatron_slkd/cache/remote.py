@@ -32,7 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_slkd.cache.format import HEADER_SIZE, chunk_count_range, crc32, section_offsets
+from megatron_slkd.cache.format import (
+    HEADER_SIZE,
+    check_header,
+    check_index,
+    chunk_count_range,
+    crc32,
+    section_offsets,
+)
 from megatron_slkd.cache.manifest import Manifest
 from megatron_slkd.errors import CacheFormatError
 from megatron_slkd.storage import ObjectStore, join
@@ -142,7 +149,6 @@ class RemoteShard:
 
     def __init__(self, store: ObjectStore, record: dict, manifest: Manifest,
                  local: LocalChunkCache):  # fmt: skip
-        from megatron_slkd.cache.reader import check_header, check_index
 
         self.store, self.name, self.local = store, record["file"], local
         self.path = join(store.url, record["file"])

@@ -36,7 +36,7 @@ from megatron_slkd.cache.format import (
 )
 from megatron_slkd.cache.manifest import Manifest
 from megatron_slkd.errors import CacheCapacityError, CacheFormatError, CacheMismatchError
-from megatron_slkd.records import dump_record, load_record
+from megatron_slkd.records import atomic_write_text, dump_record, fsync_dir, load_record
 
 __all__ = [
     "ShardWriter",
@@ -90,35 +90,6 @@ def write_sidecar(shard_path, base: Manifest, record: dict) -> Path:
     sidecar = Path(str(shard_path) + ".json")
     atomic_write_text(sidecar, dataclasses.replace(base, shards=[record]).to_json())
     return sidecar
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it is durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file, fsync and rename.
-
-    The temporary name carries the process id, so concurrent writers of the
-    same file (several ranks finishing a cache) never share a temporary.
-    """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # out of space, or interrupted: leave nothing half-written behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 _CHECK_BYTES = 1 << 26  # entry bytes written between calls of write_shard_file's ``check``

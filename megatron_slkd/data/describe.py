@@ -192,7 +192,7 @@ def describe_data(prefix: str, tok: Tokenizer, output: str | None = None, *,
     """Check ``prefix`` against ``tok`` (:func:`check_text` too, unless ``text_check`` is
     False) and write its record (atomically) to ``PREFIX.meta.json`` or ``output``;
     returns the record."""
-    from megatron_slkd.cache.writer import atomic_write_text
+    from megatron_slkd.records import atomic_write_text
 
     record = {"tokenizer": tokenizer_record(tok), "prefix": str(prefix)}
     record["scan"] = scan_dataset(prefix, progress=progress)

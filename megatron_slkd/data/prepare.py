@@ -403,8 +403,8 @@ def _prepare(cfg: PrepareConfig, files: list[Path]) -> dict:
     Path(prefix + META_SUFFIX).unlink(missing_ok=True)
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
-    from megatron_slkd.cache.writer import atomic_write_text
     from megatron_slkd.data.describe import scan_dataset
+    from megatron_slkd.records import atomic_write_text
 
     meta["scan"] = scan_dataset(prefix, progress=False)  # later checks need not read it again
     atomic_write_text(Path(prefix + META_SUFFIX), dump_record(meta))

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron_slkd.cache.format import TOKEN_HASH_NAME, encoding_for
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
+from megatron_slkd.cache.shards import plan_shards, shard_file_name
 from megatron_slkd.cache.verify import token_identities
 from megatron_slkd.cache.writer import (
     ShardWriter,
@@ -96,27 +97,6 @@ class BuildConfig:
     peer_timeout_s: float = 60.0
     """With a model-parallel teacher: seconds a process of the group may go without a
     heartbeat before the others stop (:mod:`megatron_slkd.liveness`)."""
-
-
-def shard_file_name(index: int, count: int) -> str:
-    return f"shard-{index:05d}-of-{count:05d}.slkd"
-
-
-def plan_shards(lengths: np.ndarray, num_shards: int) -> list[tuple[int, int]]:
-    """Contiguous document ranges with about equal token counts."""
-    n = len(lengths)
-    if not 1 <= num_shards <= max(n, 1):
-        raise ConfigError(
-            f"--num-shards {num_shards}: a dataset of {n} documents splits into 1 to {n} shards"
-        )
-    cum = np.cumsum(np.asarray(lengths, dtype=np.int64))
-    total = int(cum[-1]) if n else 0
-    cuts = [0]
-    for i in range(1, num_shards):
-        c = int(np.searchsorted(cum, total * i / num_shards, side="left")) + 1
-        cuts.append(min(max(c, cuts[-1] + 1), n - (num_shards - i)))
-    cuts.append(n)
-    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 _LOOKAHEAD = 8  # batch budgets of windows gathered before sorting them by length

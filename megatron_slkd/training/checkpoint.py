@@ -159,7 +159,7 @@ def save_checkpoint(run_dir, step: int, chunks, optimizer, scheduler, consumed: 
         tmp.mkdir(parents=True)
 
     def publish():
-        from megatron_slkd.cache.writer import atomic_write_text
+        from megatron_slkd.records import atomic_write_text
 
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -412,8 +412,8 @@ def _train(cfg: TrainConfig, owner: list, watch, stack: contextlib.ExitStack) ->
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_slkd.cache.writer import atomic_write_text
     from megatron_slkd.launch import init_distributed, process_rank
+    from megatron_slkd.records import atomic_write_text
     from megatron_slkd.training.checkpoint import (
         latest_checkpoint,
         load_checkpoint,
