@@ -81,7 +81,7 @@ def verdict_path(prefix, ds, ranges, save: bool, tokens: int) -> None:
     import tempfile
 
     from megatron_slkd.cache.manifest import Manifest
-    from megatron_slkd.cache.verify import check_content, token_identities
+    from megatron_slkd.data.verify import check_content, token_identities
 
     class _Cache:  # what the content check reads of an open cache
         def __init__(self, manifest, path):
@@ -127,10 +127,10 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the dataset for a rerun")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
-    from megatron_slkd.cache.remap import document_keys
-    from megatron_slkd.cache.verify import token_identities
     from megatron_slkd.data.describe import scan_dataset
     from megatron_slkd.data.indexed import open_dataset
+    from megatron_slkd.data.remap import document_keys
+    from megatron_slkd.data.verify import token_identities
 
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from _common import record  # noqa: E402
 from megatron_slkd.cache import Manifest, ShardWriter, encoding_for  # noqa: E402
 from megatron_slkd.cache.format import _crc32  # noqa: E402
 from megatron_slkd.cache.manifest import MANIFEST_NAME  # noqa: E402
-from megatron_slkd.cache.remap import remap_cache  # noqa: E402
+from megatron_slkd.data.remap import remap_cache  # noqa: E402
 
 crc32_impl = _crc32.__module__
 

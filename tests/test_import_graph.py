@@ -26,11 +26,6 @@ FLOOR = {
 }  # fmt: skip
 
 UPWARD = {
-    # Dataset-against-cache checks and remap-cache read the dataset: they belong above
-    # both (the restructuring issue moves them).
-    ("cache.verify", "data.indexed"),
-    ("cache.verify", "data.prepare"),
-    ("cache.remap", "data.indexed"),
     # `python -m megatron_slkd.training` is a command-line entry point.
     ("training.__main__", "cli"),
 }

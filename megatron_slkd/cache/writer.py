@@ -291,7 +291,7 @@ class ShardWriter:
                 manifest's compatibility key: dataset, tokenizer, teacher,
                 sampling); an unfinished shard resumes only under an equal key.
             content: the identity of the dataset tokens of ``[doc_start, doc_end)``,
-                ``{"token_crc32", "token_xxh128"}`` (:func:`~megatron_slkd.cache.verify.
+                ``{"token_crc32", "token_xxh128"}`` (:func:`~megatron_slkd.data.verify.
                 token_identities`): an unfinished shard resumes only onto the same
                 tokens, and a resumed shard records it (its committed documents' tokens
                 are not seen again). Without it, a writer that resumes must be given the

@@ -42,9 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slkd.cache.remap import remap_cache
     from megatron_slkd.cli import emit
     from megatron_slkd.cli.verify_cache import _mpi_comm
+    from megatron_slkd.data.remap import remap_cache
     from megatron_slkd.errors import ConfigError
 
     pairs = [s.split("=", 1) for s in args.source_prefix]

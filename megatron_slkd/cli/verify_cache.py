@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from megatron_slkd.cache.verify import verify_cache
 from megatron_slkd.data.describe import add_tokenizer_arguments
+from megatron_slkd.data.verify import verify_cache
 
 
 def _mpi_comm(disabled: bool):

@@ -40,7 +40,7 @@ class SparseKDGPTDatasetConfig(GPTDatasetConfig):
     kd_check_tokens: bool = True
     """At build time, compare each shard's token identity (recorded when the cache was
     built) with the data: one read of every token for a (dataset, cache) pair not shown
-    aligned before (a verdict, :func:`~megatron_slkd.cache.verify.check_content`). Document
+    aligned before (a verdict, :func:`~megatron_slkd.data.verify.check_content`). Document
     count and lengths are always compared; turning this off (a warning is logged)
     accepts a cache of another dataset whose documents have the same lengths."""
     kd_data_meta: dict[str, dict] = dataclasses.field(default_factory=dict)
@@ -81,8 +81,8 @@ def _open_checked(prefix: str, cache_dir: str, check_tokens: bool,
                   record: dict | None = None, config=None) -> SparseKDCache:  # fmt: skip
     """The cache of ``prefix``, opened and checked against the data at ``prefix`` once per
     process and pair (the train, validation and test splits of one prefix share it)."""
-    from megatron_slkd.cache.verify import check_content, tokenizer_problems
     from megatron_slkd.data.indexed import open_dataset
+    from megatron_slkd.data.verify import check_content, tokenizer_problems
     from megatron_slkd.storage import is_object_url
 
     where = cache_dir if is_object_url(cache_dir) else str(Path(cache_dir).resolve())

@@ -26,13 +26,13 @@ from megatron_slkd.cache.format import TOKEN_HASH_NAME, encoding_for
 from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
 from megatron_slkd.cache.shards import plan_shards, shard_file_name
-from megatron_slkd.cache.verify import token_identities
 from megatron_slkd.cache.writer import (
     ShardWriter,
     check_finished_shard,
     differences,
 )
 from megatron_slkd.data.indexed import dataset_fingerprint, open_dataset
+from megatron_slkd.data.verify import token_identities
 from megatron_slkd.errors import (
     CacheMismatchError,
     ConfigError,

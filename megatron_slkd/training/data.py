@@ -214,7 +214,7 @@ def check_one_teacher(manifests: dict, flag: str) -> None:
 def check_cache_contents(cfg: TrainConfig, *, rank: int, size: int, all_gather) -> str | None:
     """Show every local cache of the run to hold the targets of its prefix's tokens, once per
     (dataset, cache) pair: the pairs without a verdict have their tokens read by all ``size``
-    ranks together, each its share of the shards (:func:`~megatron_slkd.cache.verify.
+    ranks together, each its share of the shards (:func:`~megatron_slkd.data.verify.
     check_contents`); later starts find the verdict and read no token. Caches on object
     storage are checked where the datasets are built. Every rank calls it.
 
@@ -227,7 +227,7 @@ def check_cache_contents(cfg: TrainConfig, *, rank: int, size: int, all_gather) 
     if cfg.kd.ce_only or not cfg.kd.caches or not cfg.kd.check_tokens:
         return None
     from megatron_slkd.cache import open_cache
-    from megatron_slkd.cache.verify import check_contents
+    from megatron_slkd.data.verify import check_contents
     from megatron_slkd.storage import is_object_url
 
     caches = {str(k): str(v) for k, v in cfg.kd.caches.items()}

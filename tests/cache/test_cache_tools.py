@@ -15,7 +15,7 @@ from megatron_slkd.cache import open_cache
 from megatron_slkd.cache.merge import merge_cache
 from megatron_slkd.cache.stats import cache_stats
 from megatron_slkd.cache.thin import thin_cache, thin_counts
-from megatron_slkd.cache.verify import assign_shards, verify_cache
+from megatron_slkd.data.verify import assign_shards, verify_cache
 from megatron_slkd.errors import CacheCoverageError, CacheMismatchError
 from megatron_slkd.records import dump_record
 

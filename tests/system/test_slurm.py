@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import SLKD
 
-from megatron_slkd.cache.verify import verify_cache
+from megatron_slkd.data.verify import verify_cache
 from megatron_slkd.teacher import smollm2_gguf
 from megatron_slkd.training.checkpoint import latest_checkpoint
 

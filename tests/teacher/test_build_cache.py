@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from megatron_slkd.cache import open_cache
-from megatron_slkd.cache.verify import verify_cache
+from megatron_slkd.data.verify import verify_cache
 from megatron_slkd.errors import CacheMismatchError, ConfigError
 from megatron_slkd.records import dump_record
 from megatron_slkd.sampling import sample_sparse_targets

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import SLKD, prepare_hf_dataset
 
-from megatron_slkd.cache.verify import verify_cache
+from megatron_slkd.data.verify import verify_cache
 from megatron_slkd.launch import launch_rank
 from megatron_slkd.teacher import smollm2_gguf
 

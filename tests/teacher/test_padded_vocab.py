@@ -17,8 +17,8 @@ import torch
 from helpers import prepare_hf_dataset, same_rows_fraction, slkd, torchrun_slkd
 
 from megatron_slkd.cache import open_cache
-from megatron_slkd.cache.verify import verify_cache
 from megatron_slkd.data import open_dataset
+from megatron_slkd.data.verify import verify_cache
 from megatron_slkd.sampling import sample_sparse_targets
 from megatron_slkd.teacher import smollm2_gguf
 from megatron_slkd.teacher.hf import HFTeacher

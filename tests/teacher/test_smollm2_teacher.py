@@ -9,11 +9,11 @@ import pytest
 from helpers import next_token_hit_rate, prepare_hf_dataset, slkd, write_dataset
 
 from megatron_slkd.cache import open_cache
-from megatron_slkd.cache.verify import verify_cache
 from megatron_slkd.data import PrepareConfig, open_dataset, prepare_data
 from megatron_slkd.data.corpus import stdlib_docstrings
 from megatron_slkd.data.describe import tokenizer_record
 from megatron_slkd.data.tokenizers import HFTokenizer
+from megatron_slkd.data.verify import verify_cache
 from megatron_slkd.errors import CacheMismatchError
 from megatron_slkd.records import dump_record
 from megatron_slkd.teacher import BuildConfig, HFTeacher, build_cache, smollm2_gguf

@@ -60,7 +60,7 @@ def test_a_cache_of_format_version_1_trains_and_says_what_it_cannot_prove(markov
     from helpers import as_format_version_1
 
     from megatron_slkd.cache import open_cache
-    from megatron_slkd.cache.verify import verify_cache
+    from megatron_slkd.data.verify import verify_cache
 
     src, cache = markov
     old = tmp_path / "old-cache"

@@ -22,8 +22,8 @@ from helpers import slkd, write_dataset, write_positional_cache
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_slkd.cache import open_cache
-from megatron_slkd.cache.remap import remap_cache
-from megatron_slkd.cache.verify import verify_cache
+from megatron_slkd.data.remap import remap_cache
+from megatron_slkd.data.verify import verify_cache
 from megatron_slkd.errors import CacheCoverageError, CacheMismatchError
 
 VOCAB = 1000

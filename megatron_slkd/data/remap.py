@@ -33,8 +33,9 @@ from megatron_slkd.cache.manifest import MANIFEST_NAME, Manifest
 from megatron_slkd.cache.merge import merge_cache
 from megatron_slkd.cache.reader import SparseKDCache, open_cache
 from megatron_slkd.cache.shards import plan_shards, shard_file_name
-from megatron_slkd.cache.verify import check_alignment, token_identities
 from megatron_slkd.cache.writer import check_finished_shard, differences, write_shard_file
+from megatron_slkd.data.indexed import dataset_fingerprint, iter_token_blocks, open_dataset
+from megatron_slkd.data.verify import check_alignment, token_identities
 from megatron_slkd.errors import (
     CacheCoverageError,
     CacheFormatError,
@@ -50,7 +51,6 @@ def document_keys(ds, start: int = 0, end: int | None = None) -> list[bytes]:
     the XXH3-128 of the tokens as little-endian int32 (the cache's token identity rule),
     24 bytes each. At 128 bits a chance match among even 10^9 documents of one length is
     out of reach (about n^2 / 2^129), where CRC-32 gave one in 2^32 pairs."""
-    from megatron_slkd.data.indexed import iter_token_blocks
 
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
     end = len(lengths) if end is None else end
@@ -199,7 +199,6 @@ def remap_cache(sources, data_prefix: str, output, *, source_prefixes: dict | No
     """
     from tqdm import tqdm
 
-    from megatron_slkd.data.indexed import dataset_fingerprint, open_dataset
 
     start = time.time()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)

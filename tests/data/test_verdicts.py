@@ -9,8 +9,8 @@ import pytest
 from helpers import write_dataset, write_synthetic_cache
 
 from megatron_slkd.cache import open_cache
-from megatron_slkd.cache import verify as verify_mod
-from megatron_slkd.cache.verify import check_content, check_contents, verify_cache
+from megatron_slkd.data import verify as verify_mod
+from megatron_slkd.data.verify import check_content, check_contents, verify_cache
 
 LENGTHS = [5, 1, 40, 17, 3, 90, 2, 33, 12, 60, 7, 21]
 

@@ -22,6 +22,8 @@ import numpy as np
 from megatron_slkd import identity
 from megatron_slkd.cache.format import TOKEN_HASH_NAME, TokenHasher, file_crc32
 from megatron_slkd.cache.reader import ShardFile, SparseKDCache, open_cache
+from megatron_slkd.data.indexed import iter_token_blocks, open_dataset
+from megatron_slkd.data.prepare import META_SUFFIX
 from megatron_slkd.errors import SlkdError
 
 __all__ = [
@@ -100,7 +102,6 @@ def token_identities(ds, ranges, *, workers: int | None = None) -> list[TokenHas
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from megatron_slkd.data.indexed import iter_token_blocks
 
     def one(r):
         h = TokenHasher()
@@ -255,7 +256,6 @@ def check_contents(pairs: list[tuple[str, SparseKDCache]], *, rank: int = 0, siz
         ``problems`` (the same on every rank), the prefixes whose tokens were ``read``
         and those ``known`` from a verdict, ``tokens`` read by all ranks, ``seconds``.
     """
-    from megatron_slkd.data.indexed import open_dataset
 
     gather = all_gather or (lambda obj: [obj])
     keys = [verdict_key(c, p) for p, c in pairs]
@@ -288,7 +288,6 @@ def tokenizer_problems(cache: SparseKDCache, prefix: str, record: dict | None = 
     """Differences between the cache's tokenizer and the dataset's: ``record`` (its tokenizer
     record) or, when None, ``PREFIX.meta.json`` (empty when they agree, or when there is no
     record at all)."""
-    from megatron_slkd.data.prepare import META_SUFFIX
 
     meta_path = Path(prefix + META_SUFFIX)
     if record is None:
@@ -338,7 +337,6 @@ def verify_cache(path, data_prefix: str | None = None, *, comm=None, tokens: boo
         problems += _verify_shard_bytes(cache, i)
     key, aligned_from = None, time.time()
     if data_prefix is not None:
-        from megatron_slkd.data.indexed import open_dataset
 
         key = verdict_key(cache, data_prefix) if tokens else None
         try:
