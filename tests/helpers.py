@@ -334,6 +334,13 @@ needs_megatron_lm = pytest.mark.skipif(
 )
 
 
+def megatron_lm_defines(flag: str) -> bool:
+    """Whether the Megatron-LM tree's argument parser has ``flag`` (e.g. ``--logits-load-dir``
+    from core_r0.19.0 on, ``--legacy-tokenizer`` up to core_r0.16.0)."""
+    arguments = Path(MEGATRON_LM_DIR or ".") / "megatron" / "training" / "arguments.py"
+    return arguments.is_file() and f"'{flag}'" in arguments.read_text()
+
+
 def megatron_lm_env() -> dict[str, str]:
     """The environment of a process that runs inside the Megatron-LM tree: the tree's
     ``megatron`` first on the path, then ``MEGATRON_LM_EXTRA_PATH`` (six, pydantic, triton

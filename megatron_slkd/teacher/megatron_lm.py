@@ -269,10 +269,10 @@ def args_location(iteration) -> Path:
     return common if common.exists() else Path(iteration) / ".metadata"
 
 
-def _common_state_bytes(iteration: Path) -> bytes:
-    """The ``torch.save`` bytes of the common state: ``common.pt`` whole, or (megatron-core
-    0.19) the byte range the distributed checkpoint's metadata gives for ``common_state``."""
-    where = args_location(iteration)
+def _common_state_bytes(iteration: Path, where: Path) -> bytes:
+    """The ``torch.save`` bytes of the common state at ``where`` (:func:`args_location`):
+    ``common.pt`` whole, or (megatron-core 0.19) the byte range the distributed
+    checkpoint's metadata gives for ``common_state``."""
     if where.name == _COMMON:
         return where.read_bytes()
     from torch.distributed.checkpoint import FileSystemReader
@@ -304,7 +304,7 @@ def read_args(iteration) -> argparse.Namespace:
     """
     path = args_location(iteration)
     try:
-        with zipfile.ZipFile(io.BytesIO(_common_state_bytes(Path(iteration)))) as z:
+        with zipfile.ZipFile(io.BytesIO(_common_state_bytes(Path(iteration), path))) as z:
             name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
             state = _ArgsUnpickler(io.BytesIO(z.read(name))).load()
     except (OSError, zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError) as exc:

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MEGATRON_LM_DIR, megatron_lm_env, needs_megatron_lm, slkd, torchrun_slkd
+from helpers import (
+    MEGATRON_LM_DIR,
+    megatron_lm_defines,
+    megatron_lm_env,
+    needs_megatron_lm,
+    slkd,
+    torchrun_slkd,
+)
 
 from megatron_slkd.data.corpus import stdlib_docstrings
 from megatron_slkd.data.tokenizers import train_sentencepiece
@@ -39,9 +46,7 @@ def _hf_path() -> list[str]:
     path (megatron-core's tokenizers: AttributeError 'bool' object has no attribute
     'chat_template', inside Megatron-LM); its users pass --legacy-tokenizer. core_r0.19.0
     has only the megatron-core path, which works."""
-    arguments = Path(TREE or ".") / "megatron" / "training" / "arguments.py"
-    legacy = arguments.is_file() and "'--legacy-tokenizer'" in arguments.read_text()
-    return ["--legacy-tokenizer"] if legacy else []
+    return ["--legacy-tokenizer"] if megatron_lm_defines("--legacy-tokenizer") else []
 
 
 _HF_PATH = _hf_path()

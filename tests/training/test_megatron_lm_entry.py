@@ -12,13 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import MEGATRON_LM_DIR, megatron_lm_env, needs_megatron_lm
+from helpers import megatron_lm_defines, megatron_lm_env, needs_megatron_lm
 
 from megatron_slkd.cache import Manifest
 
 HARNESS = Path(__file__).resolve().parents[1] / "system" / "megatron_lm_harness.py"
 ENTRY = Path(__file__).resolve().parents[2] / "examples" / "megatron_lm" / "pretrain_gpt_slkd.py"
-TREE = MEGATRON_LM_DIR
 
 
 @needs_megatron_lm
@@ -73,7 +72,7 @@ def test_entry_script_refuses_bad_inputs_before_megatron_lm_starts(markov, tmp_p
             "--data-path", prefix, "--slkd-cache", f"{prefix}={cache}", "--reset-attention-mask",
             "--pipeline-model-parallel-size", "4"],
     }  # fmt: skip
-    if "--logits-load-dir" in (Path(TREE) / "megatron/training/arguments.py").read_text():
+    if megatron_lm_defines("--logits-load-dir"):
         for theirs in ("--logits-load-dir", "--logits-save-dir"):  # core_r0.19.0's own KD
             cases[f"--slkd-cache with {theirs}: two knowledge-distillation paths"] = [
                 "--data-path", prefix, "--slkd-cache", f"{prefix}={cache}", theirs,
